@@ -1,0 +1,261 @@
+"""Hardware points and the INI search space that lists their choices.
+
+A hardware point (`HWConfig`) is one full set of PIM parameters (SPEC section 3). A search space
+(`SearchSpace`) is read from an INI file in the original tool's format: sections `[Algorithm_Level]`,
+`[Hardware_Level]`, `[Device_Level]`, every value a comma-separated list of choices. Every value is
+checked before any work starts, and an error names the file, section, key and value.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import itertools
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+VARI_TYPES = ("state_dependent", "state_independent", "laplace")
+ADC_MODES = ("dynamic", "calibrated", "full")
+
+# INI layout of the original tool: section -> (INI key -> HWConfig field). The key spelling is the
+# original's; `ADCmode` is our optional extension (range mode of the ADC, SPEC section 4 step 6).
+INI_LAYOUT: dict[str, dict[str, str]] = {
+    "Algorithm_Level": {"wl_weight": "wl_weight", "wl_input": "wl_input"},
+    "Hardware_Level": {"subArray": "subArray", "ADCprecision": "ADCprecision", "ADCmode": "adc_mode"},
+    "Device_Level": {
+        "cellBit": "cellBit",
+        "onoffratio": "onoffratio",
+        "vari_type": "vari_type",
+        "vari": "vari",
+        "laplace_b": "laplace_b",
+        "ind_vari": "ind_vari",
+        "SAF_prop": "SAF_prop",
+    },
+}
+
+# The spread that belongs to each variation type; the other two are ignored for that type.
+SPREAD_OF_TYPE = {"state_dependent": "vari", "state_independent": "ind_vari", "laplace": "laplace_b"}
+
+
+class ConfigError(ValueError):
+    """A hardware parameter or search-space entry that makes no sense."""
+
+
+@dataclass(frozen=True)
+class HWConfig:
+    """One hardware point. Defaults are the ones a key missing from the INI takes (see README)."""
+
+    wl_weight: int = 8  # weight bits including sign
+    wl_input: int = 8  # input bits including sign, fed bit-serially
+    subArray: int = 128  # crossbar rows summed by one ADC read
+    ADCprecision: int = 5  # ADC bits
+    cellBit: int = 1  # bits per cell
+    onoffratio: float = 1e8  # G_max / G_min
+    vari_type: str = "state_dependent"
+    vari: float = 0.0  # state_dependent: G * (1 + N(0, vari))
+    ind_vari: float = 0.0  # state_independent: G + N(0, ind_vari), in level units
+    laplace_b: float = 0.0  # laplace: G * (1 + Laplace(0, laplace_b))
+    SAF_prop: float = 0.0  # probability of stuck-at-0 and, separately, of stuck-at-1, per cell
+    adc_mode: str = "dynamic"
+
+    def __post_init__(self) -> None:
+        problems = validation_problems(dataclasses.asdict(self))
+        if problems:
+            field, value, why = problems[0]
+            raise ConfigError(f"hardware parameter {field}={value!r}: {why}")
+
+    @property
+    def num_slices(self) -> int:
+        """K: the number of cellBit-wide digits of the weight magnitude."""
+        return math.ceil((self.wl_weight - 1) / self.cellBit)
+
+    @property
+    def device_spread(self) -> float:
+        """The spread of the configured variation type."""
+        return float(getattr(self, SPREAD_OF_TYPE[self.vari_type]))
+
+    @property
+    def has_device_error(self) -> bool:
+        return self.device_spread > 0 or self.SAF_prop > 0
+
+    def canonical(self) -> HWConfig:
+        """The same point with the spreads of the other variation types set to zero, so equal points
+        compare equal whatever the unused keys said."""
+        keep = SPREAD_OF_TYPE[self.vari_type]
+        zeroed = {name: 0.0 for name in SPREAD_OF_TYPE.values() if name != keep}
+        return dataclasses.replace(self, **zeroed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HWConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown hardware parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def key(self) -> str:
+        """A short stable identifier, used to match records of the same point."""
+        d = self.canonical().to_dict()
+        return ",".join(f"{name}={d[name]}" for name in sorted(d))
+
+    def describe(self) -> str:
+        spread = f"{SPREAD_OF_TYPE[self.vari_type]}={self.device_spread:g}"
+        return (
+            f"W{self.wl_weight} I{self.wl_input} S{self.subArray} ADC{self.ADCprecision}({self.adc_mode}) "
+            f"c{self.cellBit} R{self.onoffratio:g} {self.vari_type}:{spread} SAF{self.SAF_prop:g}"
+        )
+
+
+_INT_FIELDS = {"wl_weight", "wl_input", "subArray", "ADCprecision", "cellBit"}
+_FLOAT_FIELDS = {"onoffratio", "vari", "ind_vari", "laplace_b", "SAF_prop"}
+
+
+def validation_problems(values: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """Every senseless value in one point, as (field, value, reason)."""
+    problems: list[tuple[str, Any, str]] = []
+
+    def bad(field: str, why: str) -> None:
+        problems.append((field, values.get(field), why))
+
+    lower_bounds = {"wl_weight": 2, "wl_input": 2, "subArray": 1, "ADCprecision": 1, "cellBit": 1}
+    upper_bounds = {"wl_weight": 16, "wl_input": 16, "ADCprecision": 24, "cellBit": 8}
+    for field in _INT_FIELDS:
+        value = values.get(field)
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad(field, "must be an integer")
+            continue
+        if value < lower_bounds[field]:
+            bad(field, f"must be at least {lower_bounds[field]}")
+        elif field in upper_bounds and value > upper_bounds[field]:
+            bad(field, f"must be at most {upper_bounds[field]}")
+    for field in _FLOAT_FIELDS:
+        value = values.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad(field, "must be a finite number")
+            continue
+        if field == "onoffratio":
+            if value <= 1:
+                bad(field, "on/off ratio G_max/G_min must be greater than 1")
+        elif field == "SAF_prop":
+            if not 0 <= value <= 0.5:
+                bad(field, "stuck-at probability must lie in [0, 0.5] (SA0 and SA1 each have it)")
+        elif value < 0:
+            bad(field, "a spread cannot be negative")
+    if values.get("vari_type") not in VARI_TYPES:
+        bad("vari_type", f"must be one of {', '.join(VARI_TYPES)}")
+    if values.get("adc_mode") not in ADC_MODES:
+        bad("adc_mode", f"must be one of {', '.join(ADC_MODES)}")
+    weight_bits, cell_bits = values.get("wl_weight"), values.get("cellBit")
+    if isinstance(weight_bits, int) and isinstance(cell_bits, int) and cell_bits > weight_bits - 1 >= 1:
+        bad("cellBit", f"a {cell_bits}-bit cell cannot slice the {weight_bits - 1} magnitude bits of "
+                       f"wl_weight={weight_bits}")
+    return problems
+
+
+def _parse_choice(raw: str, field: str) -> Any:
+    text = raw.strip()
+    if field in _INT_FIELDS:
+        number = float(text)  # accepts "8" and "8.0"; "8.5" is rejected below
+        if not number.is_integer():
+            raise ValueError("not an integer")
+        return int(number)
+    if field in _FLOAT_FIELDS:
+        return float(text)
+    return text
+
+
+@dataclass
+class SearchSpace:
+    """The choices of every hardware parameter, read from an INI file."""
+
+    choices: dict[str, list[Any]]
+    source: str = "<defaults>"
+
+    @classmethod
+    def from_ini(cls, path: str | Path) -> SearchSpace:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"search-space file {path} does not exist")
+        parser = configparser.ConfigParser(inline_comment_prefixes=("#", ";"))
+        parser.optionxform = str  # keep the original's key spelling (ADCprecision, cellBit)
+        try:
+            parser.read(path)
+        except configparser.Error as exc:
+            raise ConfigError(f"{path}: not a valid INI file: {exc}") from exc
+
+        defaults = HWConfig().to_dict()
+        choices: dict[str, list[Any]] = {field: [defaults[field]] for field in defaults}
+        where: dict[str, str] = {}
+        for section in parser.sections():
+            if section not in INI_LAYOUT:
+                raise ConfigError(f"{path}: unknown section [{section}]; expected {', '.join(INI_LAYOUT)}")
+            for key, raw in parser.items(section):
+                layout = INI_LAYOUT[section]
+                if key not in layout:
+                    raise ConfigError(
+                        f"{path}: [{section}] unknown key {key!r}; expected one of {', '.join(layout)}")
+                field = layout[key]
+                values = []
+                for item in raw.split(","):
+                    if not item.strip():
+                        raise ConfigError(f"{path}: [{section}] {key} = {raw!r}: empty choice in the list")
+                    try:
+                        values.append(_parse_choice(item, field))
+                    except ValueError:
+                        kind = "an integer" if field in _INT_FIELDS else "a number"
+                        raise ConfigError(
+                            f"{path}: [{section}] {key} = {item.strip()!r}: must be {kind}") from None
+                choices[field] = list(dict.fromkeys(values))  # drop repeated choices, keep order
+                where[field] = f"[{section}] {key}"
+
+        space = cls(choices=choices, source=str(path))
+        space._check(where)
+        return space
+
+    def _check(self, where: dict[str, str]) -> None:
+        """Reject every senseless choice, naming file, section, key and value."""
+        defaults = HWConfig().to_dict()
+        for field, values in self.choices.items():
+            for value in values:
+                trial = dict(defaults)
+                trial[field] = value
+                if field == "wl_weight":  # check bits alone, the cellBit pairing is checked below
+                    trial["cellBit"] = 1
+                for bad_field, bad_value, why in validation_problems(trial):
+                    if bad_field == field:
+                        raise ConfigError(
+                            f"{self.source}: {where.get(field, field)} = {bad_value!r}: {why}")
+        for weight_bits in self.choices["wl_weight"]:
+            for cell_bits in self.choices["cellBit"]:
+                if cell_bits > weight_bits - 1:
+                    raise ConfigError(
+                        f"{self.source}: {where.get('cellBit', 'cellBit')} = {cell_bits}: a {cell_bits}-bit "
+                        f"cell cannot slice the {weight_bits - 1} magnitude bits of wl_weight={weight_bits} "
+                        f"({where.get('wl_weight', 'wl_weight')})")
+
+    def grid(self) -> list[HWConfig]:
+        """Every distinct point, in a stable order. Spreads that do not belong to a point's
+        variation type are ignored, so they do not multiply the grid."""
+        fields = list(self.choices)
+        points: dict[HWConfig, None] = {}
+        for combo in itertools.product(*(self.choices[f] for f in fields)):
+            points[HWConfig(**dict(zip(fields, combo, strict=True))).canonical()] = None
+        return list(points)
+
+    def sample(self, n: int, seed: int = 0) -> list[HWConfig]:
+        """`n` distinct points drawn without replacement (seeded); the whole grid when n <= 0 or
+        n >= its size. Unlike the original (random draws, duplicates dropped afterwards), asking for
+        n points gives n points."""
+        points = self.grid()
+        if n <= 0 or n >= len(points):
+            return points
+        return random.Random(seed).sample(points, n)
+
+    def __len__(self) -> int:
+        return len(self.grid())

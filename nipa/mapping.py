@@ -1,0 +1,49 @@
+"""Which layers of a model are mapped to crossbars: the one selection rule every script uses.
+
+Mapped: `nn.Conv2d` with groups == 1 and `nn.Linear`. Depthwise/grouped convolutions stay digital
+unless `map_grouped` is set (not implemented by the crossbar layers yet, so it is refused there).
+Name patterns are shell-style globs (fnmatch) matched against the qualified module name; a pattern also
+matches everything below it, so `layer1` selects `layer1.0.conv1` too.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+
+def is_mappable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
+
+
+def select_layers(
+    model: nn.Module, exclude: Sequence[str] = (), include: Sequence[str] | None = None
+) -> list[str]:
+    """Qualified names of the layers to map, in model order.
+
+    `include` (patterns) restricts the candidates, `exclude` removes from them. A pattern that matches
+    no mappable layer is an error: a typo must not silently map everything.
+    """
+    candidates = [name for name, module in model.named_modules() if name and is_mappable(module)]
+    for label, patterns in (("include", include or ()), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(matches(name, [pattern]) for name in candidates):
+                shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
+                raise ValueError(f"--{label}_layer pattern {pattern!r} matches no mappable layer; "
+                                 f"mappable layers: {shown}")
+    selected = [n for n in candidates if include is None or not include or matches(n, include)]
+    return [n for n in selected if not matches(n, exclude)]
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
