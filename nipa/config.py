@@ -199,7 +199,8 @@ class SearchSpace:
                 layout = INI_LAYOUT[section]
                 if key not in layout:
                     raise ConfigError(
-                        f"{path}: [{section}] unknown key {key!r}; expected one of {', '.join(layout)}")
+                        f"{path}: [{section}] unknown key {key!r} (= {raw!r}); "
+                        f"expected one of {', '.join(layout)}")
                 field = layout[key]
                 values = []
                 for item in raw.split(","):

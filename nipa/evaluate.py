@@ -1,0 +1,34 @@
+"""Accuracy of a classifier on a data loader."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", max_batches: int | None = None,
+             progress: bool = False, desc: str = "eval") -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) and mean cross-entropy over the loader."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    hits1 = torch.zeros((), dtype=torch.int64, device=device)
+    hits5 = torch.zeros((), dtype=torch.int64, device=device)
+    for i, (inputs, labels) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress)):
+        if max_batches is not None and i >= max_batches:
+            break
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(inputs)
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits1 += (top[:, 0] == labels).sum()
+        hits5 += (top == labels[:, None]).any(dim=1).sum()
+        total += labels.shape[0]
+    # One synchronization at the end instead of one per batch.
+    correct1, correct5 = int(hits1), int(hits5)
+    if total == 0:
+        raise ValueError("evaluation loader produced no samples")
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
+            "loss": float(loss_sum) / total, "samples": total}

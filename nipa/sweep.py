@@ -1,0 +1,127 @@
+"""The ground-truth sweep of main.py: every hardware point, `cycle` chips each, one record per chip."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nipa.config import HWConfig, SearchSpace
+from nipa.crossbar import calibrate_adc, convert, mapped_layer_names, program_chip
+from nipa.evaluate import evaluate
+from nipa.records import RecordWriter, environment, read_records, timestamp
+
+
+@dataclass
+class SweepSettings:
+    """Everything that decides a sweep's numbers; stored with each record."""
+
+    model_name: str
+    dataset: str
+    hw_file: str
+    sample_num: int = 200
+    cycle: int = 3
+    seed: int = 0
+    batch_size: int = 256
+    limit: int | None = None
+    exclude: Sequence[str] = ()
+    include: Sequence[str] | None = None
+    adc_mode: str | None = None  # overrides the INI's ADC mode when set
+    per_read: bool = False
+    calib_batches: int = 4
+    memory_mb: float = 256
+    shard: tuple[int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def signature(self) -> dict[str, Any]:
+        """The settings two records must share to belong to one sweep (the points may differ)."""
+        return {"model": self.model_name.lower(), "dataset": self.dataset, "seed": self.seed,
+                "batch_size": self.batch_size, "limit": self.limit, "exclude": list(self.exclude),
+                "include": None if self.include is None else list(self.include),
+                "per_read": self.per_read, "calib_batches": self.calib_batches}
+
+
+def sweep_points(settings: SweepSettings) -> list[HWConfig]:
+    """The points of this sweep (and shard), in a stable order."""
+    space = SearchSpace.from_ini(settings.hw_file)
+    points = space.sample(settings.sample_num, seed=settings.seed)
+    if settings.adc_mode:
+        points = list(dict.fromkeys(dataclasses.replace(p, adc_mode=settings.adc_mode) for p in points))
+    if settings.shard:
+        index, count = settings.shard
+        points = points[index::count]
+    return points
+
+
+def check_compatible(existing: list[dict], settings: SweepSettings, path: Path) -> None:
+    """Refuse to mix records of a sweep with other settings into one results file."""
+    wanted = settings.signature()
+    for record in existing:
+        have = record.get("run")
+        if have is not None and have != wanted:
+            diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+            raise ValueError(f"{path} already holds records of a sweep with other settings "
+                             f"(field: (in file, now) {diff}); pass --out for a new results file")
+
+
+def done_keys(records: list[dict]) -> set[tuple]:
+    return {(r["method"], r.get("config_key"), r.get("chip")) for r in records}
+
+
+def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_loader, device: torch.device,
+              out_path: str | Path, writer: RecordWriter, log: Callable[[str], None] = print) -> list[dict]:
+    """Evaluate the ideal model (once) and every hardware point on `cycle` chips. Records already in
+    the results file are skipped, so an interrupted sweep resumes where it stopped. Returns the new
+    records."""
+    existing = read_records(out_path)
+    check_compatible(existing, settings, Path(out_path))
+    done = done_keys(existing)
+    points = sweep_points(settings)
+    common = {"model": settings.model_name.lower(), "dataset": settings.dataset, "seed": settings.seed,
+              "run": settings.signature(), "hw_file": settings.hw_file, **settings.extra}
+    written: list[dict] = []
+
+    def record(method: str, metrics: dict, seconds: float, **fields) -> None:
+        entry = {**common, "method": method, **fields, "top1": metrics["top1"], "top5": metrics["top5"],
+                 "loss": metrics["loss"], "samples": metrics["samples"], "wall_s": round(seconds, 4),
+                 "device": str(device), "time": timestamp(), **environment()}
+        writer.append(entry)
+        written.append(entry)
+
+    if ("ideal", None, None) not in done and (settings.shard is None or settings.shard[0] == 0):
+        started = time.perf_counter()
+        metrics = evaluate(model, test_loader, device, progress=True, desc="ideal")
+        record("ideal", metrics, time.perf_counter() - started, config=None, config_key=None, chip=None)
+        log(f"ideal (float) model: top-1 {metrics['top1']:.2f}%")
+
+    todo = [(p, c) for p in points for c in range(settings.cycle) if ("sliced", p.key(), c) not in done]
+    skipped = len(points) * settings.cycle - len(todo)
+    log(f"{len(points)} hardware points x {settings.cycle} chips from {settings.hw_file}"
+        + (f" (shard {settings.shard[0]}/{settings.shard[1]})" if settings.shard else "")
+        + (f"; {skipped} already recorded, resuming" if skipped else ""))
+    converted, converted_point = None, None
+    for point, chip in tqdm(todo, desc="sweep", unit="chip"):
+        started = time.perf_counter()
+        if point != converted_point:
+            converted = convert(model, point, exclude=settings.exclude, include=settings.include,
+                                seed=settings.seed, chip=chip, per_read=settings.per_read,
+                                memory_mb=settings.memory_mb).to(device).eval()
+            converted_point = point
+        else:
+            program_chip(converted, settings.seed, chip)
+        if point.adc_mode == "calibrated":
+            calibrate_adc(converted, (x.to(device) for i, (x, _) in enumerate(calib_loader)
+                                      if i < settings.calib_batches))
+        metrics = evaluate(converted, test_loader, device, desc=f"chip {chip}")
+        record("sliced", metrics, time.perf_counter() - started, config=point.to_dict(),
+               config_key=point.key(), chip=chip, mapped_layers=mapped_layer_names(converted))
+        log(f"{point.describe()}  chip {chip}: top-1 {metrics['top1']:.2f}%  "
+            f"({time.perf_counter() - started:.1f}s)")
+    return written
