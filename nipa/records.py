@@ -59,14 +59,16 @@ class RecordWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A torn last line from a killed run must not glue onto the next record.
+        # A torn last line (a process killed while writing it) is no finished result: cut it off so
+        # the next record starts on a clean line.
         if self.path.is_file() and self.path.stat().st_size > 0:
-            with open(self.path, "rb") as handle:
-                handle.seek(-1, os.SEEK_END)
-                needs_newline = handle.read(1) != b"\n"
-            if needs_newline:
-                with open(self.path, "a") as handle:
-                    handle.write("\n")
+            data = self.path.read_bytes()
+            if not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                warnings.warn(f"{self.path}: removing a torn last record ({len(data) - keep} bytes)",
+                              stacklevel=2)
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(keep)
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True)

@@ -85,8 +85,12 @@ def fit(model: nn.Module, train_loader, test_loader, recipe: Recipe, device: tor
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if state.get("loader_rng") is not None and getattr(train_loader, "generator", None) is not None:
+            train_loader.generator.set_state(state["loader_rng"])
         start_epoch, history = state["epoch"], state["history"]
         log(f"resuming from {resume_path} at epoch {start_epoch}")
+    # The shuffling stream is saved too, so a resumed run sees the batches an uninterrupted one would.
+    loader_generator = getattr(train_loader, "generator", None)
     started = time.perf_counter()
     for epoch in range(start_epoch, recipe.epochs):
         loss = train_one_epoch(model, train_loader, optimizer, device, desc=f"epoch {epoch + 1}/{recipe.epochs}")
@@ -101,6 +105,7 @@ def fit(model: nn.Module, train_loader, test_loader, recipe: Recipe, device: tor
             tmp = resume_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                        "loader_rng": loader_generator.get_state() if loader_generator is not None else None,
                         "epoch": epoch + 1, "history": history, "recipe": recipe.to_dict()}, tmp)
             tmp.replace(resume_path)
     return {"history": history, "seconds": time.perf_counter() - started}

@@ -1,0 +1,310 @@
+"""The NIPA metric (SPEC section 6): a hardware point's robustness from the weights' bit statistics.
+
+Every error is expressed as equivalent independent noise on one integer weight, in LSB^2, and NIPA is
+the weight's signal power over that noise:
+
+    NIPA = sum_k 4^(c k) var_k / ( Q + sum_k 4^(c k) (ADC_k + sigma_dev,k^2 A_k) )
+
+with slice k = 0..K-1 (0 least significant), c = cellBit, and
+
+- Q = 3 sigma_w^2 / (s^2 2^(2b)), s = 6 sigma_w / 2^b: the weight rounding noise, = 1/12;
+- ADC_k = k_T S density_k^2 / (12 * 2^(2 a_r)): the ADC step S density_k / 2^a_r, its rounding
+  noise step^2 / 12, divided by the S rows that share it, times k_T = T, the number of tiles whose ADC
+  reads add into one output (SPEC: "k_T accounts for the T tiles"; ``tile_factor="one"`` sets k_T = 1);
+- sigma_dev,k^2, the per-cell device error: state_dependent vari^2 var_k, laplace 2 laplace_b^2 var_k
+  (the variance of Laplace(0, b) is 2 b^2), state_independent ind_vari^2; with stuck-at faults of
+  probability p (each of SA0 and SA1) it becomes 2p var_k + (1 - 2p) sigma_dev,k^2, as the SPEC writes
+  it (a faulty cell's error counted as var_k, a healthy one's as the variation);
+- A_k = max(0, 1 - E[X^2 1{|X| < Delta/2}] / v), X ~ N(0, v), v = S sigma_dev,k^2,
+  Delta = S density_k / 2^a_r: the share of a column's device error that the ADC rounding does not
+  absorb. In closed form, with u = Delta / (2 sqrt(v)):
+  E[X^2 1{|X| < a}] = v (erf(a / sqrt(2v)) - sqrt(2/pi) (a / sqrt(v)) exp(-a^2 / (2v))), so
+  A_k = erfc(u / sqrt 2) + sqrt(2/pi) u exp(-u^2 / 2), which lies in [0, 1] and falls as u grows.
+  Where sigma_dev,k = 0 the device term is 0 whatever A_k (taken as 0 there).
+
+Reductions over layers:
+- ``"model_average"`` (default, the published form): the statistics are first averaged over the mapped
+  layers (var_k, density_k and T), then put into the formula once;
+- ``"layer_sum"``: every layer's signal and noise from its own statistics, then total signal over
+  total noise (sum_l signal_l / sum_l noise_l), a harmonic-like combination in which the noisiest
+  layers weigh most.
+`per_layer_nipa` gives one NIPA per layer: lower NIPA = the layer is more sensitive to the hardware's
+errors (it keeps less signal over its noise), so sorting ascending ranks layers from most to least
+sensitive.
+
+Everything is vectorized with numpy over hardware points (and layers): the core, `nipa_terms`, takes
+arrays; `nipa_metric` groups hardware points by their statistics combination and calls it once.
+The metric does not depend on wl_input or onoffratio.
+
+Choices where the published form leaves room (see also nipa/stats.py on zero padding):
+- k_T = T by default, as the SPEC says. Note that with per-row statistics a per-weight derivation
+  (T reads of noise step^2/12 per output, shared by the T*S rows of the output) gives k_T = 1; with
+  k_T = T the ADC term is about fan_in density^2 / (12 4^a_r), nearly independent of S. Offered as
+  ``tile_factor="one"`` so the two can be compared against the ground truth.
+- Model level: the mean of T over layers serves as k_T, and the mean density_k enters squared (not
+  the mean of density_k^2), i.e. the averaged statistics are used exactly as if they were one layer's.
+- The stuck-at mixture is kept as written although a stuck-at-1 cell's error, (2^c - 1 - d)^2, is
+  larger than var_k for sparse slices, and although it lowers the noise when the variation's own
+  sigma_dev,k^2 exceeds var_k (e.g. a large ind_vari).
+- sigma_dev,k^2 is per cell as written; a differential pair has two cells, which for
+  state_independent errors would double the per-weight variance (not applied).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.special import erfc
+
+from nipa.config import VARI_TYPES, HWConfig
+from nipa.stats import ComboStats, ModelStats, combo_key, parse_combo_key
+
+REDUCTIONS = ("model_average", "layer_sum")
+TILE_FACTORS = ("tiles", "one")
+# Integer codes of the variation types in the vectorized arrays (index into config.VARI_TYPES).
+VARI_CODE = {name: code for code, name in enumerate(VARI_TYPES)}
+_STATE_DEPENDENT, _STATE_INDEPENDENT, _LAPLACE = (VARI_CODE[n] for n in
+                                                  ("state_dependent", "state_independent", "laplace"))
+
+
+def weight_rounding_noise(weight_var: float | np.ndarray, wl_weight: int | np.ndarray) -> np.ndarray:
+    """Q = 3 sigma_w^2 / (s^2 2^(2b)) with s = 6 sigma_w / 2^b, in LSB^2 of the integer weight.
+
+    s^2 2^(2b) = 36 sigma_w^2, so Q = 3 / 36 = 1/12 (the rounding noise of a unit step) for every
+    sigma_w > 0 and b; a layer of zeros (sigma_w = 0) also gets 1/12.
+    """
+    weight_var = np.asarray(weight_var, dtype=np.float64)
+    four_b = 4.0 ** np.asarray(wl_weight, dtype=np.float64)
+    step_sq = 36.0 * weight_var / four_b  # s^2 with s = 6 sigma_w / 2^b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = 3.0 * weight_var / (step_sq * four_b)
+    return np.where(weight_var > 0, q, 1.0 / 12.0)
+
+
+def adc_noise(density: np.ndarray, subArray: np.ndarray | int, adc_bits: np.ndarray | int,
+              tiles: np.ndarray | float = 1.0) -> np.ndarray:
+    """ADC_k = k_T S density_k^2 / (12 2^(2 a_r)) per weight, in LSB^2 of slice k (k_T = `tiles`)."""
+    density = np.asarray(density, dtype=np.float64)
+    return np.asarray(tiles, dtype=np.float64) * np.asarray(subArray, dtype=np.float64) * density**2 / (
+        12.0 * 4.0 ** np.asarray(adc_bits, dtype=np.float64))
+
+
+def device_variance(var: np.ndarray, vari_code: np.ndarray | int, spread: np.ndarray | float,
+                    saf_prop: np.ndarray | float = 0.0) -> np.ndarray:
+    """sigma_dev,k^2 per cell from the slice variance var_k (see the module docstring).
+
+    vari_code: index into config.VARI_TYPES (or a type name for a scalar call).
+    """
+    if isinstance(vari_code, str):
+        vari_code = VARI_CODE[vari_code]
+    var = np.asarray(var, dtype=np.float64)
+    code = np.asarray(vari_code)
+    spread_sq = np.asarray(spread, dtype=np.float64) ** 2
+    sigma2 = np.where(code == _STATE_DEPENDENT, spread_sq * var,
+                      np.where(code == _LAPLACE, 2.0 * spread_sq * var, spread_sq + 0.0 * var))
+    p = np.asarray(saf_prop, dtype=np.float64)
+    # As SPEC section 6 writes it: with probability 2p a cell is stuck (error power var_k), otherwise
+    # it carries the variation.
+    return 2.0 * p * var + (1.0 - 2.0 * p) * sigma2
+
+
+def unabsorbed_share(subArray: np.ndarray | int, sigma2: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """A_k = max(0, 1 - E[X^2 1{|X| < delta/2}] / v), X ~ N(0, v), v = S sigma2, in closed form.
+
+    With u = delta / (2 sqrt v): A = erfc(u / sqrt 2) + sqrt(2/pi) u exp(-u^2 / 2). Where v = 0 there
+    is no device error to absorb and A is returned as 0 (the caller multiplies it by sigma2 = 0).
+    """
+    v = np.asarray(subArray, dtype=np.float64) * np.asarray(sigma2, dtype=np.float64)
+    half_step = 0.5 * np.asarray(delta, dtype=np.float64)
+    positive = v > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(positive, half_step / np.sqrt(np.where(positive, v, 1.0)), np.inf)
+        share = erfc(u / math.sqrt(2.0)) + math.sqrt(2.0 / math.pi) * u * np.exp(-0.5 * u * u)
+    share = np.where(np.isfinite(u), share, 0.0)  # u = inf: v = 0, nothing to absorb
+    return np.clip(share, 0.0, 1.0)  # the max(0, .) of the definition; also trims float rounding
+
+
+def slice_noise_terms(var: np.ndarray, density: np.ndarray, tiles: np.ndarray | float,
+                      subArray: np.ndarray | int, adc_bits: np.ndarray | int, vari_code: np.ndarray | int,
+                      spread: np.ndarray | float,
+                      saf_prop: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """(ADC_k, sigma_dev,k^2 A_k): the two noise terms of every slice, in LSB^2 of that slice.
+
+    var, density: [..., K]; the other arguments broadcast against [...]. Also what the error-injection
+    method (SPEC section 7) adds to each slice value, from one layer's own statistics.
+    """
+    var = np.asarray(var, dtype=np.float64)
+    density = np.asarray(density, dtype=np.float64)
+    lead = var.shape[:-1]
+
+    def per_point(x: Any) -> np.ndarray:  # [...] -> [..., 1], to broadcast against the slice axis
+        return np.broadcast_to(np.asarray(x), lead)[..., None]
+
+    subarray_ = per_point(subArray).astype(np.float64)
+    adc_ = per_point(adc_bits).astype(np.float64)
+    adc = adc_noise(density, subarray_, adc_, per_point(tiles))
+    sigma2 = device_variance(var, per_point(vari_code), per_point(spread), per_point(saf_prop))
+    delta = subarray_ * density / 2.0**adc_  # the ADC step of the column, in level units
+    device = sigma2 * unabsorbed_share(subarray_, sigma2, delta)
+    return adc, device
+
+
+def nipa_terms(var: np.ndarray, density: np.ndarray, tiles: np.ndarray | float, subArray: np.ndarray | int,
+               cellBit: np.ndarray | int, adc_bits: np.ndarray | int, vari_code: np.ndarray | int,
+               spread: np.ndarray | float, saf_prop: np.ndarray | float,
+               valid: np.ndarray | None = None, weight_var: np.ndarray | float = 1.0,
+               wl_weight: np.ndarray | int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The vectorized core: (signal, noise) of the NIPA formula; NIPA = signal / noise.
+
+    var, density: [..., K] per-slice statistics; every other argument broadcasts against [...]
+    (one value per hardware point and/or layer). valid [..., K] marks real slices where K varies
+    (padding slices must not add state-independent noise); default: all valid.
+    """
+    var = np.asarray(var, dtype=np.float64)
+    lead = var.shape[:-1]
+    cellbit_ = np.broadcast_to(np.asarray(cellBit), lead)[..., None].astype(np.float64)
+    k = np.arange(var.shape[-1], dtype=np.float64)
+    significance = 4.0 ** (cellbit_ * k)  # 4^(c k) = (2^(c k))^2: the slice's weight, squared
+    if valid is not None:
+        significance = np.where(valid, significance, 0.0)
+    adc, device = slice_noise_terms(var, density, tiles, subArray, adc_bits, vari_code, spread, saf_prop)
+    signal = (significance * var).sum(axis=-1)
+    q = weight_rounding_noise(np.broadcast_to(np.asarray(weight_var), lead), np.broadcast_to(wl_weight, lead))
+    noise = q + (significance * (adc + device)).sum(axis=-1)
+    return signal, noise
+
+
+# ----------------------------------------------------------------------------------------------------
+# From statistics and hardware points
+# ----------------------------------------------------------------------------------------------------
+
+
+def point_arrays(points: Sequence[HWConfig | Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Hardware points -> one array per parameter the metric uses (plus the statistics key)."""
+    configs = [p if isinstance(p, HWConfig) else HWConfig.from_dict(dict(p)) for p in points]
+    return {
+        "key": np.array([combo_key(p.wl_weight, p.subArray, p.cellBit) for p in configs]),
+        "wl_weight": np.array([p.wl_weight for p in configs], dtype=np.int64),
+        "subArray": np.array([p.subArray for p in configs], dtype=np.int64),
+        "cellBit": np.array([p.cellBit for p in configs], dtype=np.int64),
+        "adc_bits": np.array([p.ADCprecision for p in configs], dtype=np.int64),
+        "vari_code": np.array([VARI_CODE[p.vari_type] for p in configs], dtype=np.int64),
+        "spread": np.array([p.device_spread for p in configs], dtype=np.float64),
+        "saf_prop": np.array([p.SAF_prop for p in configs], dtype=np.float64),
+    }
+
+
+def _as_points(points: HWConfig | Mapping[str, Any] | Sequence) -> tuple[list, bool]:
+    if isinstance(points, (HWConfig, Mapping)):
+        return [points], True
+    return list(points), False
+
+
+def _gather(stats: ModelStats | ComboStats, keys: Sequence[str], per_layer: bool) -> dict[str, np.ndarray]:
+    """Statistics for every point, the slice axis zero-padded to the largest K: arrays [N, (L,) K]."""
+    wanted = list(dict.fromkeys(keys))
+    if isinstance(stats, ComboStats):
+        if wanted != [stats.key]:
+            other = ", ".join(k for k in wanted if k != stats.key)
+            raise KeyError(f"these statistics are for {stats.key} only, not {other}")
+        combos = [stats]
+    else:
+        combos = [stats.get(*parse_combo_key(key)) for key in wanted]
+    k_max = max(c.num_slices for c in combos)
+
+    def pad(x: np.ndarray) -> np.ndarray:
+        return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, k_max - x.shape[-1])])
+
+    fields = ("var", "density", "valid", "tiles", "weight_var")
+    table: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+    for combo in combos:
+        if per_layer:
+            var, density, tiles, weight_var = combo.var, combo.density, combo.tiles, combo.weight_var
+        else:
+            avg = combo.model_average()
+            var, density, tiles, weight_var = avg["var"], avg["density"], avg["tiles"], avg["weight_var"]
+        var = np.asarray(var, dtype=np.float64)
+        table["var"].append(pad(var))
+        table["density"].append(pad(np.asarray(density, dtype=np.float64)))
+        table["valid"].append(pad(np.ones(var.shape, dtype=bool)))
+        table["tiles"].append(np.asarray(tiles, dtype=np.float64))
+        table["weight_var"].append(np.asarray(weight_var, dtype=np.float64))
+    position = {key: i for i, key in enumerate(wanted)}
+    index = np.fromiter((position[key] for key in keys), dtype=np.int64, count=len(keys))
+    return {name: np.stack(values)[index] for name, values in table.items()}
+
+
+def _terms_for_points(stats: ModelStats | ComboStats, points, per_layer: bool, tile_factor: str):
+    if tile_factor not in TILE_FACTORS:
+        raise ValueError(f"tile_factor must be one of {TILE_FACTORS}, not {tile_factor!r}")
+    hw = point_arrays(points)
+    gathered = _gather(stats, hw["key"].tolist(), per_layer)
+    extra = (slice(None), None) if per_layer else (slice(None),)  # hardware arrays [N] -> [N, 1]
+    tiles = gathered["tiles"] if tile_factor == "tiles" else np.ones_like(gathered["tiles"])
+    return nipa_terms(
+        gathered["var"], gathered["density"], tiles, hw["subArray"][extra], hw["cellBit"][extra],
+        hw["adc_bits"][extra], hw["vari_code"][extra], hw["spread"][extra], hw["saf_prop"][extra],
+        valid=gathered["valid"], weight_var=gathered["weight_var"], wl_weight=hw["wl_weight"][extra])
+
+
+def nipa_metric(stats: ModelStats | ComboStats, points: HWConfig | Mapping[str, Any] | Sequence,
+                reduction: str = "model_average", tile_factor: str = "tiles") -> np.ndarray | float:
+    """Model-level NIPA of hardware points: an array [N] (a float for a single point).
+
+    reduction: "model_average" (default, published: layer-averaged statistics in one formula) or
+    "layer_sum" (sum of the layers' signals over the sum of their noises). Higher NIPA = more robust.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
+    point_list, single = _as_points(points)
+    if not point_list:
+        return np.zeros(0)
+    if reduction == "model_average":
+        signal, noise = _terms_for_points(stats, point_list, per_layer=False, tile_factor=tile_factor)
+    else:
+        signal, noise = _terms_for_points(stats, point_list, per_layer=True, tile_factor=tile_factor)
+        signal, noise = signal.sum(axis=-1), noise.sum(axis=-1)
+    value = signal / noise
+    return float(value[0]) if single else value
+
+
+def per_layer_nipa(stats: ModelStats | ComboStats, points: HWConfig | Mapping[str, Any] | Sequence,
+                   tile_factor: str = "tiles") -> np.ndarray:
+    """NIPA of every mapped layer from its own statistics: [N, L] ([L] for a single point).
+
+    Layers are in the order of ``stats.layers``. Lower NIPA = more sensitive layer.
+    """
+    point_list, single = _as_points(points)
+    signal, noise = _terms_for_points(stats, point_list, per_layer=True, tile_factor=tile_factor)
+    value = signal / noise
+    return value[0] if single else value
+
+
+def rank_layers(stats: ModelStats | ComboStats, point: HWConfig | Mapping[str, Any],
+                tile_factor: str = "tiles") -> list[tuple[str, float]]:
+    """(layer, NIPA) pairs for one hardware point, most sensitive (lowest NIPA) first."""
+    values = per_layer_nipa(stats, point, tile_factor=tile_factor)
+    layers = stats.layers
+    return sorted(zip(layers, values.tolist(), strict=True), key=lambda pair: pair[1])
+
+
+def layer_slice_noise(stats: ModelStats | ComboStats, point: HWConfig | Mapping[str, Any],
+                      tile_factor: str = "tiles") -> dict[str, np.ndarray]:
+    """Per layer and slice, the noise terms of one hardware point from each layer's own statistics.
+
+    Returns {"adc": [L, K], "device": [L, K], "total": [L, K]} in LSB^2 of each slice (device is
+    sigma_dev,k^2 A_k); layers in the order of ``stats.layers``.
+    """
+    if tile_factor not in TILE_FACTORS:
+        raise ValueError(f"tile_factor must be one of {TILE_FACTORS}, not {tile_factor!r}")
+    hw = point if isinstance(point, HWConfig) else HWConfig.from_dict(dict(point))
+    combo = stats if isinstance(stats, ComboStats) else stats.for_point(hw)
+    if combo.key != combo_key(hw.wl_weight, hw.subArray, hw.cellBit):
+        raise KeyError(f"these statistics are for {combo.key} only, not {hw.describe()}")
+    tiles = combo.tiles if tile_factor == "tiles" else np.ones_like(combo.tiles)
+    adc, device = slice_noise_terms(combo.var, combo.density, tiles, hw.subArray, hw.ADCprecision,
+                                    VARI_CODE[hw.vari_type], hw.device_spread, hw.SAF_prop)
+    return {"adc": adc, "device": device, "total": adc + device}

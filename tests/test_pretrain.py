@@ -1,0 +1,109 @@
+"""pretrain.py and the checkpoint loader: training lowers the loss, saves, reloads to the same
+predictions, resumes, skips an existing checkpoint; bad names and missing files give clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pretrain
+from nipa.data import get_dataset, make_loader
+from nipa.runtime import resolve_device
+from nipa.train import Recipe, fit
+from nipa.zoo import build_model, checkpoint_path, load_model_and_data, load_trained_model
+
+
+def test_short_training_lowers_loss_and_reloads_to_same_predictions(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("smallcnn", "digits")
+    train = make_loader(get_dataset("digits", "train"), batch_size=64, shuffle=True, seed=0)
+    test = make_loader(get_dataset("digits", "test"), batch_size=128, shuffle=False, seed=0)
+    result = fit(model, train, test, Recipe(epochs=4, batch_size=64, lr=0.05, step_size=10),
+                 torch.device("cpu"), log=lambda line: None)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result["history"][-1]["top1"] > 80.0
+
+
+def test_pretrain_saves_checkpoint_with_metadata_and_reloads(digits_ckpt_dir):
+    path = checkpoint_path("smallcnn", "digits", digits_ckpt_dir)
+    model, meta = load_trained_model("smallcnn", "digits", digits_ckpt_dir)
+    for key in ("model", "dataset", "num_classes", "input_shape", "test_top1", "epochs", "seed"):
+        assert key in meta, key
+    assert meta["num_classes"] == 10 and meta["input_shape"] == [1, 8, 8] and meta["epochs"] == 3
+    x = torch.stack([get_dataset("digits", "test")[i][0] for i in range(32)])
+    again, _ = load_trained_model("smallcnn", "digits", ckpt=path)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert not path.with_suffix(".resume.pt").exists()
+
+
+def test_existing_checkpoint_is_not_retrained(digits_ckpt_dir, capsys):
+    path = checkpoint_path("smallcnn", "digits", digits_ckpt_dir)
+    before = path.stat().st_mtime_ns
+    assert pretrain.main(["--dataset", "digits", "--epochs", "3", "--ckpt_dir", str(digits_ckpt_dir),
+                          "--device", "cpu"]) == 0
+    assert path.stat().st_mtime_ns == before
+    assert "skipping training" in capsys.readouterr().out
+
+
+def test_same_seed_same_weights(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        assert pretrain.main(["--dataset", "digits", "--epochs", "1", "--ckpt_dir", str(tmp_path / name),
+                              "--device", "cpu", "--seed", "3"]) == 0
+        runs.append(torch.load(checkpoint_path("smallcnn", "digits", tmp_path / name))["state_dict"])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_interrupted_training_resumes(tmp_path, monkeypatch):
+    """A run killed after epoch 1 continues at epoch 2 and ends where an uninterrupted run ends."""
+    import nipa.train as train_module
+
+    args = ["--dataset", "digits", "--epochs", "2", "--device", "cpu", "--seed", "1"]
+    assert pretrain.main(args + ["--ckpt_dir", str(tmp_path / "full")]) == 0
+    full = torch.load(checkpoint_path("smallcnn", "digits", tmp_path / "full"))["state_dict"]
+
+    real_evaluate = train_module.evaluate
+    calls = {"n": 0}
+
+    def dying_evaluate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # during epoch 2, after epoch 1 was saved
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(train_module, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(args + ["--ckpt_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    resume = checkpoint_path("smallcnn", "digits", tmp_path / "cut").with_suffix(".resume.pt")
+    assert resume.is_file()
+    assert pretrain.main(args + ["--ckpt_dir", str(tmp_path / "cut")]) == 0
+    resumed = torch.load(checkpoint_path("smallcnn", "digits", tmp_path / "cut"))["state_dict"]
+    assert all(torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6) for k in full)
+
+
+def test_missing_checkpoint_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python pretrain.py --model_name resnet18 --dataset digits"):
+        load_model_and_data("resnet18", "digits", ckpt_dir=tmp_path)
+
+
+def test_bad_model_name_lists_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="valid names: .*resnet18"):
+        pretrain.main(["--model_name", "resnet99", "--dataset", "digits", "--ckpt_dir", str(tmp_path)])
+
+
+def test_missing_cifar_says_where_files_must_be(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        pretrain.main(["--dataset", "cifar10", "--data_root", str(tmp_path), "--ckpt_dir", str(tmp_path)])
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="expected auto, cpu"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
