@@ -10,10 +10,10 @@ import dataclasses
 import sys
 import time
 
+from nipa.cli import add_runtime_args
 from nipa.data import DATASET_NAMES, get_dataset, make_loader
 from nipa.evaluate import evaluate
 from nipa.logs import open_log
-from nipa.cli import add_runtime_args
 from nipa.runtime import resolve_device, seed_everything
 from nipa.train import default_recipe, fit
 from nipa.zoo import CHECKPOINT_DIR, build_model, checkpoint_path, load_trained_model, save_checkpoint
