@@ -1,0 +1,140 @@
+"""MLC one-to-one mapping with device variation, and non-ideal device fine-tuning (SPEC section 9).
+
+    python finetune.py --model_name smallcnn --dataset mnist5k --cellbit 3 --vari_type state_dependent \\
+        --vari 0.2 0.4 0.6 0.8 --chips 5 --calib_samples 512
+
+Maps every weight one-to-one onto a multi-level cell pair (wl_weight = cellbit + 1), programs --chips
+chips per variation with fixed device error, and compares on the same chips: no fine-tuning, batch-norm
+re-estimation, label-only fine-tuning, variation-aware training and the proposed fine-tuning in its two
+modes (digital parameters only; cell targets re-programmed too). Records (one JSON line per method and
+chip) go to results/{model}/{dataset}_finetune.jsonl; the summary table to {dataset}_finetune.csv and
+the accuracy-against-variation plot to {dataset}_finetune.png beside it. A rerun skips finished records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nipa.cli import add_layer_args, add_model_args, add_runtime_args
+from nipa.config import VARI_TYPES
+from nipa.data import get_dataset
+from nipa.finetune import (
+    METHODS,
+    Experiment,
+    FinetuneSettings,
+    format_table,
+    plot_accuracy,
+    run_experiment,
+    summarize,
+)
+from nipa.logs import open_log
+from nipa.mlc import ChipOptions, mlc_hw
+from nipa.records import RecordWriter, environment, read_records, timestamp
+from nipa.runtime import resolve_device, seed_everything
+from nipa.zoo import load_model_and_data
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    chip = parser.add_argument_group("chip")
+    chip.add_argument("--cellbit", type=int, default=3, help="bits per cell; weights get cellbit + 1 bits")
+    chip.add_argument("--vari_type", choices=VARI_TYPES, default="state_dependent")
+    chip.add_argument("--vari", type=float, nargs="+", default=[0.6],
+                      help="spread(s) of --vari_type (vari, ind_vari or laplace_b); several values sweep")
+    chip.add_argument("--SAF_prop", type=float, default=0.0, help="stuck-at-0 and stuck-at-1 probability")
+    chip.add_argument("--onoffratio", type=float, default=1e8)
+    chip.add_argument("--chips", type=int, default=5, help="programmed chips per variation")
+    chip.add_argument("--input_bits", type=int, default=None, help="quantize layer inputs (off by default)")
+    chip.add_argument("--read_noise", type=float, default=0.0, help="relative per-read cell noise (default 0)")
+    chip.add_argument("--adc_bits", type=int, default=None, help="ADC bits (default: no ADC)")
+    chip.add_argument("--adc_rows", type=int, default=128, help="crossbar rows per ADC conversion")
+    method = parser.add_argument_group("methods")
+    method.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    defaults = FinetuneSettings()
+    helps = {"calib_samples": "train-split images used on the chip", "epochs": "fine-tuning epochs",
+             "batch_size": "fine-tuning batch size", "lr": "Adam learning rate of digital parameters",
+             "cell_lr": "learning rate of the cell targets (mode cells)", "kd_temperature": "KD temperature T",
+             "kd_weight": "KD share alpha of the logit loss", "layer_weight": "weight beta of layer matching",
+             "reprogram_every": "steps between re-programmings (mode cells)",
+             "cell_epochs": "epochs that move cell targets before digital-only polishing",
+             "vat_epochs": "variation-aware training epochs (train split)", "vat_lr": "VAT SGD learning rate",
+             "vat_batch_size": "VAT batch size"}
+    for field in dataclasses.fields(FinetuneSettings):
+        value = getattr(defaults, field.name)
+        flag = "--ft_batch_size" if field.name == "batch_size" else f"--{field.name}"
+        method.add_argument(flag, dest=f"ft_{field.name}", type=type(value), default=value,
+                            help=f"{helps.get(field.name, '')} (default {value})")
+    parser.add_argument("--out", default=None, help="records JSONL (default results/{model}/{dataset}_finetune.jsonl)")
+    parser.add_argument("--log_file", default=None, help="readable progress lines are appended here")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    add_layer_args(parser)
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    if args.chips < 1:
+        parser.error(f"--chips {args.chips}: need at least one chip")
+    if args.ft_calib_samples < 1:
+        parser.error(f"--calib_samples {args.ft_calib_samples}: need at least one image")
+    try:  # every bad hardware value is reported before any work starts
+        for spread in args.vari:
+            mlc_hw(args.cellbit, args.vari_type, spread, args.SAF_prop, args.onoffratio)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, args.gpu_id)
+    seed_everything(args.seed)
+    log = open_log(args.log_file)
+    model, meta, test_loader = load_model_and_data(
+        args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt, data_root=args.data_root,
+        batch_size=args.batch_size, device=device, num_workers=args.num_workers, limit=args.limit)
+    train_set = get_dataset(args.dataset, "train", args.data_root, augment=False)
+    settings = FinetuneSettings(**{f.name: getattr(args, f"ft_{f.name}")
+                                   for f in dataclasses.fields(FinetuneSettings)})
+    if settings.calib_samples > len(train_set):
+        log(f"--calib_samples {settings.calib_samples} > {len(train_set)} train images: using all of them")
+        settings.calib_samples = len(train_set)
+    options = ChipOptions(input_bits=args.input_bits, read_noise=args.read_noise, adc_bits=args.adc_bits,
+                          adc_rows=args.adc_rows)
+    exp = Experiment(model_name=args.model_name, dataset=args.dataset, cell_bits=args.cellbit,
+                     vari_type=args.vari_type, spreads=args.vari, chips=args.chips, methods=args.methods,
+                     settings=settings, options=options, SAF_prop=args.SAF_prop, onoffratio=args.onoffratio,
+                     exclude=args.exclude_layer, include=args.include_layer, seed=args.seed)
+    out = Path(args.out) if args.out else Path("results") / args.model_name.lower() / f"{args.dataset}_finetune.jsonl"
+    previous = [r for r in read_records(out) if r.get("kind") == "finetune"] if out.is_file() else []
+    done = {(r["run_key"], r["method"], r["chip"]) for r in previous}
+    writer = RecordWriter(out)
+    extra = {"checkpoint_top1": meta.get("test_top1"), "device": str(device), "timestamp": timestamp(),
+             **environment()}
+    started = time.perf_counter()
+    records = run_experiment(exp, model, test_loader, train_set, device, writer.append, done, log, extra)
+    log(f"{len(records)} new records in {writer.path} ({time.perf_counter() - started:.0f} s)")
+
+    # The summary covers this run's settings: the new records and the finished ones they resumed.
+    keys = {exp.run_key(mlc_hw(args.cellbit, args.vari_type, s, args.SAF_prop, args.onoffratio))
+            for s in args.vari}
+    mine = [r for r in previous + records if r["run_key"] in keys and r["method"] in args.methods
+            and r["chip"] < args.chips]
+    table = summarize(mine)
+    log(format_table(table))
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    plot = out.with_suffix(".png")
+    plot_accuracy(table, plot, title=f"{args.model_name} on {args.dataset}, {args.cellbit}-bit cells, "
+                                     f"one-to-one, {args.chips} chips")
+    log(f"summary {out.with_suffix('.csv')}, plot {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

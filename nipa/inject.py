@@ -1,0 +1,611 @@
+"""Error injection: a PIM hardware point as one equivalent error per layer (SPEC section 7).
+
+`inject(model, hw)` returns a copy of a model whose mapped layers (`nipa.mapping.select_layers`) are
+replaced by `InjectedLinear` / `InjectedConv2d`. Such a layer holds an *effective weight*, computed once
+per noise draw; its forward fake-quantizes the input per tensor to `wl_input` bits and makes one
+ordinary `F.linear` / `F.conv2d` call (plus, in the output form below, one scaled add of precomputed
+noise): no slicing, no bit-serial loop, no ADC.
+
+The effective weight of one layer, W [out, fan_in] tiled into T tiles of S = subArray rows:
+
+    q, scale_w = per-(channel, tile) quantization         (nipa.quant, as the ground truth)
+    s_k        = sign-magnitude slices of q, k = 0..K-1
+    s~_k       = s_k + device error_k (+ Gaussian noise)   (level units of slice k)
+    W~         = scale_w[:, t] * sum_k 2^(c k) s~_k         (recombined, rescaled per tile)
+
+Two ways to model each part; `method` picks a preset, `device` / `adc` / `adc_form` override a part.
+
+device error (``device=``)
+  ``"formula"``  Gaussian noise of variance sigma_dev,k^2 A_k on every slice value (SPEC sections 6-7),
+                 from the layer's own bit statistics through `nipa.metric.layer_slice_noise`, the
+                 metric's own formula.
+  ``"cells"``    the cell model itself (`nipa.device_errors.program_pairs`): every slice goes on a
+                 differential pair of cells that receive variation of the configured type and stuck-at
+                 faults (a cell stuck at G_min or G_max). This is exactly the ground truth's
+                 programming error in distribution; a stuck-at-1 cell on a zero slice adds 2^c - 1
+                 levels, which no variance over var_k describes well.
+
+ADC error (``adc=``)
+  ``"formula"``  ADC_k = k_T S density_k^2 / (12 4^a_r) per weight and slice (SPEC section 6, the
+                 published approximation), as weight noise.
+  ``"measured"`` the error the ground truth's ADC actually makes, from one calibration pass
+                 (`AdcCalibration`) through the noise-free quantized model on training data. The
+                 simulator quantizes every (tile t, input bit z, slice k) read P with the step
+                 range_{t,z,k} / 2^a_r of that batch's reads; one input row's output then errs by
+                 E_{t,o} = sum_{z,k} 2^z 2^(ck) e_{t,z,k}, e = ADC(P) - P, times scale_in scale_w[o, t].
+                 The calibration forms the real reads (every row for the ranges, a sample of rows for
+                 the errors), applies the simulator's rounding for each ADC resolution and keeps
+                 E[E_{t,o}^2] per (output, tile). The errors are summed before squaring: a saturated
+                 input has the same read in every bit plane, and similar ranges round them alike, so the
+                 bit errors add coherently (3x the power of independent errors in SmallCNN's conv1).
+                 One pass serves every ADC resolution of a (wl_weight, subArray, cellBit, wl_input,
+                 ADC mode); the reads are those of ideal cells (device errors shift them a little).
+  ``"none"``     an ideal ADC.
+
+form of the measured ADC error (``adc_form=``)
+  ``"output"``   fresh Gaussian noise on every layer output, variance scale_in^2 sum_t scale_w[o, t]^2
+                 E[E_{t,o}^2] per output channel: the ADC error of a chip is a new error on every read,
+                 not a fixed change of the function. (The standard normals come from a pool drawn once
+                 per draw and read at a random offset by each forward, so the noise costs one add.)
+  ``"weight"``   the same power as Gaussian weight noise fixed per draw, v_{t,o} = E[E_{t,o}^2] /
+                 E||x_q,t||^2. It matches the mean error power but not its form: a fixed perturbation
+                 of the function misclassifies whole groups of inputs at once, so draws scatter widely
+                 and 4-bit ADC points come out too pessimistic (README, "Error injection").
+
+Presets (``method=``): ``"published"`` = formula + formula (SPEC section 7 as written);
+``"calibrated"`` = cells + measured + output form (the default of wrap_error.py).
+
+Draws. `inject(..., seed, draw)` and `redraw(model, seed, draw)` are deterministic: layer `name` of
+draw `d` draws from `chip_generator(seed, d, crc32("inject:" + name))`, a stream independent of the
+ground truth's chips (crc32(name)), so a prediction never shares a chip with the simulation it is
+compared with; ``paired=True`` uses the simulator's chip streams for the cells instead (a diagnostic:
+draw d then carries exactly chip d's programming errors). The output noise of a draw restarts with
+`redraw`, so the same data in the same order give the same result. Weights are drawn on the CPU (the
+same numbers on every device).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nipa.config import HWConfig
+from nipa.crossbar import _explicit_padding, im2col
+from nipa.device_errors import chip_generator, program_pairs
+from nipa.mapping import is_mappable, select_layers, set_submodule
+from nipa.metric import layer_slice_noise
+from nipa.quant import (
+    quantize_input,
+    quantize_weight_tiles,
+    slice_magnitude,
+    slice_significance,
+    tile_columns,
+    untile_columns,
+)
+from nipa.stats import ComboStats, ModelStats, model_statistics
+
+DEVICE_MODELS = ("formula", "cells")
+ADC_MODELS = ("formula", "measured", "none")
+ADC_FORMS = ("weight", "output")
+METHODS = {"published": ("formula", "formula", "weight"), "calibrated": ("cells", "measured", "output")}
+
+
+@dataclass(frozen=True)
+class InjectionModel:
+    """Which error model each part uses (see the module docstring)."""
+
+    device: str = "formula"
+    adc: str = "formula"
+    tile_factor: str = "tiles"  # k_T of the formula ADC term ("tiles" = T, "one" = 1)
+    adc_form: str = "weight"  # measured ADC error as weight noise, or as fresh output noise per forward
+
+    def __post_init__(self) -> None:
+        if self.adc_form not in ADC_FORMS:
+            raise ValueError(f"ADC error form must be one of {ADC_FORMS}, not {self.adc_form!r}")
+        if self.device not in DEVICE_MODELS:
+            raise ValueError(f"device error model must be one of {DEVICE_MODELS}, not {self.device!r}")
+        if self.adc not in ADC_MODELS:
+            raise ValueError(f"ADC error model must be one of {ADC_MODELS}, not {self.adc!r}")
+
+    @classmethod
+    def of(cls, method: str = "published", device: str | None = None, adc: str | None = None,
+           tile_factor: str = "tiles", adc_form: str | None = None) -> InjectionModel:
+        if method not in METHODS:
+            raise ValueError(f"injection method must be one of {tuple(METHODS)}, not {method!r}")
+        preset_device, preset_adc, preset_form = METHODS[method]
+        return cls(device or preset_device, adc or preset_adc, tile_factor, adc_form or preset_form)
+
+    def slug(self) -> str:
+        """A short file-name tag: the preset's name, or device-adc[-kT1]."""
+        for name, (device, adc, form) in METHODS.items():
+            if (self.device, self.adc, self.tile_factor, self.adc_form) == (device, adc, "tiles", form):
+                return name
+        return (f"{self.device}-{self.adc}" + ("-kT1" if self.tile_factor == "one" else "")
+                + ("-out" if self.adc_form == "output" and self.adc == "measured" else ""))
+
+    def label(self) -> str:
+        return (f"device={self.device},adc={self.adc}" + (",kT=1" if self.tile_factor == "one" else "")
+                + (",adc_form=output" if self.adc_form == "output" and self.adc == "measured" else ""))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Injected layers
+# ----------------------------------------------------------------------------------------------------
+
+
+class InjectedCore(nn.Module):
+    """The quantized slices of one weight matrix and the noise that one draw adds to them.
+
+    weight_var: the variance of the Gaussian noise added to every integer weight level, broadcastable
+    to [out, T] (formula terms: sum_k 4^(ck) v_k; measured ADC: per output and tile). With ``cells``
+    the device error comes from the cell model on top of it.
+    """
+
+    def __init__(self, weight: torch.Tensor, hw: HWConfig, name: str, weight_var: torch.Tensor,
+                 cells: bool, output_power: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.hw = hw
+        self.name = name
+        self.cells = cells and hw.has_device_error
+        self.weight_shape = tuple(weight.shape)
+        matrix = weight.detach().reshape(weight.shape[0], -1).float().cpu()
+        self.out_features, self.fan_in = matrix.shape
+        # As the ground truth: a fan-in below the crossbar height is one tile of fan_in rows.
+        self.rows = min(hw.subArray, self.fan_in)
+        q, scale = quantize_weight_tiles(tile_columns(matrix, self.rows), hw.wl_weight)
+        self.num_tiles = q.shape[1]
+        self.weight_scale = scale  # [out, T]
+        self.slices = slice_magnitude(q, hw.wl_weight, hw.cellBit)  # [K, out, T, rows]
+        weight_var = torch.as_tensor(weight_var, dtype=torch.float64).cpu().clamp(min=0)
+        std = weight_var.sqrt().float()
+        self.weight_noise_std = std.expand(self.out_features, self.num_tiles).contiguous()
+        # Fresh output noise per forward (adc_form="output"), per output channel, in units of
+        # scale_w * (integer read): sum_t scale_w[o, t]^2 E_{t,o}; multiplied by the input scale later.
+        self.output_std = None
+        if output_power is not None:
+            power = (output_power.double() * self.weight_scale.double() ** 2).sum(-1)
+            self.output_std = power.sqrt().float()
+
+    def effective_weight(self, seed: int, draw: int, paired: bool = False) -> torch.Tensor:
+        """One draw of the error-injected weight, in the original weight's shape (float32, CPU).
+
+        paired: the cells of draw `draw` come from the simulator's own stream of chip `draw`
+        (`nipa.crossbar.CrossbarCore.program`), i.e. the very chip main.py simulated; a diagnostic
+        that separates the method's error from the sampling of chips.
+        """
+        generator = chip_generator(seed, draw, zlib.crc32(f"inject:{self.name}".encode()))
+        significance = slice_significance(self.hw.num_slices, self.hw.cellBit).view(-1, 1, 1, 1)
+        if self.cells:
+            cells = chip_generator(seed, draw, zlib.crc32(self.name.encode())) if paired else generator
+            levels = (program_pairs(self.slices, self.hw, cells) * significance).sum(0)
+        else:
+            levels = (self.slices * significance).sum(0)  # == q exactly
+        if bool((self.weight_noise_std > 0).any()):
+            noise = torch.randn(levels.shape, generator=generator)
+            levels = levels + noise * self.weight_noise_std.unsqueeze(-1)
+        matrix = untile_columns(levels * self.weight_scale.unsqueeze(-1), self.fan_in)
+        return matrix.reshape(self.weight_shape)
+
+
+class _InjectedLayer(nn.Module):
+    def _setup(self, layer: nn.Module, core: InjectedCore) -> None:
+        self.core = core
+        self.wl_input = core.hw.wl_input
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(),
+                                                                 requires_grad=False)
+        self.register_buffer("weight", layer.weight.detach().clone())
+        self.output_generator: torch.Generator | None = None
+        self.noise_pool: torch.Tensor | None = None
+        self.paired = False
+
+    def redraw(self, seed: int, draw: int) -> None:
+        """Replace the effective weight by draw `draw` of seed `seed` (and restart the output noise
+        stream of that draw, so an evaluation of the same data in the same order repeats exactly)."""
+        weight = self.core.effective_weight(seed, draw, self.paired)
+        self.weight = weight.to(self.weight.device, self.weight.dtype)
+        self.noise_pool = None
+        if self.core.output_std is not None:
+            name = f"inject-out:{self.core.name}".encode()
+            self.output_generator = chip_generator(seed, draw, zlib.crc32(name), self.weight.device)
+
+    def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_q, scale = quantize_input(x, self.wl_input)
+        return x_q * scale, scale
+
+    def _output_noise(self, y: torch.Tensor, scale_in: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        if self.core.output_std is None:
+            return y
+        shape = [1] * y.dim()
+        shape[channel_dim] = -1
+        std = self.core.output_std.to(y.device, y.dtype).view(shape) * scale_in
+        # Standard normals come from a pool drawn once per draw, 1.25 times the output size, read at a
+        # random offset by every forward: generating fresh normals for every output costs as much as
+        # the layer itself on a CPU. Within a batch every output still gets its own value.
+        numel = y.numel()
+        if self.noise_pool is None or self.noise_pool.numel() < numel:
+            self.noise_pool = torch.randn(numel + numel // 4 + 1, generator=self.output_generator,
+                                          device=y.device, dtype=y.dtype)
+        generator = self.output_generator
+        offset = int(torch.randint(0, self.noise_pool.numel() - numel + 1, (1,), generator=generator,
+                                   device=generator.device))
+        return y + self.noise_pool[offset:offset + numel].view(y.shape) * std
+
+
+class InjectedLinear(_InjectedLayer):
+    """`nn.Linear` with an error-injected weight and fake-quantized input."""
+
+    def __init__(self, layer: nn.Linear, core: InjectedCore) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self._setup(layer, core)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, scale_in = self._quantized_input(x)
+        return self._output_noise(F.linear(x, self.weight, self.bias), scale_in, -1)
+
+
+class InjectedConv2d(_InjectedLayer):
+    """`nn.Conv2d` (groups 1) with an error-injected weight and fake-quantized input."""
+
+    def __init__(self, layer: nn.Conv2d, core: InjectedCore) -> None:
+        super().__init__()
+        if layer.groups != 1 or layer.padding_mode != "zeros":
+            raise ValueError(f"{core.name}: only groups=1, zero-padded convolutions are mapped")
+        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+        self.kernel_size = layer.kernel_size
+        self._setup(layer, core)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Per-tensor scale of the layer input itself (before zero padding), as the ground truth.
+        x, scale_in = self._quantized_input(x)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return self._output_noise(y, scale_in, 1)
+
+
+def injected_layers(model: nn.Module) -> list[_InjectedLayer]:
+    return [m for m in model.modules() if isinstance(m, _InjectedLayer)]
+
+
+def redraw(model: nn.Module, seed: int, draw: int) -> None:
+    """Draw the errors of every injected layer anew (like `nipa.crossbar.program_chip`)."""
+    for layer in injected_layers(model):
+        layer.redraw(seed, draw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ADC calibration: the output error power of the real reads, measured on calibration data
+# ----------------------------------------------------------------------------------------------------
+
+
+def _layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer input as the rows the crossbar reads: [n, fan_in] (im2col for a convolution)."""
+    if not isinstance(layer, InjectedConv2d):
+        return x.reshape(-1, x.shape[-1])
+    padding = _explicit_padding(layer)
+    if any(padding):
+        x = F.pad(x, padding)
+    rows = im2col(x, layer.kernel_size, layer.stride, layer.dilation)
+    return rows.reshape(-1, rows.shape[-1])
+
+
+class _Reads:
+    """The noise-free reads of one layer on one batch: P [Z, c, K*out] for the distinct input rows of
+    each tile (identical rows give identical reads; a convolution's im2col rows repeat a lot), formed
+    chunk by chunk within the memory budget."""
+
+    def __init__(self, rows: torch.Tensor, scale_in: torch.Tensor, core: InjectedCore, memory_mb: float,
+                 sample_rows: int, generator: torch.Generator) -> None:
+        hw = core.hw
+        x_q, _ = quantize_input(rows.float(), hw.wl_input, scale_in)
+        x_tiles = tile_columns(x_q, core.rows)  # [n, T, rows]
+        self.n, self.num_tiles, self.r = x_tiles.shape
+        self.input_power = (x_tiles.double() ** 2).sum(-1).mean(0)  # [T]
+        self.z, self.k, self.out = hw.wl_input - 1, hw.num_slices, core.out_features
+        self.tiles = [torch.unique(x_tiles[:, t], dim=0, return_counts=True) for t in range(self.num_tiles)]
+        self.slices = core.slices.to(rows.device)
+        budget = max(1, int(memory_mb * 2**20 / 4))
+        self.chunk = max(1, budget // max(1, 3 * self.z * (self.k * self.out + self.r)))
+        self.sample_rows = sample_rows
+        self.generator = generator
+
+    def _products(self, t: int, rows: torch.Tensor) -> torch.Tensor:
+        """P [Z, c, K*out] of some input rows [c, rows] of tile t."""
+        columns = self.slices[:, :, t].reshape(self.k * self.out, self.r).t()  # [rows, K*out]
+        magnitude, sign = rows.abs().to(torch.int32), torch.sign(rows)
+        planes = torch.stack([((magnitude >> bit) & 1).to(sign.dtype) * sign for bit in range(self.z)])
+        return (planes.view(-1, self.r) @ columns).view(self.z, -1, self.k * self.out)
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) [T, Z, K]: the smallest and largest read of the batch (its dynamic ADC range)."""
+        lo = torch.full((self.num_tiles, self.z, self.k), math.inf, device=self.slices.device)
+        hi = torch.full_like(lo, -math.inf)
+        for t in range(self.num_tiles):
+            tile = self.tiles[t][0]
+            for start in range(0, tile.shape[0], self.chunk):
+                reads = self._products(t, tile[start:start + self.chunk]).view(self.z, -1, self.k, self.out)
+                lo[t] = torch.minimum(lo[t], reads.amin(dim=3).amin(dim=1))
+                hi[t] = torch.maximum(hi[t], reads.amax(dim=3).amax(dim=1))
+        return lo, hi
+
+    def error_power(self, lo: torch.Tensor, hi: torch.Tensor, adc_bits: Sequence[int],
+                    cell_bits: int) -> dict[int, torch.Tensor]:
+        """Per ADC resolution a: E over rows of (sum_{z,k} 2^z 2^(ck) e_{t,z,k})^2 per (output, tile)
+        [out, T], e = ADC(P) - P with the simulator's rounding rule. The errors of one row's bit and
+        slice reads are summed before squaring, so their correlations count (a saturated input has
+        identical reads in every bit plane, and similar ranges round them alike). The mean runs over
+        `sample_rows` rows drawn with their multiplicities (all distinct rows when fewer)."""
+        device = self.slices.device
+        significance = (2.0 ** torch.arange(self.z, device=device)).view(-1, 1, 1, 1) * (
+            2.0 ** (cell_bits * torch.arange(self.k, device=device))).view(1, 1, -1, 1)  # [Z, 1, K, 1]
+        power = {a: torch.zeros(self.out, self.num_tiles, dtype=torch.float64, device=device)
+                 for a in adc_bits}
+        for t in range(self.num_tiles):
+            tile, counts = self.tiles[t]
+            if tile.shape[0] > self.sample_rows:
+                pick = torch.multinomial(counts.double().cpu(), self.sample_rows, replacement=True,
+                                         generator=self.generator).to(tile.device)
+                tile, weight = tile[pick], torch.full((self.sample_rows,), 1.0 / self.sample_rows,
+                                                      dtype=torch.float64, device=device)
+            else:
+                weight = counts.double() / self.n
+            lo_t = lo[t].view(self.z, 1, self.k, 1)
+            span = hi[t].view(self.z, 1, self.k, 1) - lo_t
+            for start in range(0, tile.shape[0], self.chunk):
+                reads = self._products(t, tile[start:start + self.chunk]).view(self.z, -1, self.k, self.out)
+                w = weight[start:start + self.chunk, None]
+                for a in adc_bits:
+                    levels = 2**a
+                    step = span / levels
+                    # A constant read (step 0) equals lo: index 0 gives it back, error 0.
+                    inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+                    index = (reads - lo_t).mul_(inverse).round_().clamp_(0, levels)
+                    error = index.mul_(step).add_(lo_t).sub_(reads)
+                    total = error.mul_(significance).sum(dim=(0, 2))  # [c, out]
+                    power[a][:, t] += (total.double().square_() * w).sum(0)
+        return power
+
+
+@dataclass
+class AdcError:
+    """The measured ADC error of one layer at one hardware point."""
+
+    output_power: torch.Tensor  # [out, T] E (sum_{z,k} 2^z 2^(ck) e_{t,z,k})^2 per read row, integer units
+    input_power: torch.Tensor  # [T] E ||x_q,t||^2, integer input levels
+
+    def weight_variance(self) -> torch.Tensor:
+        """[out, T]: the integer-weight noise variance with the same output error power."""
+        variance = self.output_power / self.input_power.clamp(min=1e-12)
+        return torch.where(self.input_power > 0, variance, torch.zeros_like(variance))
+
+
+class AdcCalibration:
+    """The ADC error of every mapped layer's real reads, measured on calibration batches through the
+    noise-free quantized model (see the module docstring, adc="measured").
+
+    batches: input tensors (or (input, label) pairs); the same batches serve every point. Use the
+    evaluation batch size: a dynamic range is the range of one batch. Results are cached per
+    (wl_weight, subArray, cellBit, wl_input, ADC mode, ADC bits); `prefetch(points)` lets one pass
+    serve every ADC resolution of a (wl_weight, subArray, cellBit, wl_input, mode).
+    """
+
+    def __init__(self, model: nn.Module, batches: Iterable, *, exclude: Sequence[str] = (),
+                 include: Sequence[str] | None = None, memory_mb: float = 256, sample_rows: int = 2048,
+                 seed: int = 0) -> None:
+        self.model = model
+        self.batches = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+        if not self.batches:
+            raise ValueError("ADC calibration needs at least one input batch")
+        self.exclude, self.include = tuple(exclude), include
+        self.memory_mb = memory_mb
+        self.sample_rows = sample_rows
+        self.seed = seed
+        self._wanted: dict[tuple, set[int]] = {}
+        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.seconds = 0.0  # total time spent measuring (for honest timing of the fast method)
+
+    @staticmethod
+    def key_of(hw: HWConfig) -> tuple:
+        """What the measured reads depend on, ADC bits excepted."""
+        return hw.wl_weight, hw.subArray, hw.cellBit, hw.wl_input, hw.adc_mode
+
+    def prefetch(self, points: Iterable[HWConfig]) -> None:
+        """Measure these points' ADC resolutions together, when the first of them is asked for."""
+        for hw in points:
+            self._wanted.setdefault(self.key_of(hw), set()).add(hw.ADCprecision)
+
+    def __contains__(self, hw: HWConfig) -> bool:
+        return (*self.key_of(hw), hw.ADCprecision) in self._cache
+
+    def errors(self, hw: HWConfig) -> dict[str, AdcError]:
+        """Per layer name, the measured ADC error of `hw` (see `AdcError`)."""
+        if hw not in self:
+            key = self.key_of(hw)
+            bits = sorted(self._wanted.get(key, set()) | {hw.ADCprecision})
+            started = time.perf_counter()
+            for a, noise in self._measure(hw, bits).items():
+                self._cache[(*key, a)] = noise
+            self.seconds += time.perf_counter() - started
+        return self._cache[(*self.key_of(hw), hw.ADCprecision)]
+
+    @torch.no_grad()
+    def _run(self, hw: HWConfig, visit) -> None:
+        """Feed every calibration batch through the noise-free quantized model; `visit(batch_index,
+        name, layer, reads)` sees each mapped layer's reads."""
+        ideal = inject(self.model, hw, exclude=self.exclude, include=self.include,
+                       errors=InjectionModel(device="cells", adc="none"))
+        for layer in injected_layers(ideal):  # no device error either: the ideal reads
+            layer.core.cells = False
+            layer.redraw(0, 0)
+        layers = {layer.core.name: layer for layer in injected_layers(ideal)}
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [layer.register_forward_pre_hook(
+            lambda _m, args, name=name: captured.__setitem__(name, args[0].detach()))
+            for name, layer in layers.items()]
+        # The row sample is seeded per key: the same points always get the same calibration.
+        generator = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, self.key_of(hw))).encode()))
+        try:
+            ideal.eval()
+            device = next(iter(layers.values())).weight.device
+            for index, batch in enumerate(self.batches):
+                captured.clear()
+                ideal(batch.to(device))
+                for name, x in captured.items():
+                    layer = layers[name]
+                    scale_in = quantize_input(x.float(), hw.wl_input)[1]
+                    reads = _Reads(_layer_rows(layer, x), scale_in, layer.core, self.memory_mb,
+                                   self.sample_rows, generator)
+                    visit(index, name, layer, reads)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _measure(self, hw: HWConfig, bits: list[int]) -> dict[int, dict[str, AdcError]]:
+        fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if hw.adc_mode == "calibrated":
+            # One fixed range per slice, over every tile, input bit and batch (as calibrate_adc).
+            def collect(_i, name, _layer, reads):
+                lo, hi = reads.bounds()
+                lo, hi = lo.amin(dim=(0, 1)), hi.amax(dim=(0, 1))
+                if name in fixed:
+                    lo, hi = torch.minimum(fixed[name][0], lo), torch.maximum(fixed[name][1], hi)
+                fixed[name] = (lo, hi)
+
+            self._run(hw, collect)
+        sums: dict[str, dict[int, torch.Tensor]] = {}
+        input_power: dict[str, torch.Tensor] = {}
+
+        def measure(_i, name, layer, reads):
+            if hw.adc_mode == "dynamic":
+                lo, hi = reads.bounds()
+            elif hw.adc_mode == "calibrated":
+                shape = (reads.num_tiles, reads.z, reads.k)
+                lo, hi = (b.view(1, 1, -1).expand(shape) for b in fixed[name])
+            else:  # full: +-S (2^c - 1), S the physical rows of the crossbar
+                full = float(hw.subArray * (2**hw.cellBit - 1))
+                lo = torch.full((reads.num_tiles, reads.z, reads.k), -full, device=reads.slices.device)
+                hi = -lo
+            for a, power in reads.error_power(lo, hi, bits, hw.cellBit).items():
+                sums.setdefault(name, {}).setdefault(a, torch.zeros_like(power))
+                sums[name][a] += power
+            input_power[name] = input_power.get(name, 0) + reads.input_power
+
+        self._run(hw, measure)
+        result: dict[int, dict[str, AdcError]] = {a: {} for a in bits}
+        for name, per_bits in sums.items():
+            power_in = (input_power[name] / len(self.batches)).double().cpu()
+            for a, power in per_bits.items():
+                result[a][name] = AdcError(output_power=(power / len(self.batches)).cpu(),
+                                           input_power=power_in)
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# The conversion
+# ----------------------------------------------------------------------------------------------------
+
+
+def _formula_terms(stats: ModelStats | ComboStats, hw: HWConfig, names: Sequence[str],
+                   tile_factor: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per layer (ADC_k, sigma_dev,k^2 A_k) [K] from the layers' own statistics (nipa.metric)."""
+    terms = layer_slice_noise(stats, hw, tile_factor=tile_factor)
+    stat_layers = list(stats.layers)
+    missing = [n for n in names if n not in stat_layers]
+    if missing:
+        raise KeyError(f"the bit statistics lack mapped layer(s) {missing}; they hold {stat_layers}. "
+                       "Recompute them with stat.py and the same --exclude_layer/--include_layer")
+    return {n: (terms["adc"][stat_layers.index(n)], terms["device"][stat_layers.index(n)]) for n in names}
+
+
+def inject(
+    model: nn.Module,
+    hw: HWConfig,
+    *,
+    exclude: Sequence[str] = (),
+    include: Sequence[str] | None = None,
+    seed: int = 0,
+    draw: int = 0,
+    stats: ModelStats | ComboStats | None = None,
+    method: str = "published",
+    device: str | None = None,
+    adc: str | None = None,
+    adc_form: str | None = None,
+    tile_factor: str = "tiles",
+    calibration: AdcCalibration | None = None,
+    errors: InjectionModel | None = None,
+    paired: bool = False,
+) -> nn.Module:
+    """A copy of `model` whose mapped layers carry draw `draw` of `hw`'s equivalent weight error.
+
+    method: "published" (SPEC section 7: formula device and ADC terms) or "calibrated" (cell-model
+    device errors, measured ADC error as output noise); `device` / `adc` / `adc_form` override a part,
+    `errors` replaces them all (see the module docstring). stats: bit statistics holding `hw`'s
+    combination (computed from the weights when None and a formula term needs them). calibration:
+    required by adc="measured" (`AdcCalibration`). paired: cells of draw d = the simulator's chip d
+    (diagnostic, see `InjectedCore.effective_weight`). The input model is left untouched.
+    """
+    errors = errors or InjectionModel.of(method, device, adc, tile_factor, adc_form)
+    if is_mappable(model):  # a bare layer converts to its injected twin
+        names = [""]
+        converted = copy.deepcopy(model)
+        modules = {"": converted}
+    else:
+        names = select_layers(model, exclude=exclude, include=include)
+        converted = copy.deepcopy(model)
+        modules = {name: converted.get_submodule(name) for name in names}
+    noise, output_power = _noise_variances(model, hw, errors, names, exclude, include, stats, calibration)
+    for name in names:
+        layer = modules[name]
+        core = InjectedCore(layer.weight, hw, name, noise[name], cells=errors.device == "cells",
+                            output_power=output_power.get(name))
+        cls = InjectedLinear if isinstance(layer, nn.Linear) else InjectedConv2d
+        injected = cls(layer, core).to(layer.weight.device)
+        injected.paired = paired
+        if name:
+            set_submodule(converted, name, injected)
+        else:
+            converted = injected
+    redraw(converted, seed, draw)
+    return converted
+
+
+def _noise_variances(model: nn.Module, hw: HWConfig, errors: InjectionModel, names: list[str],
+                     exclude: Sequence[str], include: Sequence[str] | None,
+                     stats: ModelStats | ComboStats | None,
+                     calibration: AdcCalibration | None,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per layer, the variance added to every integer weight level, broadcastable to [out, T], and
+    (adc_form="output") the measured ADC output error power [out, T]."""
+    noise = {name: torch.zeros(1, 1, dtype=torch.float64) for name in names}
+    formula_device = errors.device == "formula" and hw.has_device_error
+    if formula_device or errors.adc == "formula":
+        if stats is None:
+            if names == [""]:
+                raise ValueError("a bare layer needs its statistics passed as stats=")
+            stats = model_statistics(model, [(hw.wl_weight, hw.subArray, hw.cellBit)], exclude, include)
+        significance = slice_significance(hw.num_slices, hw.cellBit, dtype=torch.float64) ** 2  # 4^(ck)
+        for name, (adc_term, device_term) in _formula_terms(stats, hw, names, errors.tile_factor).items():
+            per_slice = torch.zeros(hw.num_slices, dtype=torch.float64)
+            if errors.adc == "formula":
+                per_slice += torch.as_tensor(adc_term, dtype=torch.float64)
+            if formula_device:
+                per_slice += torch.as_tensor(device_term, dtype=torch.float64)
+            # Independent Gaussians on the slices recombine into one per weight: sum_k 4^(ck) v_k.
+            noise[name] = noise[name] + (per_slice * significance).sum()
+    if errors.adc == "measured":
+        if calibration is None:
+            raise ValueError("adc='measured' needs calibration=AdcCalibration(model, batches)")
+        measured = calibration.errors(hw)
+        if errors.adc_form == "output":
+            return noise, {name: measured[name].output_power for name in names}
+        for name in names:
+            noise[name] = noise[name] + measured[name].weight_variance()
+    return noise, {}

@@ -1,0 +1,533 @@
+"""Non-slicing absolute accuracy against the ground truth (SPEC section 7): the library of wrap_error.py.
+
+For every hardware point recorded by main.py (method "sliced"), `--cycle` error-injection draws
+(`nipa.inject`) are evaluated; their mean is the prediction (never the draw nearest the ground truth).
+Each draw is one record (method "fast") appended to results/{model}/{dataset}_wrap.jsonl and flushed,
+so an interrupted run resumes. The summary compares per point the predicted accuracy with the mean
+over the simulated chips: mean and max absolute error, Kendall's tau (also Spearman and Pearson), and
+the speedup, measured in the same run on the same machine, data and batch size on a sample of points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nipa.config import HWConfig
+from nipa.crossbar import calibrate_adc, convert, release_workspaces
+from nipa.evaluate import evaluate
+from nipa.inject import AdcCalibration, InjectionModel, inject, redraw
+from nipa.records import RecordWriter, environment, read_records, timestamp
+from nipa.stats import ModelStats, combo_key
+
+
+class MissingGroundTruth(RuntimeError):
+    """No simulated records to compare with."""
+
+
+@dataclass
+class PointTruth:
+    """The ground-truth records of one hardware point."""
+
+    config: HWConfig
+    key: str
+    top1: list[float] = field(default_factory=list)  # one per simulated chip
+    wall_s: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.top1))
+
+
+@dataclass
+class GroundTruth:
+    ideal_top1: float | None
+    points: list[PointTruth]
+    run: dict[str, Any]  # the sweep's settings (batch_size, limit, seed, exclude, include, ...)
+    source: str
+
+
+def main_command(model_name: str, dataset: str) -> str:
+    return (f"python main.py --model_name {model_name} --dataset {dataset} "
+            "--HWdes HW_config/Search_space.ini --sample_num 0 --cycle 3")
+
+
+def load_ground_truth(path: str | Path, model_name: str, dataset: str) -> GroundTruth:
+    """The sliced records of a main.py results file, grouped by hardware point (in file order)."""
+    path = Path(path)
+    records = read_records(path)
+    sliced = [r for r in records if r.get("method") == "sliced"]
+    if not sliced:
+        what = "does not exist" if not records else "holds no simulated (method 'sliced') records"
+        raise MissingGroundTruth(f"{path} {what}: make the ground truth first with\n    "
+                                 f"{main_command(model_name, dataset)}")
+    runs = {json.dumps(r.get("run"), sort_keys=True) for r in sliced}
+    if len(runs) > 1:
+        raise ValueError(f"{path} mixes records of sweeps with different settings: {sorted(runs)}")
+    points: dict[str, PointTruth] = {}
+    for r in sliced:
+        key = r["config_key"]
+        point = points.setdefault(key, PointTruth(HWConfig.from_dict(r["config"]), key))
+        point.top1.append(float(r["top1"]))
+        point.wall_s.append(float(r.get("wall_s", math.nan)))
+    ideal = [r["top1"] for r in records if r.get("method") == "ideal"]
+    return GroundTruth(ideal_top1=ideal[0] if ideal else None, points=list(points.values()),
+                       run=dict(sliced[0].get("run") or {}), source=str(path))
+
+
+def check_statistics(stats: ModelStats, points: Sequence[HWConfig], model_name: str, dataset: str,
+                     layers: Sequence[str]) -> None:
+    """Every point's (wl_weight, subArray, cellBit) and every mapped layer must be in the statistics."""
+    missing = sorted({combo_key(p.wl_weight, p.subArray, p.cellBit) for p in points} - set(stats.combos))
+    absent = [name for name in layers if name not in stats.layers]
+    if missing or absent:
+        problem = (f"no bit statistics for {', '.join(missing)}" if missing
+                   else f"the bit statistics lack mapped layer(s) {absent}")
+        raise FileNotFoundError(f"{problem}; compute them with\n    python stat.py --model_name {model_name} "
+                                f"--dataset {dataset} --HWdes <the INI the ground truth came from>")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the fast method
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrapSettings:
+    """Everything that decides the fast method's numbers; stored with each record."""
+
+    model_name: str
+    dataset: str
+    cycle: int = 3
+    seed: int = 0
+    errors: InjectionModel = field(default_factory=InjectionModel)
+    calib_batches: int = 1
+    exclude: Sequence[str] = ()
+    include: Sequence[str] | None = None
+    batch_size: int = 256
+    limit: int | None = None
+    paired: bool = False  # diagnostic: draw d carries the simulator's chip d cells
+
+    def signature(self) -> dict[str, Any]:
+        """What two fast records must share to be averaged together (besides point and draw)."""
+        return {"model": self.model_name.lower(), "dataset": self.dataset, "seed": self.seed,
+                "batch_size": self.batch_size, "limit": self.limit, "exclude": list(self.exclude),
+                "include": None if self.include is None else list(self.include),
+                "injection": dataclasses.asdict(self.errors),
+                "calib_batches": self.calib_batches if self.errors.adc == "measured" else None,
+                "paired": self.paired}
+
+
+def cached_batches(loader, device: torch.device, max_mb: float = 1024) -> list | Any:
+    """The loader's batches held on `device` when they fit in `max_mb`, else the loader itself: both
+    methods then read the same tensors and neither pays the data pipeline per pass."""
+    batches, size = [], 0.0
+    for inputs, labels in loader:
+        size += inputs.numel() * inputs.element_size() / 2**20
+        if size > max_mb:
+            return loader
+        batches.append((inputs.to(device), labels.to(device)))
+    return batches
+
+
+class FastMethod:
+    """The error-injection prediction of one hardware point: `cycle` draws, their mean."""
+
+    def __init__(self, model: nn.Module, settings: WrapSettings, stats: ModelStats | None,
+                 calibration: AdcCalibration | None, device: torch.device) -> None:
+        self.model, self.settings, self.stats = model, settings, stats
+        self.calibration, self.device = calibration, device
+
+    def injected(self, point: HWConfig, draw: int) -> nn.Module:
+        s = self.settings
+        return inject(self.model, point, exclude=s.exclude, include=s.include, seed=s.seed, draw=draw,
+                      stats=self.stats, calibration=self.calibration, errors=s.errors,
+                      paired=s.paired).to(self.device).eval()
+
+    def calibrate(self, point: HWConfig) -> float:
+        """Seconds spent measuring the ADC error for `point` now (0 when cached or not needed)."""
+        if self.calibration is None or self.settings.errors.adc != "measured" or point in self.calibration:
+            return 0.0
+        started = time.perf_counter()
+        self.calibration.errors(point)
+        return time.perf_counter() - started
+
+    def draws(self, point: HWConfig, draws: Sequence[int], data) -> list[tuple[int, dict, float]]:
+        """(draw, metrics, seconds) for each draw; the first draw's time includes the conversion,
+        not the ADC calibration (see `calibrate`)."""
+        results, model = [], None
+        for draw in draws:
+            started = time.perf_counter()
+            if model is None:
+                model = self.injected(point, draw)
+            else:
+                redraw(model, self.settings.seed, draw)
+            metrics = evaluate(model, data, self.device)
+            results.append((draw, metrics, time.perf_counter() - started))
+        return results
+
+
+def done_keys(records: list[dict]) -> set[tuple]:
+    return {(r.get("config_key"), r.get("draw")) for r in records if r.get("method") == "fast"}
+
+
+def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Evaluate every recorded point `cycle` times; records already in `out_path` (same settings)
+    are kept, so an interrupted run resumes. Returns every fast record of these settings."""
+    settings = fast.settings
+    signature = settings.signature()
+    existing = [r for r in read_records(out_path) if r.get("run") == signature]
+    done = done_keys(existing)
+    writer = RecordWriter(out_path)
+    todo = [(p, d) for p in truth.points for d in range(settings.cycle) if (p.key, d) not in done]
+    if fast.calibration is not None:
+        # One pass per (wl_weight, subArray, cellBit, wl_input, ADC mode) serves all its ADC resolutions.
+        fast.calibration.prefetch(p.config for p in truth.points)
+    skipped = len(truth.points) * settings.cycle - len(todo)
+    if skipped:
+        log(f"{skipped} draws already recorded in {out_path}, resuming")
+    records = list(existing)
+    by_point: dict[str, list[int]] = {}
+    for point, draw in todo:
+        by_point.setdefault(point.key, []).append(draw)
+    points = {p.key: p for p in truth.points}
+    for key, draws in by_point.items():
+        point = points[key]
+        calib_s = fast.calibrate(point.config)
+        results = fast.draws(point.config, draws, data)
+        for i, (draw, metrics, seconds) in enumerate(results):
+            record = {"model": settings.model_name.lower(), "dataset": settings.dataset, "method": "fast",
+                      "injection": settings.errors.label() + (",paired" if settings.paired else ""),
+                      "config": point.config.to_dict(), "config_key": key, "draw": draw,
+                      "seed": settings.seed, "top1": metrics["top1"], "top5": metrics["top5"],
+                      "loss": metrics["loss"], "samples": metrics["samples"], "wall_s": round(seconds, 4),
+                      # A calibration pass (shared by the points of one key) is charged to the first
+                      # draw that needed it.
+                      "calibration_s": round(calib_s if i == 0 else 0.0, 4), "run": signature,
+                      "ground_truth": truth.source, "device": str(fast.device), "time": timestamp(),
+                      **environment()}
+            writer.append(record)
+            records.append(record)
+        accs = ", ".join(f"{m['top1']:.2f}" for _, m, _ in results)
+        mean = np.mean([m["top1"] for _, m, _ in results])
+        log(f"{point.config.describe()}  fast {mean:6.2f}% (draws {accs})  simulated {point.mean:6.2f}%")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# Comparison
+# ----------------------------------------------------------------------------------------------------
+
+
+def compare(truth: GroundTruth, records: list[dict], cycle: int) -> dict[str, Any]:
+    """Per point predicted (mean of the first `cycle` draws) and simulated (mean of chips) accuracy,
+    and the summary statistics over the points that have both."""
+    from scipy import stats as sps
+
+    draws: dict[str, dict[int, float]] = {}
+    for r in records:
+        draws.setdefault(r["config_key"], {})[int(r["draw"])] = float(r["top1"])
+    rows = []
+    for point in truth.points:
+        have = draws.get(point.key, {})
+        used = [have[d] for d in range(cycle) if d in have]
+        if not used:
+            continue
+        predicted = float(np.mean(used))
+        rows.append({"point": point.config.describe(), "config_key": point.key,
+                     "config": point.config.to_dict(), "predicted": predicted, "simulated": point.mean,
+                     "error": predicted - point.mean, "abs_error": abs(predicted - point.mean),
+                     "draws": used, "chips": point.top1})
+    summary: dict[str, Any] = {"points": len(rows), "ideal_top1": truth.ideal_top1}
+    if rows:
+        predicted = np.array([r["predicted"] for r in rows])
+        simulated = np.array([r["simulated"] for r in rows])
+        errors = predicted - simulated
+        summary.update({
+            "mean_abs_error": float(np.abs(errors).mean()),
+            "max_abs_error": float(np.abs(errors).max()),
+            "worst_point": rows[int(np.abs(errors).argmax())]["point"],
+            "mean_error": float(errors.mean()),  # > 0: the prediction is optimistic on average
+            "rmse": float(np.sqrt((errors**2).mean())),
+        })
+        if len(rows) >= 2 and np.ptp(predicted) > 0 and np.ptp(simulated) > 0:
+            summary["kendall_tau"] = float(sps.kendalltau(predicted, simulated).statistic)
+            summary["spearman"] = float(sps.spearmanr(predicted, simulated).statistic)
+            summary["pearson"] = float(sps.pearsonr(predicted, simulated).statistic)
+        else:
+            summary["kendall_tau"] = summary["spearman"] = summary["pearson"] = None
+        # Spread of the simulated chips: the best any predictor of their mean can do is bounded by it.
+        chip_sd = [statistics.stdev(p.top1) for p in truth.points if len(p.top1) > 1]
+        summary["mean_chip_std"] = float(np.mean(chip_sd)) if chip_sd else None
+    return {"rows": rows, "summary": summary}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing both methods in the same run
+# ----------------------------------------------------------------------------------------------------
+
+
+def timing_sample(points: Sequence[PointTruth], n: int) -> list[PointTruth]:
+    """`n` points spread evenly over the recorded order (deterministic)."""
+    if n <= 0 or not points:
+        return []
+    if n >= len(points):
+        return list(points)
+    index = np.unique(np.linspace(0, len(points) - 1, n).round().astype(int))
+    return [points[i] for i in index]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_methods(points: Sequence[PointTruth], fast: FastMethod, model: nn.Module, data, calib_data,
+                 device: torch.device, cycle: int, memory_mb: float, run: dict[str, Any],
+                 calibration_factory: Callable[[], AdcCalibration] | None,
+                 log: Callable[[str], None] = print,
+                 all_points: Sequence[PointTruth] = ()) -> dict[str, Any]:
+    """Wall-clock of both methods per point, interleaved, same data, batch size and device.
+
+    fast: `cycle` draws (conversion included). Its ADC calibration (adc="measured") is timed from
+    scratch for the point's (wl_weight, subArray, cellBit, wl_input, ADC mode), all the ADC
+    resolutions of `all_points` that share it included, and reported apart: that one pass serves all
+    those points. ground truth: `cycle` chips through `nipa.crossbar.convert` (conversion and
+    programming included), as main.py runs them.
+    """
+    rows = []
+    for point in points:
+        calib_s = 0.0
+        if calibration_factory is not None:
+            # From scratch, for every ADC resolution that shares this point's calibration pass.
+            fresh = calibration_factory()
+            fresh.prefetch(p.config for p in all_points
+                           if AdcCalibration.key_of(p.config) == AdcCalibration.key_of(point.config))
+            _synchronize(device)
+            started = time.perf_counter()
+            fresh.errors(point.config)
+            _synchronize(device)
+            calib_s = time.perf_counter() - started
+            fast.calibration = fresh
+        _synchronize(device)
+        started = time.perf_counter()
+        fast_results = fast.draws(point.config, range(cycle), data)
+        _synchronize(device)
+        fast_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        converted = None
+        sim_top1 = []
+        for chip in range(cycle):
+            converted = convert(model, point.config, exclude=run.get("exclude", ()),
+                                include=run.get("include"), seed=run.get("seed", 0), chip=chip,
+                                per_read=run.get("per_read", False), memory_mb=memory_mb).to(device).eval()
+            if point.config.adc_mode == "calibrated":
+                calibrate_adc(converted, (x.to(device) for x in calib_data))
+            sim_top1.append(evaluate(converted, data, device)["top1"])
+        _synchronize(device)
+        sim_s = time.perf_counter() - started
+        del converted
+        release_workspaces()
+        key = AdcCalibration.key_of(point.config)
+        sharing = sum(AdcCalibration.key_of(p.config) == key for p in all_points)
+        rows.append({"point": point.config.describe(), "config_key": point.key, "fast_s": fast_s,
+                     "points_sharing_calibration": max(1, sharing),
+                     "calibration_s": calib_s, "simulated_s": sim_s, "speedup": sim_s / fast_s,
+                     "speedup_with_calibration": sim_s / (fast_s + calib_s),
+                     "fast_top1": [m["top1"] for _, m, _ in fast_results], "simulated_top1": sim_top1,
+                     "recorded_simulated_s": float(np.nansum(point.wall_s[:cycle]))})
+        log(f"timing {point.config.describe()}: fast {fast_s:.2f}s (+ calibration {calib_s:.2f}s), "
+            f"simulated {sim_s:.2f}s, speedup {sim_s / fast_s:.1f}x")
+    if not rows:
+        return {"points": 0}
+    fast_total = sum(r["fast_s"] for r in rows)
+    calib_total = sum(r["calibration_s"] for r in rows)
+    sim_total = sum(r["simulated_s"] for r in rows)
+    return {"points": len(rows), "cycle": cycle, "rows": rows, "fast_s": fast_total,
+            "calibration_s": calib_total, "simulated_s": sim_total, "speedup": sim_total / fast_total,
+            "speedup_with_calibration": sim_total / (fast_total + calib_total),
+            "median_speedup": float(np.median([r["speedup"] for r in rows]))}
+
+
+def amortized_speedup(timing: dict[str, Any]) -> float | None:
+    """Speedup over the grid when each calibration pass is shared by the points it serves:
+    sum of simulated s / sum of (fast s + calibration s / points sharing that calibration)."""
+    if not timing.get("points"):
+        return None
+    rows = timing["rows"]
+    fast = sum(r["fast_s"] + r["calibration_s"] / r["points_sharing_calibration"] for r in rows)
+    return float(sum(r["simulated_s"] for r in rows) / fast)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------
+
+
+def format_table(comparison: dict[str, Any]) -> str:
+    lines = [f"{'hardware point':64s} {'predicted':>9s} {'simulated':>9s} {'error':>7s}"]
+    for r in comparison["rows"]:
+        lines.append(f"{r['point']:64s} {r['predicted']:9.2f} {r['simulated']:9.2f} {r['error']:+7.2f}")
+    s = comparison["summary"]
+    if s.get("points"):
+        tau = s.get("kendall_tau")
+        lines.append(f"{s['points']} points: mean |error| {s['mean_abs_error']:.3f}, max |error| "
+                     f"{s['max_abs_error']:.3f} ({s['worst_point']}), mean error {s['mean_error']:+.3f}, "
+                     f"Kendall tau {'n/a' if tau is None else f'{tau:.3f}'}")
+    return "\n".join(lines)
+
+
+def plot(comparison: dict[str, Any], path: str | Path, title: str) -> Path:
+    """Predicted against simulated accuracy, one dot per point, with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = comparison["rows"]
+    predicted = [r["predicted"] for r in rows]
+    simulated = [r["simulated"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(simulated, predicted, s=18, alpha=0.8)
+    if rows:
+        lo = min(min(predicted), min(simulated)) - 0.5
+        hi = max(max(predicted), max(simulated)) + 0.5
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.legend(loc="upper left")
+    s = comparison["summary"]
+    if s.get("points"):
+        tau = s.get("kendall_tau")
+        ax.set_title(f"{title}\nMAE {s['mean_abs_error']:.2f}, max {s['max_abs_error']:.2f}, "
+                     f"tau {'n/a' if tau is None else f'{tau:.2f}'}, {s['points']} points", fontsize=9)
+    ax.set_xlabel("simulated top-1 (%) (bit-and-crossbar slicing, mean of chips)")
+    ax.set_ylabel("predicted top-1 (%) (error injection, mean of draws)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole of wrap_error.py
+# ----------------------------------------------------------------------------------------------------
+
+
+def results_path(model_name: str, dataset: str, kind: str) -> Path:
+    return Path("results") / model_name.lower() / f"{dataset}_{kind}.jsonl"
+
+
+def _stats_hint(truth: GroundTruth, model_name: str, dataset: str) -> str:
+    hw_files = sorted({r.get("hw_file") for r in read_records(truth.source) if r.get("hw_file")})
+    return (f"python stat.py --model_name {model_name} --dataset {dataset} "
+            f"--HWdes {' '.join(hw_files) or 'HW_config/Search_space.ini'}")
+
+
+def run_from_args(args, default_method: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """wrap_error.py after argument parsing: predictions, comparison, timing, summary and plot.
+    Returns the summary (also written as JSON)."""
+    from nipa.data import get_dataset, make_loader
+    from nipa.mapping import select_layers
+    from nipa.runtime import resolve_device, seed_everything
+    from nipa.stats import load_statistics
+    from nipa.zoo import load_model_and_data
+
+    errors = InjectionModel.of(args.method, args.device_error, args.adc_error, args.tile_factor,
+                               args.adc_form)
+    truth_path = Path(args.ground_truth or results_path(args.model_name, args.dataset, "accsim"))
+    truth = load_ground_truth(truth_path, args.model_name, args.dataset)  # says which main.py run makes it
+    run = truth.run
+    # The ground truth's data: its batch size (which sets the dynamic ADC ranges) and test subset.
+    batch_size = args.batch_size or run.get("batch_size", 256)
+    limit = args.limit if args.limit is not None else run.get("limit")
+    if batch_size != run.get("batch_size", batch_size) or limit != run.get("limit"):
+        log(f"note: the ground truth ran with batch_size={run.get('batch_size')}, limit={run.get('limit')}; "
+            f"this run uses batch_size={batch_size}, limit={limit}")
+    exclude, include = run.get("exclude", []), run.get("include")
+    stats = None
+    if errors.device == "formula" or errors.adc == "formula":
+        default_stats = Path("results") / "stats" / f"{args.model_name.lower()}_{args.dataset}.json"
+        stats_path = Path(args.stats or default_stats)
+        if not stats_path.is_file():
+            raise SystemExit(f"error: bit statistics {stats_path} do not exist; compute them with\n    "
+                             + _stats_hint(truth, args.model_name, args.dataset))
+        stats = load_statistics(stats_path)
+
+    device = resolve_device(args.device, args.gpu_id)
+    seed_everything(args.seed)
+    model, _, loader = load_model_and_data(
+        args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt, data_root=args.data_root,
+        batch_size=batch_size, device=device, num_workers=args.num_workers, limit=limit)
+    if stats is not None:
+        check_statistics(stats, [p.config for p in truth.points], args.model_name, args.dataset,
+                         select_layers(model, exclude=exclude, include=include))
+    data = cached_batches(loader, device)
+
+    calib_data: list[torch.Tensor] = []
+    if errors.adc == "measured" or any(p.config.adc_mode == "calibrated" for p in truth.points):
+        # Training data, never the test set: the ADC error is a property of the layer inputs' statistics.
+        train = get_dataset(args.dataset, "train", args.data_root, augment=False)
+        calib_loader = make_loader(train, batch_size=batch_size, shuffle=True, seed=args.seed)
+        calib_data = [x for _, (x, _) in zip(range(args.calib_batches), calib_loader, strict=False)]
+
+    def new_calibration() -> AdcCalibration:
+        return AdcCalibration(model, calib_data, exclude=exclude, include=include, memory_mb=args.memory_mb,
+                              seed=args.seed)
+
+    settings = WrapSettings(model_name=args.model_name, dataset=args.dataset, cycle=args.cycle,
+                            seed=args.seed, errors=errors, calib_batches=args.calib_batches, exclude=exclude,
+                            include=include, batch_size=batch_size, limit=limit, paired=args.paired_chips)
+    fast = FastMethod(model, settings, stats, new_calibration() if errors.adc == "measured" else None, device)
+    out = Path(args.out or results_path(args.model_name, args.dataset, "wrap"))
+    label = errors.label() + (", paired chips (diagnostic)" if args.paired_chips else "")
+    log(f"{len(truth.points)} hardware points from {truth.source}; injection {label}, "
+        f"{args.cycle} draws each -> {out}")
+    records = run_fast(truth, fast, data, out, log)
+
+    comparison = compare(truth, records, args.cycle)
+    log(format_table(comparison))
+    sample = timing_sample(truth.points, args.time_points)
+    if sample:
+        log(f"timing both methods on {len(sample)} of {len(truth.points)} points "
+            f"({args.cycle} draws / chips each, same data, batch size and device)")
+    timing = time_methods(sample, fast, model, data, calib_data, device, args.cycle, args.memory_mb, run,
+                          new_calibration if errors.adc == "measured" else None, log, truth.points)
+    if timing.get("points"):
+        timing["speedup_amortized_over_grid"] = amortized_speedup(timing)
+        timing["note"] = (f"both methods timed in this run on {timing['points']} of {len(truth.points)} "
+                          "points; a calibration pass is shared by every point with the same (wl_weight, "
+                          "subArray, cellBit, wl_input, ADC mode)")
+        log(f"speedup on {timing['points']} points: {timing['speedup']:.1f}x without the ADC calibration, "
+            f"{timing['speedup_amortized_over_grid']:.1f}x with each calibration shared by its points, "
+            f"{timing['speedup_with_calibration']:.1f}x with a fresh calibration for every point")
+    slug = errors.slug() + ("-paired" if args.paired_chips else "")
+    stem = f"{args.dataset}_wrap" + ("" if slug == default_method else f"_{slug}")
+    summary = {"model": args.model_name.lower(), "dataset": args.dataset, "injection": label,
+               "method": args.method, "cycle": args.cycle, "ground_truth": truth.source, "records": str(out),
+               "batch_size": batch_size, "limit": limit, **comparison["summary"], "timing": timing,
+               "recorded_simulated_s_per_point": float(np.nanmean([np.nansum(p.wall_s)
+                                                                   for p in truth.points])),
+               "rows": comparison["rows"], "time": timestamp(), "device": str(device),
+               "torch_threads": torch.get_num_threads(), **environment()}
+    summary_path = out.with_name(f"{stem}_summary.json")
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    figure = plot(comparison, args.plot or out.with_name(f"{stem}.png"),
+                  f"{args.model_name} / {args.dataset}: {label}")
+    log(f"summary {summary_path}, plot {figure}")
+    return summary

@@ -1,0 +1,284 @@
+"""Error injection (nipa.inject) and wrap_error.py: exactness without errors, determinism, the injected
+variances against their formulas, stuck-at faults, every variation type, cellBit 2, layer selection,
+and wrap_error.py end to end on a tiny ground truth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from nipa.config import VARI_TYPES, HWConfig
+from nipa.crossbar import convert
+from nipa.inject import AdcCalibration, InjectedConv2d, InjectedLinear, inject, injected_layers, redraw
+from nipa.metric import layer_slice_noise
+from nipa.quant import fake_quantize_input, fake_quantize_weight
+from nipa.records import read_records
+from nipa.stats import model_statistics
+
+
+class TinyNet(nn.Module):
+    """A conv (fan-in 27, one partial tile) and two linears (fan-in 200 over two tiles of 128)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, stride=2)
+        self.fc = nn.Linear(8 * 5 * 5, 64)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x)).flatten(1)
+        return self.out(torch.relu(self.fc(x)))
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture()
+def net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+def fake_quantized(model: nn.Module, hw: HWConfig) -> nn.Module:
+    """The reference: per-(channel, tile) weight quantization, per-tensor input quantization."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.weight.data = fake_quantize_weight(module.weight.data, hw.wl_weight, hw.subArray)
+            module.register_forward_pre_hook(lambda _m, args: (fake_quantize_input(args[0], hw.wl_input),))
+    return reference
+
+
+@pytest.mark.parametrize("cell_bits, weight_bits", [(1, 8), (2, 5), (1, 4)])
+def test_no_error_equals_fake_quantized_model_exactly(net, cell_bits, weight_bits):
+    hw = HWConfig(wl_weight=weight_bits, wl_input=6, subArray=128, ADCprecision=24, cellBit=cell_bits)
+    x = torch.randn(4, 3, 10, 10)
+    expected = fake_quantized(net, hw)(x)
+    for method in ("published", "calibrated"):
+        exact = inject(net, hw, method=method, adc="none")
+        assert torch.equal(exact(x), expected), method
+    # A 24-bit ADC adds only noise far below float32 resolution.
+    calibration = AdcCalibration(net, [torch.randn(8, 3, 10, 10)])
+    for method in ("published", "calibrated"):
+        nearly = inject(net, hw, method=method, calibration=calibration)
+        torch.testing.assert_close(nearly(x), expected, rtol=1e-5, atol=1e-5)
+    # The simulator with an ideal ADC computes the same model.
+    torch.testing.assert_close(convert(net, hw)(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_are_replaced_and_exclusion_leaves_layers_untouched(net):
+    hw = HWConfig(wl_weight=6, subArray=64, ADCprecision=5, vari=0.2)
+    injected = inject(net, hw, exclude=["out"])
+    assert isinstance(injected.conv, InjectedConv2d) and isinstance(injected.fc, InjectedLinear)
+    assert type(injected.out) is nn.Linear
+    assert torch.equal(injected.out.weight, net.out.weight) and torch.equal(injected.out.bias, net.out.bias)
+    assert [layer.core.name for layer in injected_layers(injected)] == ["conv", "fc"]
+    assert type(net.conv) is nn.Conv2d  # the input model is untouched
+    assert not torch.equal(injected.fc.weight, net.fc.weight)
+
+
+def test_deterministic_per_seed_and_draw(net):
+    hw = HWConfig(wl_weight=6, subArray=64, ADCprecision=5, vari=0.1, SAF_prop=0.01)
+    for method in ("published", "calibrated"):
+        kwargs = {"method": method, "calibration": AdcCalibration(net, [torch.randn(8, 3, 10, 10)])}
+        a = inject(net, hw, seed=3, draw=1, **kwargs)
+        b = inject(net, hw, seed=3, draw=1, **kwargs)
+        assert torch.equal(a.fc.weight, b.fc.weight) and torch.equal(a.conv.weight, b.conv.weight)
+        assert not torch.equal(a.fc.weight, inject(net, hw, seed=3, draw=2, **kwargs).fc.weight)
+        assert not torch.equal(a.fc.weight, inject(net, hw, seed=4, draw=1, **kwargs).fc.weight)
+        redraw(b, 3, 2)  # redraw in place == a fresh conversion of that draw
+        assert torch.equal(b.fc.weight, inject(net, hw, seed=3, draw=2, **kwargs).fc.weight)
+
+
+def integer_error(layer: nn.Linear, injected: nn.Module, hw: HWConfig) -> torch.Tensor:
+    """Injected minus quantized weight in integer levels, [out, T, rows]."""
+    from nipa.quant import quantize_weight_tiles, tile_columns
+
+    rows = min(hw.subArray, layer.in_features)
+    q, scale = quantize_weight_tiles(tile_columns(layer.weight.detach(), rows), hw.wl_weight)
+    return tile_columns(injected.weight.detach(), rows) / scale.unsqueeze(-1) - q
+
+
+def test_published_weight_noise_variance_matches_the_formula():
+    torch.manual_seed(1)
+    layer = nn.Linear(1024, 512)
+    model = nn.Sequential(layer)
+    hw = HWConfig(wl_weight=6, subArray=128, ADCprecision=4, vari_type="laplace", laplace_b=0.15)
+    stats = model_statistics(model, [(6, 128, 1)])
+    terms = layer_slice_noise(stats, hw)
+    significance = torch.tensor([4.0**k for k in range(hw.num_slices)], dtype=torch.float64)
+    expected = float((torch.as_tensor(terms["total"][0]) * significance).sum())
+    error = integer_error(layer, inject(model, hw, stats=stats)[0], hw)
+    assert error.var().item() == pytest.approx(expected, rel=0.03)
+    assert abs(error.mean().item()) < 0.02 * expected**0.5
+
+
+def test_cell_model_weight_error_variance_state_dependent():
+    torch.manual_seed(2)
+    layer = nn.Linear(1024, 512)
+    model = nn.Sequential(layer)
+    hw = HWConfig(wl_weight=8, subArray=256, ADCprecision=8, vari=0.2)
+    stats = model_statistics(model, [(8, 256, 1)])
+    mean_sq = torch.as_tensor(stats.combos["w8_s256_c1"].mean_sq[0])
+    significance = torch.tensor([4.0**k for k in range(hw.num_slices)], dtype=torch.float64)
+    expected = float((0.2**2 * mean_sq * significance).sum())  # G (1 + N(0, vari)) on the one active cell
+    error = integer_error(layer, inject(model, hw, method="calibrated", adc="none")[0], hw)
+    assert error.var().item() == pytest.approx(expected, rel=0.05)
+
+
+def test_stuck_at_fault_fractions():
+    layer = nn.Linear(1024, 256, bias=False)
+    layer.weight.data.fill_(0.5)  # 2-bit weights: every level is +1 (positive cell on, negative off)
+    p = 0.05
+    hw = HWConfig(wl_weight=2, subArray=128, ADCprecision=8, SAF_prop=p)
+    levels = integer_error(layer, inject(layer, hw, method="calibrated", adc="none"), hw) + 1
+    # A weight reads 0 when either its positive cell sticks at G_min or its negative cell at G_max,
+    # and -1 when both do.
+    assert (levels - levels.round()).abs().max() < 1e-5  # G_min leaks cancel up to 1/(R-1)
+    fraction = {v: (levels.round() == v).float().mean().item() for v in (-1.0, 0.0, 1.0)}
+    assert fraction[0.0] == pytest.approx(2 * p * (1 - p), abs=0.004)
+    assert fraction[-1.0] == pytest.approx(p * p, abs=0.001)
+    assert sum(fraction.values()) == pytest.approx(1.0)
+    # Without faults the same layer reads exactly its levels.
+    ideal_hw = HWConfig(wl_weight=2, subArray=128)
+    clean = integer_error(layer, inject(layer, ideal_hw, method="calibrated", adc="none"), ideal_hw)
+    assert clean.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("vari_type", VARI_TYPES)
+@pytest.mark.parametrize("method", ["published", "calibrated"])
+def test_every_variation_type_runs(net, vari_type, method):
+    spreads = {"vari": 0.1, "ind_vari": 0.05, "laplace_b": 0.1}
+    hw = HWConfig(wl_weight=6, subArray=64, ADCprecision=5, cellBit=2, vari_type=vari_type,
+                  SAF_prop=1e-3, **spreads)
+    x = torch.randn(4, 3, 10, 10)
+    injected = inject(net, hw, method=method, calibration=AdcCalibration(net, [x]))
+    y = injected(x)
+    assert torch.isfinite(y).all()
+    ideal = inject(net, HWConfig(wl_weight=6, subArray=64, cellBit=2), adc="none")
+    assert not torch.equal(injected.fc.weight, ideal.fc.weight)
+
+
+@pytest.mark.parametrize("adc_form", ["weight", "output"])
+def test_measured_adc_error_power_matches_the_simulator(adc_form):
+    """The measured ADC error, injected in either form, has the simulator's output error power
+    (no device error, dynamic 4-bit ADC, unstructured inputs; calibrated on other inputs)."""
+    torch.manual_seed(3)
+    layer = nn.Linear(512, 256, bias=False)
+    hw = HWConfig(wl_weight=8, wl_input=8, subArray=128, ADCprecision=4)
+    x = torch.randn(256, 512)
+    reference = inject(layer, hw, method="calibrated", adc="none")(x)
+    simulated = (convert(layer, hw)(x) - reference).pow(2).mean().item()
+    calibration = AdcCalibration(layer, [torch.randn(256, 512)])
+    injected = [inject(layer, hw, method="calibrated", adc_form=adc_form, calibration=calibration, draw=d)
+                for d in range(4)]
+    predicted = sum((m(x) - reference).pow(2).mean().item() for m in injected) / len(injected)
+    assert 0.75 < predicted / simulated < 1.33
+
+
+def test_output_noise_is_fresh_per_forward_and_repeats_per_draw(net):
+    hw = HWConfig(wl_weight=6, subArray=64, ADCprecision=4)
+    x = torch.randn(8, 3, 10, 10)
+    calibration = AdcCalibration(net, [torch.randn(16, 3, 10, 10)])
+    model = inject(net, hw, method="calibrated", calibration=calibration, draw=0)
+    assert model.fc.core.output_std is not None and float(model.fc.core.output_std.max()) > 0
+    first, second = model(x), model(x)
+    assert not torch.equal(first, second)  # a new ADC error on every read
+    redraw(model, 0, 0)
+    assert torch.equal(model(x), first)  # the same draw on the same data repeats
+    assert torch.equal(inject(net, hw, method="calibrated", calibration=calibration, draw=0)(x), first)
+
+
+def test_paired_draws_carry_the_simulated_chips_cells(net):
+    hw = HWConfig(wl_weight=6, subArray=64, ADCprecision=24, vari=0.2, SAF_prop=0.01)
+    x = torch.randn(4, 3, 10, 10)
+    for chip in (0, 2):
+        paired = inject(net, hw, method="calibrated", adc="none", draw=chip, paired=True)
+        torch.testing.assert_close(paired(x), convert(net, hw, chip=chip)(x), rtol=1e-4, atol=1e-4)
+    independent = inject(net, hw, method="calibrated", adc="none", draw=0)
+    assert not torch.allclose(independent(x), convert(net, hw, chip=0)(x), rtol=1e-3, atol=1e-3)
+
+
+# ---- wrap_error.py end to end -----------------------------------------------------------------------
+
+SPACE = """
+[Algorithm_Level]
+wl_weight = 6
+wl_input = 6
+[Hardware_Level]
+subArray = 64
+ADCprecision = 4, 6
+[Device_Level]
+vari = 0.0, 0.2
+"""
+
+
+@pytest.fixture(scope="module")
+def ground_truth(digits_ckpt_dir, tmp_path_factory):
+    import main
+
+    folder = tmp_path_factory.mktemp("wrap")
+    space = folder / "space.ini"
+    space.write_text(SPACE)
+    out = folder / "digits_accsim.jsonl"
+    assert main.main(["--dataset", "digits", "--ckpt_dir", str(digits_ckpt_dir), "--HWdes", str(space),
+                      "--sample_num", "0", "--cycle", "2", "--batch_size", "100", "--limit", "200",
+                      "--device", "cpu", "--out", str(out)]) == 0
+    return folder, out
+
+
+def run_wrap(ckpt_dir, truth, out, *extra):
+    import wrap_error
+
+    return wrap_error.main(["--dataset", "digits", "--ckpt_dir", str(ckpt_dir), "--ground_truth", str(truth),
+                            "--out", str(out), "--cycle", "2", "--time_points", "1", "--device", "cpu",
+                            *extra])
+
+
+def test_wrap_error_end_to_end(digits_ckpt_dir, ground_truth, capsys):
+    folder, truth = ground_truth
+    out = folder / "digits_wrap.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, out, "--log_file", str(folder / "wrap.log")) == 0
+    records = read_records(out)
+    assert len(records) == 4 * 2 and {r["method"] for r in records} == {"fast"}
+    for key in ("config", "config_key", "draw", "top1", "wall_s", "run", "injection", "samples"):
+        assert key in records[0], key
+    assert records[0]["samples"] == 200  # the ground truth's test data (its --limit)
+    summary = json.loads((folder / "digits_wrap_summary.json").read_text())
+    assert summary["points"] == 4 and summary["cycle"] == 2
+    for key in ("mean_abs_error", "max_abs_error", "kendall_tau", "timing"):
+        assert key in summary, key
+    timing = summary["timing"]
+    assert timing["points"] == 1 and timing["simulated_s"] > 0 and timing["fast_s"] > 0
+    row = timing["rows"][0]
+    assert row["speedup"] == pytest.approx(row["simulated_s"] / row["fast_s"])
+    assert (folder / "digits_wrap.png").stat().st_size > 0
+    for row in summary["rows"]:
+        assert row["predicted"] == pytest.approx(sum(row["draws"]) / 2)  # the mean, not the nearest draw
+        assert len(row["chips"]) == 2
+    # Resumes: a second run adds no record.
+    assert run_wrap(digits_ckpt_dir, truth, out, "--time_points", "0") == 0
+    assert len(read_records(out)) == 8
+    assert "already recorded" in capsys.readouterr().out
+
+
+def test_wrap_error_published_needs_statistics_and_says_how(digits_ckpt_dir, ground_truth, tmp_path):
+    _, truth = ground_truth
+    with pytest.raises(SystemExit, match="stat.py --model_name smallcnn --dataset digits"):
+        run_wrap(digits_ckpt_dir, truth, tmp_path / "w.jsonl", "--method", "published",
+                 "--stats", str(tmp_path / "missing.json"))
+
+
+def test_wrap_error_without_ground_truth_says_which_command(digits_ckpt_dir, tmp_path):
+    from nipa.wrap import MissingGroundTruth
+
+    with pytest.raises(MissingGroundTruth, match="python main.py --model_name smallcnn --dataset digits"):
+        run_wrap(digits_ckpt_dir, tmp_path / "none.jsonl", tmp_path / "w.jsonl")

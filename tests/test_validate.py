@@ -1,0 +1,271 @@
+"""validate.py and nipa.correlation: coefficients against hand-computed values and scipy, the seeded
+bootstrap, grouping of chips into points (none dropped), and an end-to-end run on synthetic records
+with statistics from the real stat pipeline, including the errors that name the missing command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+import validate
+from nipa.config import HWConfig
+from nipa.correlation import (
+    RecordsError,
+    agreement,
+    bootstrap_coefficients,
+    group_records,
+    one_factor_pairs,
+    point_estimates,
+    split_by,
+)
+from nipa.metric import nipa_metric
+from nipa.stats import model_statistics, save_statistics
+from nipa.zoo import build_model
+
+# ----------------------------------------------------------------------------------------------------
+# Coefficients
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_monotone_data_give_one_and_reversed_minus_one():
+    x = np.arange(10.0)
+    up = agreement(x, x**3, bootstrap=200, seed=1)
+    down = agreement(x, -np.exp(x), bootstrap=200, seed=1)
+    assert up.kendall.value == pytest.approx(1.0) and up.spearman.value == pytest.approx(1.0)
+    assert down.kendall.value == pytest.approx(-1.0) and down.spearman.value == pytest.approx(-1.0)
+    assert up.pearson.value < 1.0  # x^3 is monotone but not linear
+    assert agreement(x, 2 * x + 1, bootstrap=0).pearson.value == pytest.approx(1.0)
+    # every resample of monotone data is monotone: the interval collapses onto 1
+    assert up.kendall.ci_low == pytest.approx(1.0) and up.kendall.ci_high == pytest.approx(1.0)
+
+
+def test_small_example_by_hand_and_against_scipy():
+    # x = 1..5, y = 1 3 2 5 4: 10 pairs, discordant (2,3) and (4,5) -> tau = (8 - 2) / 10 = 0.6;
+    # rank differences d = 0 -1 1 -1 1 -> rho = 1 - 6 * 4 / (5 * 24) = 0.8
+    x, y = [1, 2, 3, 4, 5], [1, 3, 2, 5, 4]
+    result = point_estimates(x, y)
+    assert result["kendall"].value == pytest.approx(0.6)
+    assert result["spearman"].value == pytest.approx(0.8)
+    assert result["pearson"].value == pytest.approx(0.8)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=40), np.round(rng.normal(size=40), 1)  # ties in b: tau-b
+    result = point_estimates(a, b)
+    assert result["kendall"].value == pytest.approx(sps.kendalltau(a, b).statistic)
+    assert result["kendall"].p_value == pytest.approx(sps.kendalltau(a, b).pvalue)
+    assert result["spearman"].p_value == pytest.approx(sps.spearmanr(a, b).pvalue)
+    assert result["pearson"].value == pytest.approx(sps.pearsonr(a, b).statistic)
+
+
+def test_vectorized_bootstrap_equals_scipy_on_each_resample():
+    rng = np.random.default_rng(2)
+    x = np.round(rng.normal(size=30), 1)  # ties, and resamples duplicate points
+    y = x + rng.normal(size=30)
+    samples = bootstrap_coefficients(x, y, n_resamples=20, seed=7)
+    index = np.random.default_rng(7).integers(0, 30, size=(20, 30))
+    for i in range(20):
+        xs, ys = x[index[i]], y[index[i]]
+        assert samples["kendall"][i] == pytest.approx(sps.kendalltau(xs, ys).statistic, abs=1e-12)
+        assert samples["spearman"][i] == pytest.approx(sps.spearmanr(xs, ys).statistic, abs=1e-12)
+        assert samples["pearson"][i] == pytest.approx(sps.pearsonr(xs, ys).statistic, abs=1e-12)
+
+
+def test_bootstrap_interval_contains_estimate_and_is_reproducible():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=60)
+    y = x + 0.8 * rng.normal(size=60)
+    first = agreement(x, y, bootstrap=500, seed=11)
+    again = agreement(x, y, bootstrap=500, seed=11)
+    other = agreement(x, y, bootstrap=500, seed=12)
+    for name in ("kendall", "spearman", "pearson"):
+        c = getattr(first, name)
+        assert c.ci_low <= c.value <= c.ci_high
+        assert (c.ci_low, c.ci_high) == (getattr(again, name).ci_low, getattr(again, name).ci_high)
+    assert (first.kendall.ci_low, first.kendall.ci_high) != (other.kendall.ci_low, other.kendall.ci_high)
+    assert first.to_dict()["seed"] == 11 and first.to_dict()["bootstrap"] == 500
+
+
+def test_tiny_or_constant_groups_give_nan_not_an_error():
+    for x, y in (([], []), ([1.0], [2.0]), ([1.0, 2.0], [2.0, 1.0]), ([1.0, 2.0, 3.0], [5.0, 5.0, 5.0])):
+        result = agreement(x, y, bootstrap=100)
+        assert result.n == len(x)
+        assert math.isnan(result.kendall.value) and math.isnan(result.pearson.p_value)
+        assert result.to_dict()["kendall"]["value"] is None  # NaN is written as JSON null
+    with pytest.raises(ValueError, match="non-finite"):
+        agreement([1.0, np.nan, 3.0], [1.0, 2.0, 3.0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records -> points
+# ----------------------------------------------------------------------------------------------------
+
+RUN = {"model": "smallcnn", "dataset": "digits", "seed": 0, "batch_size": 256, "limit": None, "exclude": [],
+       "include": None, "per_read": False, "calib_batches": 4}
+
+
+def record(config: HWConfig | None, chip: int | None, top1: float, run: dict | None = None,
+           samples: int = 360, mapped=("conv1", "conv2", "conv3", "fc1", "fc2")) -> dict:
+    base = {"model": "smallcnn", "dataset": "digits", "run": dict(run or RUN), "hw_file": "space.ini",
+            "samples": samples, "top1": top1, "top5": min(100.0, top1 + 1)}
+    if config is None:
+        return {**base, "method": "ideal", "config": None, "config_key": None, "chip": None}
+    return {**base, "method": "sliced", "config": config.to_dict(), "config_key": config.key(), "chip": chip,
+            "mapped_layers": list(mapped)}
+
+
+def test_grouping_averages_chips_and_keeps_every_point():
+    a, b, c = HWConfig(wl_weight=8), HWConfig(wl_weight=4), HWConfig(wl_weight=4, vari=0.2)
+    records = [record(None, None, 97.0), record(a, 0, 96.0), record(b, 0, 90.0), record(a, 1, 94.0),
+               record(a, 2, 95.0), record(c, 1, 50.0), record(b, 1, 92.0), record(b, 1, 92.0)]
+    grouped = group_records(records)
+    assert [p.config for p in grouped.points] == [a, b, c]  # first-seen order, nothing dropped
+    first, second, third = grouped.points
+    assert first.chips == (0, 1, 2) and first.top1_mean == pytest.approx(95.0) and first.top1_std == 1.0
+    assert second.num_chips == 2 and second.top1_mean == pytest.approx(91.0)
+    assert third.num_chips == 1 and math.isnan(third.top1_std)  # a single chip is kept, std NaN
+    assert grouped.ideal_top1 == 97.0 and grouped.duplicates == 1
+    assert grouped.chip_counts() == {1: 1, 2: 1, 3: 1}
+    assert "3 points" in grouped.describe_chips()
+    assert split_by(grouped.points, "wl_weight") == {4: [1, 2], 8: [0]}
+
+
+def test_grouping_rejects_mixed_runs_and_conflicting_chips():
+    a = HWConfig()
+    with pytest.raises(RecordsError, match="run settings.*batch_size"):
+        group_records([record(a, 0, 90.0), record(a, 1, 91.0, run={**RUN, "batch_size": 64})])
+    with pytest.raises(RecordsError, match="chip 0: two records"):
+        group_records([record(a, 0, 90.0), record(a, 0, 80.0)])
+    with pytest.raises(RecordsError, match="sample counts"):
+        group_records([record(a, 0, 90.0), record(a, 1, 80.0, samples=100)])
+
+
+def test_one_factor_pairs_count_only_single_parameter_differences():
+    configs = [HWConfig(ADCprecision=8), HWConfig(ADCprecision=4), HWConfig(ADCprecision=4, vari=0.1),
+               HWConfig(wl_weight=4, ADCprecision=8, vari=0.1)]
+    counts = one_factor_pairs(configs, [3.0, 2.0, 1.0, 1.0], [90.0, 91.0, 80.0, 80.0],
+                              ("ADCprecision", "vari", "wl_weight"))
+    assert counts["ADCprecision"] == {"pairs": 1, "concordant": 0, "discordant": 1, "tied_x": 0, "tied_y": 0}
+    assert counts["vari"]["pairs"] == 1 and counts["vari"]["concordant"] == 1
+    assert counts["wl_weight"]["pairs"] == 0  # point 3 differs from every other in two parameters
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------
+
+POINTS = [HWConfig(wl_weight=w, subArray=s, ADCprecision=a, cellBit=c, vari=v)
+          for w, c in ((8, 1), (4, 1), (5, 2)) for s in (64, 128) for a in (7, 4) for v in (0.0, 0.2)]
+
+
+@pytest.fixture(scope="module")
+def stats_file(tmp_path_factory):
+    """Statistics of a random-init smallcnn from the real pipeline, for every combination of POINTS."""
+    torch.manual_seed(0)
+    model = build_model("smallcnn", "digits").eval()
+    combos = {(p.wl_weight, p.subArray, p.cellBit) for p in POINTS}
+    stats = model_statistics(model, combos, model_name="smallcnn", dataset="digits",
+                             metadata={"source": "test"})
+    path = tmp_path_factory.mktemp("stats") / "smallcnn_digits.json"
+    save_statistics(stats, path)
+    return path, stats
+
+
+def write_records(path, stats, chips=3, drop_last_chips=0):
+    """Accuracy a monotone function of log2 NIPA plus small chip noise: tau must come out near 1."""
+    values = np.log2(nipa_metric(stats, POINTS))
+    rng = np.random.default_rng(0)
+    lines = [record(None, None, 98.0)]
+    for i, (point, value) in enumerate(zip(POINTS, values, strict=True)):
+        n = chips - (1 if i < drop_last_chips else 0)
+        for chip in range(n):
+            top1 = float(np.clip(10 + 8 * value + rng.normal(0, 0.01), 0, 100))
+            lines.append(record(point, chip, round(top1, 3)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def args_for(tmp_path, stats_path, *extra):
+    return ["--model_name", "smallcnn", "--dataset", "digits", "--records", str(tmp_path / "rec.jsonl"),
+            "--stats", str(stats_path), "--out_dir", str(tmp_path / "out"), "--bootstrap", "200", *extra]
+
+
+def test_end_to_end_writes_csv_png_json(tmp_path, stats_file, capsys):
+    stats_path, stats = stats_file
+    write_records(tmp_path / "rec.jsonl", stats, drop_last_chips=2)
+    assert validate.main(args_for(tmp_path, stats_path, "--per_layer", "--color_by", "cellBit")) == 0
+    printed = capsys.readouterr().out
+    assert "24 points: 22 with 3 chips, 2 with 2 chips" in printed and "cellBit=2" in printed
+    out = tmp_path / "out"
+    import pandas as pd
+
+    table = pd.read_csv(out / "digits_nipa_points.csv")
+    assert len(table) == len(POINTS) and table["chips"].tolist()[:3] == [2, 2, 3]
+    assert {"log2_nipa", "accuracy_mean", "accuracy_std", "noise_adc", "noise_device"} <= set(table.columns)
+    assert (out / "digits_nipa.png").stat().st_size > 10_000
+    summary = json.loads((out / "digits_nipa_summary.json").read_text())
+    overall = summary["groups"][0]
+    assert overall["group"] == "all" and overall["n"] == 24 and overall["chips"] == 70
+    assert overall["kendall"]["value"] > 0.95 and overall["kendall"]["ci_low"] <= overall["kendall"]["value"]
+    assert summary["metric"] == {"reduction": "model_average", "tile_factor": "tiles", "published": True}
+    assert {g["group"] for g in summary["groups"]} >= {"vari_type=state_dependent", "cellBit=1", "cellBit=2",
+                                                       "wl_weight=5"}
+    assert summary["ideal_top1"] == 98.0 and summary["nipa_version"]
+    layers = pd.read_csv(out / "digits_nipa_layers.csv")
+    assert sorted(layers["layer"]) == sorted(stats.layers) and layers["nipa"].is_monotonic_increasing
+
+    # a variant never overwrites the published files
+    assert validate.main(args_for(tmp_path, stats_path, "--reduction", "layer_sum", "--tile_factor", "one",
+                                  "--no_plot", "--bootstrap", "0")) == 0
+    variant = json.loads((out / "digits_nipa_layer_sum_tile-one_summary.json").read_text())
+    assert variant["metric"]["published"] is False
+    assert json.loads((out / "digits_nipa_summary.json").read_text())["metric"]["published"] is True
+
+
+def test_missing_inputs_name_the_command(tmp_path, stats_file, capsys):
+    stats_path, stats = stats_file
+    assert validate.main(args_for(tmp_path, stats_path)) == 2
+    err = capsys.readouterr().err
+    assert "python main.py --model_name smallcnn --dataset digits" in err and "--out" in err
+
+    write_records(tmp_path / "rec.jsonl", stats)
+    assert validate.main(args_for(tmp_path, tmp_path / "none.json")) == 2
+    err = capsys.readouterr().err
+    assert "python stat.py --model_name smallcnn --dataset digits --HWdes space.ini" in err
+
+    partial = model_statistics(build_model("smallcnn", "digits"), [(8, 64, 1)], model_name="smallcnn",
+                               dataset="digits")
+    save_statistics(partial, tmp_path / "partial.json")
+    assert validate.main(args_for(tmp_path, tmp_path / "partial.json")) == 2
+    err = capsys.readouterr().err
+    assert "lacks the statistics of" in err and "w4_s128_c1" in err
+    assert "python stat.py --model_name smallcnn --dataset digits --wl_weight 4 5 8 --subArray 64 128" in err
+
+    assert validate.main(args_for(tmp_path, stats_path, "--per_layer", "--point_index", "99")) == 2
+    assert "--point_index 99" in capsys.readouterr().err
+
+
+def test_records_of_different_runs_are_an_error(tmp_path, stats_file, capsys):
+    stats_path, _ = stats_file
+    lines = [record(POINTS[0], 0, 90.0), record(POINTS[1], 0, 80.0, run={**RUN, "per_read": True})]
+    (tmp_path / "rec.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert validate.main(args_for(tmp_path, stats_path)) == 2
+    assert "per_read" in capsys.readouterr().err
+
+
+def test_chip_agreement_and_noise_ceiling():
+    from nipa.correlation import chip_agreement, noise_ceiling
+
+    configs = [HWConfig(ADCprecision=a) for a in (4, 5, 6, 7, 8)]
+    exact = [record(c, chip, 90.0 + i) for i, c in enumerate(configs) for chip in range(3)]
+    points = group_records(exact).points
+    assert chip_agreement(points)["kendall_between_chips"] == pytest.approx(1.0)
+    assert noise_ceiling(points)["kendall"] == pytest.approx(1.0)  # no chip noise: a perfect metric scores 1
+    rng = np.random.default_rng(0)
+    noisy = [record(c, chip, round(90.0 + 0.1 * i + rng.normal(0, 1.0), 2)) for i, c in enumerate(configs)
+             for chip in range(3)]
+    ceiling = noise_ceiling(group_records(noisy).points, n_draws=200, seed=1)
+    assert ceiling["kendall"] < 0.9 and ceiling == noise_ceiling(group_records(noisy).points, n_draws=200, seed=1)
+    assert noise_ceiling(group_records(noisy[::3]).points)["kendall"] is None  # one chip each: unknown

@@ -1,0 +1,493 @@
+"""NIPA against the ground truth: does the metric rank hardware points as the slicing simulation does?
+
+    python validate.py --model_name smallcnn --dataset mnist5k
+    python validate.py --model_name smallcnn --dataset mnist5k --color_by ADCprecision --per_layer
+    python validate.py --model_name smallcnn --dataset mnist5k --reduction layer_sum --tile_factor one
+
+Reads the records main.py wrote (default results/{model}/{dataset}_accsim.jsonl, shards included) and
+the bit statistics stat.py wrote (default results/stats/{model}_{dataset}.json), averages the chips of
+every hardware point, computes NIPA per point and reports Kendall's tau-b, Spearman and Pearson between
+log2(NIPA) and the accuracy, with p-values and seeded bootstrap confidence intervals, on all points and
+per variation type, cellBit and weight bits. No point is dropped. Writes, in --out_dir (default
+results/{model}/):
+
+    {dataset}_nipa_points.csv     one row per point: its parameters, accuracy mean/std/chips, NIPA terms
+    {dataset}_nipa.png            log2 NIPA against accuracy, coloured by --color_by; float accuracy line
+    {dataset}_nipa_summary.json   every coefficient, p-value, interval and n, and the settings used
+    {dataset}_nipa_layers.csv     with --per_layer: the layers ranked by sensitivity
+
+A metric variant (--reduction / --tile_factor other than the published defaults) inserts its name into
+the file names (e.g. {dataset}_nipa_layer_sum_points.csv), so it never overwrites the published form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from main import default_results_path
+from nipa import __version__
+from nipa.config import HWConfig
+from nipa.correlation import (
+    COEFFICIENTS,
+    Agreement,
+    GroupedRecords,
+    RecordsError,
+    agreement,
+    chip_agreement,
+    chip_std,
+    group_records,
+    noise_ceiling,
+    one_factor_pairs,
+    split_by,
+)
+from nipa.data import DATASET_NAMES
+from nipa.metric import (
+    REDUCTIONS,
+    TILE_FACTORS,
+    VARI_CODE,
+    nipa_metric,
+    per_layer_nipa,
+    slice_noise_terms,
+    weight_rounding_noise,
+)
+from nipa.records import read_records, sibling_files
+from nipa.stats import ModelStats, combo_key, load_statistics
+
+PUBLISHED = {"reduction": "model_average", "tile_factor": "tiles"}
+COLOR_FIELDS = ("wl_weight", "vari_type", "cellBit", "subArray", "ADCprecision")
+GROUP_FIELDS = ("vari_type", "cellBit", "wl_weight", "subArray", "ADCprecision")
+DEFAULT_GROUPS = ("vari_type", "cellBit", "wl_weight")
+CONFIG_FIELDS = ("wl_weight", "wl_input", "subArray", "ADCprecision", "adc_mode", "cellBit", "onoffratio",
+                 "vari_type", "vari", "ind_vari", "laplace_b", "SAF_prop")
+
+
+class MissingInput(RuntimeError):
+    """Records or statistics that are not there; the message names the command that makes them."""
+
+
+def default_stats_path(model_name: str, dataset: str) -> Path:
+    """Where stat.py writes by default."""
+    return Path("results") / "stats" / f"{model_name.lower()}_{dataset}.json"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name", default="smallcnn", help="model name (default smallcnn)")
+    parser.add_argument("--dataset", default="mnist5k", choices=DATASET_NAMES)
+    parser.add_argument("--records", default=None,
+                        help="results JSONL of main.py (default results/{model}/{dataset}_accsim.jsonl)")
+    parser.add_argument("--stats", default=None,
+                        help="statistics JSON of stat.py (default results/stats/{model}_{dataset}.json)")
+    parser.add_argument("--out_dir", default=None, help="where the CSV/PNG/JSON go (default results/{model}/)")
+    parser.add_argument("--reduction", choices=REDUCTIONS, default=PUBLISHED["reduction"],
+                        help="model_average (published: layer-averaged statistics in one formula) or "
+                             "layer_sum (sum of per-layer signals over sum of per-layer noises)")
+    parser.add_argument("--tile_factor", choices=TILE_FACTORS, default=PUBLISHED["tile_factor"],
+                        help="k_T of the ADC term: tiles (published, k_T = T) or one (k_T = 1)")
+    parser.add_argument("--accuracy", choices=("top1", "top5"), default="top1")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0 = no CIs)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the CIs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--color_by", choices=COLOR_FIELDS, default="wl_weight")
+    parser.add_argument("--group_by", nargs="*", choices=GROUP_FIELDS, default=list(DEFAULT_GROUPS),
+                        help=f"parameters to report per value of (default: {' '.join(DEFAULT_GROUPS)})")
+    parser.add_argument("--per_layer", action="store_true",
+                        help="rank the layers by sensitivity (per-layer NIPA) at one point")
+    parser.add_argument("--point_index", type=int, default=None,
+                        help="with --per_layer: row of the points CSV (default: the median-NIPA point)")
+    parser.add_argument("--no_plot", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        parser.error("--bootstrap must be >= 0")
+    if not 0 < args.confidence < 1:
+        parser.error("--confidence must lie in (0, 1)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs, with errors that name the command that makes what is missing
+# ----------------------------------------------------------------------------------------------------
+
+
+def _command(script: str, options: Sequence[tuple[str, Any]]) -> str:
+    words = ["python", script]
+    for name, value in options:
+        if value is None or value is False:
+            continue
+        words.append(name)
+        if value is not True:
+            words.extend(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def main_command(args: argparse.Namespace, records_path: Path) -> str:
+    """The main.py command line that writes the records validate.py looks for."""
+    custom = records_path != default_results_path(args.model_name, args.dataset)
+    return _command("main.py", [("--model_name", args.model_name), ("--dataset", args.dataset),
+                                ("--HWdes", "HW_config/Search_space.ini"), ("--sample_num", 0),
+                                ("--cycle", 3), ("--out", str(records_path) if custom else None)])
+
+
+def stat_command(args: argparse.Namespace, stats_path: Path, grouped: GroupedRecords | None,
+                 combos: Sequence[tuple[int, int, int]] | None = None) -> str:
+    """The stat.py command line for the records' INI files (or for some combinations), with the layer
+    selection the simulation used and the output path validate.py reads."""
+    run = (grouped.run if grouped else None) or {}
+    options: list[tuple[str, Any]] = [("--model_name", args.model_name), ("--dataset", args.dataset)]
+    if combos:
+        options += [("--wl_weight", sorted({c[0] for c in combos})), ("--subArray", sorted({c[1] for c in combos})),
+                    ("--cellbit", sorted({c[2] for c in combos}))]
+    else:
+        options.append(("--HWdes", (grouped.hw_files if grouped and grouped.hw_files else None)
+                        or ["HW_config/Search_space.ini"]))
+    options += [("--exclude_layer", run.get("exclude") or None), ("--include_layer", run.get("include")),
+                ("--out", None if stats_path == default_stats_path(args.model_name, args.dataset)
+                 else str(stats_path))]
+    return _command("stat.py", options)
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[GroupedRecords, ModelStats, Path, Path]:
+    """Records grouped per point, and statistics that cover every recorded point (or MissingInput)."""
+    records_path = Path(args.records) if args.records else default_results_path(args.model_name, args.dataset)
+    stats_path = Path(args.stats) if args.stats else default_stats_path(args.model_name, args.dataset)
+    if not sibling_files(records_path):
+        raise MissingInput(f"no simulation records at {records_path} (nor shards of it). Make them with:\n  "
+                           + main_command(args, records_path))
+    grouped = group_records(read_records(records_path))
+    if not grouped.points:
+        raise MissingInput(f"{records_path} holds no simulated hardware point (method 'sliced') yet. "
+                           f"Make them with:\n  {main_command(args, records_path)}")
+    for name, wanted in (("model", args.model_name.lower()), ("dataset", args.dataset)):
+        if grouped.__dict__[name] not in (None, wanted):
+            raise RecordsError(f"{records_path} holds records of {name} {grouped.__dict__[name]!r}, not "
+                               f"{wanted!r}")
+    if not stats_path.is_file():
+        raise MissingInput(f"no bit statistics at {stats_path}. Make them with:\n  "
+                           + stat_command(args, stats_path, grouped))
+    stats = load_statistics(stats_path)
+    for name, wanted in (("model", args.model_name.lower()), ("dataset", args.dataset)):
+        have = stats.meta.get(name)
+        if have not in (None, "", wanted):
+            raise MissingInput(f"{stats_path} holds statistics of {name} {have!r}, not {wanted!r}. Make the "
+                               f"right ones with:\n  {stat_command(args, stats_path, grouped)}")
+    if grouped.mapped_layers is not None and list(stats.layers) != grouped.mapped_layers:
+        raise MissingInput(f"{stats_path} describes layers {list(stats.layers)} but the simulation mapped "
+                           f"{grouped.mapped_layers}. Recompute them with the simulation's layer selection:\n  "
+                           + stat_command(args, stats_path, grouped))
+    needed = {(p.config.wl_weight, p.config.subArray, p.config.cellBit) for p in grouped.points}
+    missing = sorted(c for c in needed if combo_key(*c) not in stats.combos)
+    if missing:
+        raise MissingInput(f"{stats_path} lacks the statistics of {', '.join(combo_key(*c) for c in missing)} "
+                           f"needed by recorded points. Add them with:\n  "
+                           + stat_command(args, stats_path, grouped, missing))
+    return grouped, stats, records_path, stats_path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The metric per point, with its terms
+# ----------------------------------------------------------------------------------------------------
+
+
+def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model_average",
+                    tile_factor: str = "tiles") -> dict[str, float]:
+    """Signal and the three noise terms (weight rounding Q, ADC, device) of one point, in LSB^2, summed
+    over slices with their 4^(c k) weights (and over layers for layer_sum), so NIPA = signal / (q + adc
+    + device). For diagnosis: which term decides a point's NIPA."""
+    combo = stats.for_point(config)
+    if reduction == "model_average":
+        avg = combo.model_average()
+        var, density = np.asarray(avg["var"])[None], np.asarray(avg["density"])[None]
+        tiles, weight_var = np.array([avg["tiles"]]), np.array([avg["weight_var"]])
+    else:
+        var, density, tiles, weight_var = combo.var, combo.density, combo.tiles.astype(float), combo.weight_var
+    if tile_factor == "one":
+        tiles = np.ones_like(tiles)
+    significance = 4.0 ** (config.cellBit * np.arange(var.shape[1]))
+    adc, device = slice_noise_terms(var, density, tiles, config.subArray, config.ADCprecision,
+                                    VARI_CODE[config.vari_type], config.device_spread, config.SAF_prop)
+    return {"signal": float((significance * var).sum()),
+            "noise_q": float(weight_rounding_noise(weight_var, config.wl_weight).sum()),
+            "noise_adc": float((significance * adc).sum()),
+            "noise_device": float((significance * device).sum())}
+
+
+def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile_factor: str,
+                accuracy: str = "top1") -> list[dict[str, Any]]:
+    """One row per point: parameters, accuracy over chips, NIPA, log2 NIPA and its terms."""
+    configs = [p.config for p in grouped.points]
+    values = np.atleast_1d(nipa_metric(stats, configs, reduction=reduction, tile_factor=tile_factor))
+    rows = []
+    for index, (point, value) in enumerate(zip(grouped.points, values, strict=True)):
+        terms = noise_breakdown(stats, point.config, reduction, tile_factor)
+        recombined = terms["signal"] / (terms["noise_q"] + terms["noise_adc"] + terms["noise_device"])
+        if not math.isclose(recombined, value, rel_tol=1e-9):  # the breakdown must describe the metric
+            raise AssertionError(f"noise breakdown {recombined} != NIPA {value} at {point.config.describe()}")
+        config = point.config.to_dict()
+        chips_top = point.top1 if accuracy == "top1" else point.top5
+        finite = [v for v in chips_top if v is not None]
+        rows.append({
+            "index": index, **{name: config[name] for name in CONFIG_FIELDS},
+            "device_spread": point.config.device_spread, "hw_file": point.hw_file,
+            "chips": point.num_chips, "chip_ids": " ".join(map(str, point.chips)),
+            "accuracy_mean": float(np.mean(finite)) if finite else math.nan,
+            "accuracy_std": chip_std(finite),
+            "accuracy_chips": " ".join(f"{v:g}" for v in finite),
+            "top1_mean": point.top1_mean, "top5_mean": point.top5_mean, "samples": point.samples,
+            "nipa": float(value), "log2_nipa": float(np.log2(value)), **terms,
+            # which error the metric blames most at this point (q: weight rounding)
+            "dominant_term": max(("q", "adc", "device"), key=lambda name: terms[f"noise_{name}"]),
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------------
+
+
+def group_agreements(rows: list[dict[str, Any]], grouped: GroupedRecords, group_by: Sequence[str],
+                     bootstrap: int, seed: int, confidence: float) -> list[dict[str, Any]]:
+    """Agreement on all points, then per value of every `group_by` parameter (every group, however
+    small: n < 3 is reported with NaN)."""
+    x = np.array([r["log2_nipa"] for r in rows])
+    y = np.array([r["accuracy_mean"] for r in rows])
+
+    def entry(label: str, by: str | None, value: Any, index: list[int]) -> dict[str, Any]:
+        result: Agreement = agreement(x[index], y[index], bootstrap=bootstrap, seed=seed, confidence=confidence)
+        return {"group": label, "by": by, "value": value, "chips": int(sum(rows[i]["chips"] for i in index)),
+                **result.to_dict()}
+
+    results = [entry("all", None, None, list(range(len(rows))))]
+    for by in group_by:
+        for value, index in split_by(grouped.points, by).items():
+            results.append(entry(f"{by}={value}", by, value, index))
+    return results
+
+
+def _fmt(coefficient: dict[str, Any]) -> str:
+    """'+0.812 [+0.75,+0.86]  1.2e-30': value, bootstrap interval, p-value (31 characters)."""
+    value, low, high = coefficient["value"], coefficient["ci_low"], coefficient["ci_high"]
+    if value is None:
+        return f"{'nan':<31}"
+    ci = f"[{low:+.2f},{high:+.2f}]" if low is not None and high is not None else ""
+    return f"{value:+.3f} {ci:<15} {coefficient['p_value']:8.1e}"
+
+
+def format_groups(groups: list[dict[str, Any]], confidence: float) -> str:
+    """The printed table: one line per group, each coefficient with its interval and p-value."""
+    level = f"{100 * confidence:g}%"
+    head = f"{'group':<26} {'n':>4} {'chips':>5}  " + "   ".join(
+        f"{name + ' [' + level + ' CI] p':<31}" for name in ("Kendall tau-b", "Spearman", "Pearson"))
+    lines = [head]
+    for g in groups:
+        lines.append(f"{g['group']:<26} {g['n']:>4} {g['chips']:>5}  " + "   ".join(_fmt(g[c]) for c in COEFFICIENTS))
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    import pandas as pd  # imported here: only the writers need it
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False, float_format="%.6g")
+
+
+def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: str, ideal: float | None,
+                overall: dict[str, Any], accuracy: str = "top1") -> None:
+    """Scatter of log2 NIPA (x) against the chip-mean accuracy (y, bars: std over chips), coloured by one
+    parameter, with the float model's accuracy as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    values = sorted({r[color_by] for r in rows}, key=lambda v: (str(type(v)), v))
+    cmap = plt.get_cmap("tab10" if len(values) <= 10 else "viridis")
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=130)
+    for i, value in enumerate(values):
+        chosen = [r for r in rows if r[color_by] == value]
+        color = cmap(i % 10) if len(values) <= 10 else cmap(i / max(1, len(values) - 1))
+        xs = [r["log2_nipa"] for r in chosen]
+        ys = [r["accuracy_mean"] for r in chosen]
+        errs = [0.0 if math.isnan(r["accuracy_std"]) else r["accuracy_std"] for r in chosen]
+        ax.errorbar(xs, ys, yerr=errs, fmt="o", ms=5, color=color, ecolor=color, elinewidth=0.8, capsize=2,
+                    alpha=0.85, label=f"{value} ({len(chosen)})")
+    if ideal is not None:
+        ax.axhline(ideal, color="0.3", ls="--", lw=1, label=f"float model {ideal:.2f}%")
+    ax.set_xlabel("log2(NIPA)")
+    ax.set_ylabel(f"simulated {accuracy} accuracy (%), mean over chips")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(title=color_by, fontsize=8, title_fontsize=8, loc="lower right")
+
+    def show(name: str, symbol: str) -> str:
+        c = overall[name]
+        if c["value"] is None:
+            return f"{symbol} = nan"
+        ci = f" [{c['ci_low']:.2f}, {c['ci_high']:.2f}]" if c["ci_low"] is not None else ""
+        return f"{symbol} = {c['value']:.3f}{ci}"
+
+    text = "\n".join([f"n = {overall['n']} points", show("kendall", "Kendall τ"), show("spearman", "Spearman ρ"),
+                      show("pearson", "Pearson r")])
+    ax.text(0.02, 0.98, text, transform=ax.transAxes, va="top", fontsize=8,
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"})
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def layer_ranking(stats: ModelStats, rows: list[dict[str, Any]], configs: list[HWConfig], index: int,
+                  tile_factor: str) -> list[dict[str, Any]]:
+    """Layers at point `index`, most sensitive (lowest per-layer NIPA) first, with each layer's mean
+    rank over all points (1 = most sensitive) and how often it is the most sensitive."""
+    every = np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=tile_factor))  # [N, L]
+    ranks = every.argsort(axis=1).argsort(axis=1) + 1
+    at = every[index]
+    order = np.argsort(at, kind="stable")
+    return [{"rank": position + 1, "layer": stats.layers[layer], "nipa": float(at[layer]),
+             "log2_nipa": float(np.log2(at[layer])), "mean_rank_all_points": float(ranks[:, layer].mean()),
+             "most_sensitive_at_points": int((ranks[:, layer] == 1).sum())}
+            for position, layer in enumerate(order)]
+
+
+def representative_index(rows: list[dict[str, Any]], point_index: int | None) -> int:
+    """--point_index, or the point with the median NIPA (the lower middle one for an even count)."""
+    if point_index is not None:
+        if not 0 <= point_index < len(rows):
+            raise IndexError(f"--point_index {point_index}: there are {len(rows)} points (0..{len(rows) - 1})")
+        return point_index
+    order = np.argsort([r["log2_nipa"] for r in rows], kind="stable")
+    return int(order[(len(rows) - 1) // 2])
+
+
+def describe_row(row: dict[str, Any]) -> str:
+    config = HWConfig.from_dict({name: row[name] for name in CONFIG_FIELDS})
+    return config.describe()
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything validate.py does; returns the summary that is also written as JSON."""
+    grouped, stats, records_path, stats_path = load_inputs(args)
+    published = args.reduction == PUBLISHED["reduction"] and args.tile_factor == PUBLISHED["tile_factor"]
+    variant = "" if published else "_" + "_".join(
+        part for part in (args.reduction if args.reduction != PUBLISHED["reduction"] else "",
+                          f"tile-{args.tile_factor}" if args.tile_factor != PUBLISHED["tile_factor"] else "")
+        if part)
+    out_dir = Path(args.out_dir) if args.out_dir else Path("results") / args.model_name.lower()
+    stem = out_dir / f"{args.dataset}_nipa{variant}"
+    paths = {"points_csv": Path(f"{stem}_points.csv"), "plot_png": out_dir / f"{args.dataset}_nipa{variant}.png",
+             "summary_json": Path(f"{stem}_summary.json")}
+
+    source = str(stats.meta.get("source", ""))
+    if source.startswith("random_init"):
+        warnings.warn(f"{stats_path}: statistics of untrained weights ({source})", stacklevel=1)
+    rows = point_table(grouped, stats, args.reduction, args.tile_factor, args.accuracy)
+    groups = group_agreements(rows, grouped, args.group_by, args.bootstrap, args.seed, args.confidence)
+    x = np.array([r["log2_nipa"] for r in rows])
+    y = np.array([r["accuracy_mean"] for r in rows])
+    pairs = one_factor_pairs([p.config for p in grouped.points], x, y, GROUP_FIELDS + ("vari", "ind_vari",
+                                                                                        "laplace_b", "SAF_prop"))
+
+    reliability = chip_agreement(grouped.points)
+    ceiling = noise_ceiling(grouped.points, seed=args.seed) if args.accuracy == "top1" else None
+    metric_name = f"NIPA {args.reduction}/k_T={args.tile_factor}" + (" (published)" if published else " (variant)")
+    print(f"{args.model_name} on {args.dataset}: {grouped.describe_chips()} from {records_path}"
+          + (f" ({grouped.duplicates} repeated chip records counted once)" if grouped.duplicates else ""))
+    if grouped.ideal_top1 is not None:
+        print(f"float model {args.accuracy if args.accuracy == 'top1' else 'top1'}: {grouped.ideal_top1:.2f}%")
+    print(f"{metric_name}, statistics {stats_path}; log2(NIPA) vs mean {args.accuracy} over chips; "
+          f"{args.bootstrap} bootstrap resamples (seed {args.seed})")
+    print(format_groups(groups, args.confidence))
+    if reliability["kendall_between_chips"] is not None:
+        between = reliability["kendall_between_chips"]
+        print(f"ground truth against itself: Kendall tau-b between two chips {between:+.3f} "
+              f"(mean over {reliability['chip_pairs']} chip pairs)")
+    if ceiling and ceiling["kendall"] is not None:
+        print(f"noise ceiling: a perfect ranking would score Kendall tau-b about {ceiling['kendall']:.3f} against "
+              f"these chip means (chip std, median {ceiling['median_chip_std']:.2f} points; rough, see README)")
+    print("pairs of points differing in one parameter only (concordant / discordant / tied in NIPA / "
+          "tied in accuracy):")
+    for name, count in pairs.items():
+        if count["pairs"]:
+            print(f"  {name:<14} {count['pairs']:>5} pairs: {count['concordant']:>5} / {count['discordant']:>5} / "
+                  f"{count['tied_x']:>5} / {count['tied_y']:>5}")
+
+    write_csv(rows, paths["points_csv"])
+    overall = groups[0]
+    if not args.no_plot:
+        title = (f"{args.model_name} on {args.dataset}: {metric_name}\n{grouped.describe_chips()}")
+        plot_points(rows, args.color_by, paths["plot_png"], title, grouped.ideal_top1 if args.accuracy == "top1"
+                    else grouped.ideal_top5, overall, args.accuracy)
+    else:
+        paths.pop("plot_png")
+
+    layers = None
+    if args.per_layer:
+        index = representative_index(rows, args.point_index)
+        layers = layer_ranking(stats, rows, [p.config for p in grouped.points], index, args.tile_factor)
+        paths["layers_csv"] = Path(f"{stem}_layers.csv")
+        write_csv(layers, paths["layers_csv"])
+        print(f"layers by sensitivity at point {index} ({describe_row(rows[index])}, log2 NIPA "
+              f"{rows[index]['log2_nipa']:.2f}, accuracy {rows[index]['accuracy_mean']:.2f}%); "
+              f"most sensitive (lowest per-layer NIPA) first:")
+        print(f"  {'rank':>4} {'layer':<30} {'log2 NIPA':>9} {'mean rank, all points':>22}")
+        for layer in layers:
+            print(f"  {layer['rank']:>4} {layer['layer']:<30} {layer['log2_nipa']:>9.2f} "
+                  f"{layer['mean_rank_all_points']:>22.2f}")
+
+    import scipy
+
+    summary = {
+        "model": args.model_name.lower(), "dataset": args.dataset,
+        "metric": {"reduction": args.reduction, "tile_factor": args.tile_factor, "published": published},
+        "accuracy": args.accuracy, "x": "log2(NIPA)", "y": f"mean {args.accuracy} over chips (%)",
+        "points": len(rows), "chips_per_point": {str(k): v for k, v in grouped.chip_counts().items()},
+        "chips_total": int(sum(r["chips"] for r in rows)), "repeated_chip_records": grouped.duplicates,
+        "ideal_top1": grouped.ideal_top1, "ideal_top5": grouped.ideal_top5,
+        "bootstrap": args.bootstrap, "seed": args.seed, "confidence": args.confidence,
+        "groups": groups, "one_factor_pairs": pairs, "chip_agreement": reliability,
+        "noise_ceiling": ceiling,
+        "per_layer": None if layers is None else {"point_index": index, "point": describe_row(rows[index]),
+                                                  "layers": layers},
+        "records": str(records_path), "records_run": grouped.run, "hw_files": grouped.hw_files,
+        "stats": str(stats_path), "stats_source": stats.meta.get("source"),
+        "stats_created": stats.meta.get("created"), "stats_weights_sha1": stats.meta.get("weights_sha1"),
+        "stats_count_padding": stats.meta.get("count_padding"),
+        "outputs": {k: str(v) for k, v in paths.items()},
+        "nipa_version": __version__, "numpy_version": np.__version__, "scipy_version": scipy.__version__,
+        "python_version": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    import json
+
+    paths["summary_json"].write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (MissingInput, RecordsError, IndexError, FileNotFoundError, ValueError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"validate.py: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Non-slicing absolute accuracy: one forward pass with an equivalent error injected per layer, against
+the bit-and-crossbar ground truth of main.py, with the speedup measured in the same run (SPEC section 7).
+
+    python wrap_error.py --model_name smallcnn --dataset mnist5k --cycle 3 \
+        --log_file results/smallcnn/mnist5k_wrap.log
+
+Reads results/{model}/{dataset}_accsim.jsonl (--ground_truth), evaluates --cycle injection draws per
+recorded hardware point (their mean is the prediction, never the draw nearest the ground truth),
+appends one record per draw to results/{model}/{dataset}_wrap.jsonl (--out; an interrupted run
+resumes), prints the per-point table and writes {dataset}_wrap_summary.json and {dataset}_wrap.png
+beside it. Both methods are timed in the same run on --time_points points spread over the grid, on the
+same data, batch size and device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nipa.cli import add_model_args, add_runtime_args
+from nipa.inject import ADC_FORMS, ADC_MODELS, DEVICE_MODELS, METHODS
+from nipa.logs import open_log
+from nipa.wrap import run_from_args
+
+DEFAULT_METHOD = "calibrated"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.set_defaults(batch_size=None)  # default: the ground truth's
+    parser.add_argument("--cycle", type=int, default=3,
+                        help="injection draws per point (their mean is reported)")
+    parser.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD,
+                        help="calibrated (default): device errors from the cell model, ADC error measured on "
+                             "calibration data and injected as output noise; published: SPEC section 7 as "
+                             "written (formula noise on the weight slices)")
+    parser.add_argument("--device_error", choices=DEVICE_MODELS, default=None,
+                        help="override the method's device part")
+    parser.add_argument("--adc_error", choices=ADC_MODELS, default=None,
+                        help="override the method's ADC part")
+    parser.add_argument("--adc_form", choices=ADC_FORMS, default=None,
+                        help="measured ADC error as fresh output noise (output) or as weight noise fixed per "
+                             "draw (weight); default: the method's")
+    parser.add_argument("--tile_factor", choices=("tiles", "one"), default="tiles",
+                        help="k_T of the formula ADC term (SPEC: the tile count T)")
+    parser.add_argument("--calib_batches", type=int, default=1,
+                        help="training batches (of --batch_size) on which the ADC error is measured")
+    parser.add_argument("--paired_chips", action="store_true",
+                        help="diagnostic: draw d uses the simulator's chip d cells, which separates the "
+                             "method's error from the sampling of chips (not a prediction)")
+    parser.add_argument("--time_points", type=int, default=5,
+                        help="points on which both methods are timed in this run (0: no timing)")
+    parser.add_argument("--memory_mb", type=float, default=256,
+                        help="memory budget of the simulator's and the calibration's products")
+    parser.add_argument("--ground_truth", default=None,
+                        help="main.py records (default results/{model}/{dataset}_accsim.jsonl)")
+    parser.add_argument("--stats", default=None,
+                        help="statistics for formula terms (default results/stats/{model}_{dataset}.json)")
+    parser.add_argument("--out", default=None,
+                        help="records of the fast method (default results/{model}/{dataset}_wrap.jsonl)")
+    parser.add_argument("--plot", default=None,
+                        help="scatter plot (default {dataset}_wrap.png beside --out)")
+    parser.add_argument("--log_file", default=None, help="readable progress lines are appended here")
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    if args.cycle < 1:
+        parser.error(f"--cycle {args.cycle}: need at least one draw")
+    if args.calib_batches < 1:
+        parser.error(f"--calib_batches {args.calib_batches}: need at least one batch")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run_from_args(args, DEFAULT_METHOD, open_log(args.log_file))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
