@@ -45,6 +45,7 @@ from nipa.correlation import (
     RecordsError,
     agreement,
     chip_agreement,
+    chip_mean,
     chip_std,
     group_records,
     noise_ceiling,
@@ -65,8 +66,8 @@ from nipa.records import read_records, sibling_files
 from nipa.stats import ModelStats, combo_key, load_statistics
 
 PUBLISHED = {"reduction": "model_average", "tile_factor": "tiles"}
-COLOR_FIELDS = ("wl_weight", "vari_type", "cellBit", "subArray", "ADCprecision")
-GROUP_FIELDS = ("vari_type", "cellBit", "wl_weight", "subArray", "ADCprecision")
+COLOR_FIELDS = ("wl_weight", "vari_type", "cellBit", "subArray", "ADCprecision", "device_spread")
+GROUP_FIELDS = ("vari_type", "cellBit", "wl_weight", "subArray", "ADCprecision", "device_spread")
 DEFAULT_GROUPS = ("vari_type", "cellBit", "wl_weight")
 CONFIG_FIELDS = ("wl_weight", "wl_input", "subArray", "ADCprecision", "adc_mode", "cellBit", "onoffratio",
                  "vari_type", "vari", "ind_vari", "laplace_b", "SAF_prop")
@@ -240,7 +241,7 @@ def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile
             "index": index, **{name: config[name] for name in CONFIG_FIELDS},
             "device_spread": point.config.device_spread, "hw_file": point.hw_file,
             "chips": point.num_chips, "chip_ids": " ".join(map(str, point.chips)),
-            "accuracy_mean": float(np.mean(finite)) if finite else math.nan,
+            "accuracy_mean": chip_mean(finite),
             "accuracy_std": chip_std(finite),
             "accuracy_chips": " ".join(f"{v:g}" for v in finite),
             "top1_mean": point.top1_mean, "top5_mean": point.top5_mean, "samples": point.samples,
@@ -299,7 +300,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     import pandas as pd  # imported here: only the writers need it
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, index=False, float_format="%.6g")
+    pd.DataFrame(rows).to_csv(path, index=False, float_format="%.10g")
 
 
 def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: str, ideal: float | None,
@@ -313,7 +314,7 @@ def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: st
 
     values = sorted({r[color_by] for r in rows}, key=lambda v: (str(type(v)), v))
     cmap = plt.get_cmap("tab10" if len(values) <= 10 else "viridis")
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=130)
+    fig, ax = plt.subplots(figsize=(9.0, 5.4), dpi=130)
     for i, value in enumerate(values):
         chosen = [r for r in rows if r[color_by] == value]
         color = cmap(i % 10) if len(values) <= 10 else cmap(i / max(1, len(values) - 1))
@@ -328,7 +329,8 @@ def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: st
     ax.set_ylabel(f"simulated {accuracy} accuracy (%), mean over chips")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(title=color_by, fontsize=8, title_fontsize=8, loc="lower right")
+    # legend and coefficients beside the axes: inside they would hide points wherever they went
+    ax.legend(title=color_by, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
     def show(name: str, symbol: str) -> str:
         c = overall[name]
@@ -339,11 +341,11 @@ def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: st
 
     text = "\n".join([f"n = {overall['n']} points", show("kendall", "Kendall τ"), show("spearman", "Spearman ρ"),
                       show("pearson", "Pearson r")])
-    ax.text(0.02, 0.98, text, transform=ax.transAxes, va="top", fontsize=8,
+    ax.text(1.02, 0.0, text, transform=ax.transAxes, va="bottom", ha="left", fontsize=8,
             bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"})
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -191,6 +191,13 @@ def agreement(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
 # ----------------------------------------------------------------------------------------------------
 
 
+def chip_mean(values: Sequence[float]) -> float:
+    """Mean of per-chip accuracies, rounded to 1e-9 so that equal means are equal floats: (97.9 + 97.2 +
+    97.2) / 3 and (97.5 + 97.4 + 97.4) / 3 differ in the last bit otherwise, and Kendall's tau-b would
+    count a tie as a concordant or discordant pair. NaN for no chips."""
+    return round(float(np.mean(values)), 9) if len(values) else math.nan
+
+
 def chip_std(values: Sequence[float]) -> float:
     """Sample standard deviation (ddof = 1) of per-chip accuracies; NaN for fewer than 2 chips.
 
@@ -221,7 +228,7 @@ class PointResult:
 
     @property
     def top1_mean(self) -> float:
-        return float(np.mean(self.top1))
+        return chip_mean(self.top1)
 
     @property
     def top1_std(self) -> float:
@@ -231,7 +238,7 @@ class PointResult:
     @property
     def top5_mean(self) -> float:
         values = [v for v in self.top5 if v is not None]
-        return float(np.mean(values)) if values else math.nan
+        return chip_mean(values)
 
 
 @dataclass
@@ -397,7 +404,9 @@ def noise_ceiling(points: Sequence[PointResult], n_draws: int = 500, seed: int =
     chip-to-chip noise: the mean tau-b between the chip-mean accuracies m and m + e, with e drawn as
     N(0, s_i^2 / chips_i) per point (s_i its chip std; points with one chip take the median s of the
     others). It treats the observed means as the truth, so it somewhat overstates the ceiling; it
-    ignores the test set's own sampling noise (which all points share). NaN when no point has 2 chips.
+    ignores the test set's own sampling noise (which all points share); and it takes the noise as
+    independent between points, whereas chips drawn with common random numbers (chip c of every point
+    from the same draws) shift whole groups of points together. NaN when no point has 2 chips.
     """
     means = np.array([p.top1_mean for p in points])
     spreads = np.array([p.top1_std for p in points])

@@ -133,6 +133,14 @@ def test_grouping_averages_chips_and_keeps_every_point():
     assert split_by(grouped.points, "wl_weight") == {4: [1, 2], 8: [0]}
 
 
+def test_equal_chip_means_are_ties():
+    # in floats (96.0 + 96.1 + 96.6) / 3 != (96.0 + 96.3 + 96.4) / 3; a tie must stay a tie for tau-b
+    a, b = HWConfig(ADCprecision=4), HWConfig(ADCprecision=5)
+    grouped = group_records([record(a, i, v) for i, v in enumerate((96.0, 96.1, 96.6))]
+                            + [record(b, i, v) for i, v in enumerate((96.0, 96.3, 96.4))])
+    assert grouped.points[0].top1_mean == grouped.points[1].top1_mean
+
+
 def test_grouping_rejects_mixed_runs_and_conflicting_chips():
     a = HWConfig()
     with pytest.raises(RecordsError, match="run settings.*batch_size"):
