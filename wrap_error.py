@@ -7,9 +7,10 @@ the bit-and-crossbar ground truth of main.py, with the speedup measured in the s
 Reads results/{model}/{dataset}_accsim.jsonl (--ground_truth), evaluates --cycle injection draws per
 recorded hardware point (their mean is the prediction, never the draw nearest the ground truth),
 appends one record per draw to results/{model}/{dataset}_wrap.jsonl (--out; an interrupted run
-resumes), prints the per-point table and writes {dataset}_wrap_summary.json and {dataset}_wrap.png
-beside it. Both methods are timed in the same run on --time_points points spread over the grid, on the
-same data, batch size and device.
+resumes), prints the per-point table and writes <out stem>_summary.json and <out stem>.png beside it
+(a method other than the default adds its name: {dataset}_wrap_published_summary.json). Both methods
+are timed in the same run on --time_points points spread over the grid, on the same data, batch size
+and device.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from nipa.cli import add_model_args, add_runtime_args
 from nipa.inject import ADC_FORMS, ADC_MODELS, DEVICE_MODELS, METHODS
 from nipa.logs import open_log
-from nipa.wrap import run_from_args
+from nipa.wrap import MissingGroundTruth, run_from_args
 
 DEFAULT_METHOD = "calibrated"
 
@@ -61,8 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help="records of the fast method (default results/{model}/{dataset}_wrap.jsonl)")
     parser.add_argument("--plot", default=None,
-                        help="scatter plot (default {dataset}_wrap.png beside --out)")
+                        help="scatter plot (default <out stem>.png beside --out)")
     parser.add_argument("--log_file", default=None, help="readable progress lines are appended here")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both methods (default: torch's; 1 is steadier when busy)")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     if args.cycle < 1:
@@ -74,7 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    run_from_args(args, DEFAULT_METHOD, open_log(args.log_file))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        run_from_args(args, DEFAULT_METHOD, open_log(args.log_file))
+    except (MissingGroundTruth, FileNotFoundError) as exc:  # the message says which command makes it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

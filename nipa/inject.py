@@ -164,7 +164,9 @@ class InjectedCore(nn.Module):
         q, scale = quantize_weight_tiles(tile_columns(matrix, self.rows), hw.wl_weight)
         self.num_tiles = q.shape[1]
         self.weight_scale = scale  # [out, T]
-        self.slices = slice_magnitude(q, hw.wl_weight, hw.cellBit)  # [K, out, T, rows]
+        # [K, out, T, rows]; |s| < 2^c <= 256 fits int8 up to cellBit 7 (a quarter of float32's memory).
+        slices = slice_magnitude(q, hw.wl_weight, hw.cellBit)
+        self.slices = slices.to(torch.int8) if hw.cellBit <= 7 else slices
         weight_var = torch.as_tensor(weight_var, dtype=torch.float64).cpu().clamp(min=0)
         std = weight_var.sqrt().float()
         self.weight_noise_std = std.expand(self.out_features, self.num_tiles).contiguous()
@@ -184,11 +186,12 @@ class InjectedCore(nn.Module):
         """
         generator = chip_generator(seed, draw, zlib.crc32(f"inject:{self.name}".encode()))
         significance = slice_significance(self.hw.num_slices, self.hw.cellBit).view(-1, 1, 1, 1)
+        slices = self.slices.float()
         if self.cells:
             cells = chip_generator(seed, draw, zlib.crc32(self.name.encode())) if paired else generator
-            levels = (program_pairs(self.slices, self.hw, cells) * significance).sum(0)
+            levels = (program_pairs(slices, self.hw, cells) * significance).sum(0)
         else:
-            levels = (self.slices * significance).sum(0)  # == q exactly
+            levels = (slices * significance).sum(0)  # == q exactly
         if bool((self.weight_noise_std > 0).any()):
             noise = torch.randn(levels.shape, generator=generator)
             levels = levels + noise * self.weight_noise_std.unsqueeze(-1)
@@ -203,7 +206,8 @@ class _InjectedLayer(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(),
                                                                  requires_grad=False)
         self.register_buffer("weight", layer.weight.detach().clone())
-        self.output_generator: torch.Generator | None = None
+        self.output_generator: torch.Generator | None = None  # the pool's normals, on the layer's device
+        self.offset_generator: torch.Generator | None = None  # offsets, on the CPU: no device sync
         self.noise_pool: torch.Tensor | None = None
         self.paired = False
 
@@ -216,6 +220,7 @@ class _InjectedLayer(nn.Module):
         if self.core.output_std is not None:
             name = f"inject-out:{self.core.name}".encode()
             self.output_generator = chip_generator(seed, draw, zlib.crc32(name), self.weight.device)
+            self.offset_generator = chip_generator(seed, draw, zlib.crc32(name + b":offset"))
 
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_q, scale = quantize_input(x, self.wl_input)
@@ -234,10 +239,9 @@ class _InjectedLayer(nn.Module):
         if self.noise_pool is None or self.noise_pool.numel() < numel:
             self.noise_pool = torch.randn(numel + numel // 4 + 1, generator=self.output_generator,
                                           device=y.device, dtype=y.dtype)
-        generator = self.output_generator
-        offset = int(torch.randint(0, self.noise_pool.numel() - numel + 1, (1,), generator=generator,
-                                   device=generator.device))
-        return y + self.noise_pool[offset:offset + numel].view(y.shape) * std
+        offset = int(torch.randint(0, self.noise_pool.numel() - numel + 1, (1,),
+                                   generator=self.offset_generator))
+        return y.addcmul_(self.noise_pool[offset:offset + numel].view(y.shape), std)
 
 
 class InjectedLinear(_InjectedLayer):
@@ -297,6 +301,15 @@ def _layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return rows.reshape(-1, rows.shape[-1])
 
 
+def _distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct rows, multiplicities). Finding them is a sort; when a sample of rows shows few
+    repeats (a deep layer's inputs) the rows are kept as they are, each with multiplicity 1."""
+    sample = rows[:: max(1, rows.shape[0] // 2048)]  # spread over the batch, not one image's rows
+    if torch.unique(sample, dim=0).shape[0] > 0.8 * sample.shape[0]:
+        return rows, torch.ones(rows.shape[0], dtype=torch.int64, device=rows.device)
+    return torch.unique(rows, dim=0, return_counts=True)
+
+
 class _Reads:
     """The noise-free reads of one layer on one batch: P [Z, c, K*out] for the distinct input rows of
     each tile (identical rows give identical reads; a convolution's im2col rows repeat a lot), formed
@@ -310,8 +323,8 @@ class _Reads:
         self.n, self.num_tiles, self.r = x_tiles.shape
         self.input_power = (x_tiles.double() ** 2).sum(-1).mean(0)  # [T]
         self.z, self.k, self.out = hw.wl_input - 1, hw.num_slices, core.out_features
-        self.tiles = [torch.unique(x_tiles[:, t], dim=0, return_counts=True) for t in range(self.num_tiles)]
-        self.slices = core.slices.to(rows.device)
+        self.tiles = [_distinct_rows(x_tiles[:, t]) for t in range(self.num_tiles)]
+        self.slices = core.slices.to(rows.device, torch.float32)
         budget = max(1, int(memory_mb * 2**20 / 4))
         self.chunk = max(1, budget // max(1, 3 * self.z * (self.k * self.out + self.r)))
         self.sample_rows = sample_rows

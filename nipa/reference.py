@@ -154,4 +154,6 @@ def compare_layerwise(reference: nn.Module, other: nn.Module, inputs) -> dict[st
     missing = sorted(set(records) - set(others))
     if missing:
         raise ValueError(f"layers {missing} of the reference model are missing from the other model")
-    return {name: ((others[name](x) - y).abs().max() / y.abs().max()).item() for name, (x, y) in records.items()}
+    return {
+        name: ((others[name](x) - y).abs().max() / y.abs().max()).item() for name, (x, y) in records.items()
+    }

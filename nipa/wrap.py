@@ -465,8 +465,8 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
         default_stats = Path("results") / "stats" / f"{args.model_name.lower()}_{args.dataset}.json"
         stats_path = Path(args.stats or default_stats)
         if not stats_path.is_file():
-            raise SystemExit(f"error: bit statistics {stats_path} do not exist; compute them with\n    "
-                             + _stats_hint(truth, args.model_name, args.dataset))
+            raise FileNotFoundError(f"bit statistics {stats_path} do not exist; compute them with\n    "
+                                    + _stats_hint(truth, args.model_name, args.dataset))
         stats = load_statistics(stats_path)
 
     device = resolve_device(args.device, args.gpu_id)
@@ -517,7 +517,7 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
             f"{timing['speedup_amortized_over_grid']:.1f}x with each calibration shared by its points, "
             f"{timing['speedup_with_calibration']:.1f}x with a fresh calibration for every point")
     slug = errors.slug() + ("-paired" if args.paired_chips else "")
-    stem = f"{args.dataset}_wrap" + ("" if slug == default_method else f"_{slug}")
+    stem = out.stem + ("" if slug == default_method else f"_{slug}")
     summary = {"model": args.model_name.lower(), "dataset": args.dataset, "injection": label,
                "method": args.method, "cycle": args.cycle, "ground_truth": truth.source, "records": str(out),
                "batch_size": batch_size, "limit": limit, **comparison["summary"], "timing": timing,

@@ -270,15 +270,38 @@ def test_wrap_error_end_to_end(digits_ckpt_dir, ground_truth, capsys):
     assert "already recorded" in capsys.readouterr().out
 
 
-def test_wrap_error_published_needs_statistics_and_says_how(digits_ckpt_dir, ground_truth, tmp_path):
+def test_wrap_error_published_needs_statistics_and_says_how(digits_ckpt_dir, ground_truth, tmp_path, capsys):
     _, truth = ground_truth
-    with pytest.raises(SystemExit, match="stat.py --model_name smallcnn --dataset digits"):
-        run_wrap(digits_ckpt_dir, truth, tmp_path / "w.jsonl", "--method", "published",
-                 "--stats", str(tmp_path / "missing.json"))
+    assert run_wrap(digits_ckpt_dir, truth, tmp_path / "w.jsonl", "--method", "published",
+                    "--stats", str(tmp_path / "missing.json")) == 2
+    assert "python stat.py --model_name smallcnn --dataset digits --HWdes" in capsys.readouterr().err
 
 
-def test_wrap_error_without_ground_truth_says_which_command(digits_ckpt_dir, tmp_path):
-    from nipa.wrap import MissingGroundTruth
+def test_wrap_error_without_ground_truth_says_which_command(digits_ckpt_dir, tmp_path, capsys):
+    assert run_wrap(digits_ckpt_dir, tmp_path / "none.jsonl", tmp_path / "w.jsonl") == 2
+    assert "python main.py --model_name smallcnn --dataset digits" in capsys.readouterr().err
 
-    with pytest.raises(MissingGroundTruth, match="python main.py --model_name smallcnn --dataset digits"):
-        run_wrap(digits_ckpt_dir, tmp_path / "none.jsonl", tmp_path / "w.jsonl")
+
+def load_stat_script():
+    """The project's stat.py (its name is taken by the standard library's stat module)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "stat.py"
+    spec = importlib.util.spec_from_file_location("nipa_stat_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wrap_error_published_method_with_statistics(digits_ckpt_dir, ground_truth, tmp_path):
+    folder, truth = ground_truth
+    stats = tmp_path / "stats.json"
+    assert load_stat_script().main(["--dataset", "digits", "--ckpt_dir", str(digits_ckpt_dir), "--HWdes",
+                                    str(folder / "space.ini"), "--out", str(stats)]) == 0
+    out = tmp_path / "w.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, out, "--method", "published", "--stats", str(stats),
+                    "--cycle", "1", "--time_points", "0") == 0
+    records = read_records(out)
+    assert len(records) == 4 and records[0]["injection"] == "device=formula,adc=formula"
+    assert (tmp_path / "w_published_summary.json").is_file()  # named after --out and the method
