@@ -13,18 +13,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from nipa.cli import add_layer_args, add_model_args, add_runtime_args, parse_shard
+from nipa.cli import add_layer_args, add_model_args, add_runtime_args, parse_shard, resolve_model_args
 from nipa.config import ADC_MODES, SearchSpace
-from nipa.data import get_dataset, make_loader
+from nipa.llm import LLMError, mapping_report
+from nipa.lm_tasks import TaskFileError
 from nipa.logs import open_log
+from nipa.mapping import select_layers
 from nipa.records import RecordWriter, shard_path
 from nipa.runtime import resolve_device, seed_everything
 from nipa.sweep import SweepSettings, run_sweep
-from nipa.zoo import load_model_and_data
+from nipa.zoo import (
+    calibration_inputs,
+    dataset_id,
+    default_batch_size,
+    layer_selection,
+    load_model_and_data,
+    model_id,
+)
 
 
 def default_results_path(model_name: str, dataset: str, kind: str = "accsim") -> Path:
-    return Path("results") / model_name.lower() / f"{dataset}_{kind}.jsonl"
+    return Path("results") / model_id(model_name) / f"{dataset_id(model_name, dataset)}_{kind}.jsonl"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,32 +54,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="results JSONL (default results/{model}/{dataset}_accsim.jsonl)")
     add_layer_args(parser)
     add_runtime_args(parser)
-    args = parser.parse_args(argv)
+    args = resolve_model_args(parser, parser.parse_args(argv))
     if args.cycle < 1:
         parser.error(f"--cycle {args.cycle}: need at least one chip")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    SearchSpace.from_ini(args.HWdes)  # every bad value is reported before any work starts
+    try:
+        return run(parse_args(argv))
+    except (LLMError, TaskFileError, FileNotFoundError) as exc:  # the message says what to do
+        print(f"main.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    args.batch_size = args.batch_size or default_batch_size(args.model_name)
+    space = SearchSpace.from_ini(args.HWdes)  # every bad value is reported before any work starts
     device = resolve_device(args.device, args.gpu_id)
     seed_everything(args.seed)
     log = open_log(args.log_file)
     model, meta, test_loader = load_model_and_data(
         args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt, data_root=args.data_root,
         batch_size=args.batch_size, device=device, num_workers=args.num_workers, limit=args.limit)
-    calib_set = get_dataset(args.dataset, "train", args.data_root, augment=False)
-    calib_loader = make_loader(calib_set, batch_size=args.batch_size, shuffle=True, seed=args.seed)
+    include, exclude = layer_selection(args.model_name, model, args.include_layer, args.exclude_layer, args.block)
+    log(mapping_report(model, select_layers(model, exclude=exclude, include=include)))
+    modes = [args.adc_mode] if args.adc_mode else space.choices.get("adc_mode", [])
+    calibrated = "calibrated" in modes
+    calib_inputs = calibration_inputs(args.model_name, args.dataset, test_loader,
+                                      args.calib_batches if calibrated else 0, data_root=args.data_root,
+                                      batch_size=args.batch_size, seed=args.seed)
     settings = SweepSettings(
         model_name=args.model_name, dataset=args.dataset, hw_file=args.HWdes, sample_num=args.sample_num,
         cycle=args.cycle, seed=args.seed, batch_size=args.batch_size, limit=args.limit,
-        exclude=args.exclude_layer, include=args.include_layer, adc_mode=args.adc_mode,
+        exclude=exclude, include=include, adc_mode=args.adc_mode,
         per_read=args.per_read, calib_batches=args.calib_batches, memory_mb=args.memory_mb,
         shard=args.shard, extra={"checkpoint_top1": meta.get("test_top1")})
     out = Path(args.out) if args.out else default_results_path(args.model_name, args.dataset)
     writer = RecordWriter(shard_path(out, args.shard))
-    run_sweep(settings, model, test_loader, calib_loader, device, out, writer, log)
+    run_sweep(settings, model, test_loader, calib_inputs, device, out, writer, log)
     log(f"records in {writer.path}")
     return 0
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from nipa.cli import add_layer_args
+from nipa.cli import add_layer_args, resolve_model_args
 from nipa.config import ConfigError, SearchSpace
 from nipa.data import DATASET_NAMES
+from nipa.llm import is_llm_name, load_causal_lm, mapping_report
 from nipa.mapping import select_layers
 from nipa.stats import (
     ComboStats,
@@ -38,7 +39,16 @@ from nipa.stats import (
     save_statistics,
     weight_matrix,
 )
-from nipa.zoo import CHECKPOINT_DIR, build_model, load_trained_model
+from nipa.zoo import (
+    CHECKPOINT_DIR,
+    build_model,
+    checkpoint_path,
+    dataset_id,
+    layer_selection,
+    load_trained_model,
+    model_id,
+    statistics_path,
+)
 
 DEFAULT_HWDES = "HW_config/Search_space.ini"
 
@@ -46,8 +56,12 @@ DEFAULT_HWDES = "HW_config/Search_space.ini"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name", default="smallcnn", help="see models.MODEL_NAMES (default smallcnn)")
-    parser.add_argument("--dataset", default="mnist5k", choices=DATASET_NAMES)
+    parser.add_argument("--model_name", default="smallcnn",
+                        help="a CNN of models.MODEL_NAMES (default smallcnn) or a causal LM (see nipa/llm.py)")
+    parser.add_argument("--dataset", default="mnist5k",
+                        help=f"CNN: one of {', '.join(DATASET_NAMES)}; LLM: the task the records use (it names "
+                             "the statistics file; the statistics depend on the weights only)")
+    parser.add_argument("--tasks", default=None, help="LLM: lm-eval task names (sets --dataset)")
     parser.add_argument("--ckpt_dir", default=CHECKPOINT_DIR)
     parser.add_argument("--ckpt", default=None, help="checkpoint path (default: ckpts/{model}_{dataset}.pt)")
     parser.add_argument("--random_init", action="store_true",
@@ -70,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show", default=None, metavar="KEY",
                         help="combination whose per-layer table is printed, e.g. w8_s128_c1 "
                              "(default: the first)")
-    return parser.parse_args(argv)
+    return resolve_model_args(parser, parser.parse_args(argv))
 
 
 def requested_combos(args: argparse.Namespace) -> list[tuple[int, int, int]]:
@@ -96,11 +110,16 @@ def requested_combos(args: argparse.Namespace) -> list[tuple[int, int, int]]:
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     """The model and a description of where its weights came from."""
+    if is_llm_name(args.model_name):
+        if args.random_init:
+            raise ValueError("--random_init is for the project's CNNs; an LLM's weights come from its files")
+        model, meta = load_causal_lm(args.model_name)
+        return model, str(Path(meta["source"]) / meta.get("gguf_file", ""))
     if args.random_init:
         torch.manual_seed(args.seed)
         return build_model(args.model_name, args.dataset).eval(), f"random_init(seed={args.seed})"
     model, meta = load_trained_model(args.model_name, args.dataset, args.ckpt_dir, args.ckpt)
-    source = str(args.ckpt or Path(args.ckpt_dir) / f"{args.model_name.lower()}_{args.dataset}.pt")
+    source = str(args.ckpt or checkpoint_path(args.model_name, args.dataset, args.ckpt_dir))
     return model, source
 
 
@@ -165,16 +184,20 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--show {args.show}: not among the requested combinations "
                               f"({', '.join(combo_key(*c) for c in combos)})")
         model, source = load_model(args)
-        layers = select_layers(model, args.exclude_layer, args.include_layer)  # bad patterns fail here
+        include, exclude = layer_selection(args.model_name, model, args.include_layer, args.exclude_layer,
+                                           args.block)
+        layers = select_layers(model, exclude, include)  # bad patterns fail here
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"stat.py: error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"results/stats/{args.model_name.lower()}_{args.dataset}.json")
+    out = Path(args.out or statistics_path(args.model_name, args.dataset))
+    if is_llm_name(args.model_name):
+        log(mapping_report(model, layers))
 
     start = time.perf_counter()
     stats = model_statistics(
-        model, combos, args.exclude_layer, args.include_layer, model_name=args.model_name.lower(),
-        dataset=args.dataset, count_padding=not args.exclude_padding,
+        model, combos, exclude, include, model_name=model_id(args.model_name),
+        dataset=dataset_id(args.model_name, args.dataset), count_padding=not args.exclude_padding,
         metadata={"source": source, "weights_sha1": weights_digest(model, layers)})
     seconds = time.perf_counter() - start
     log(f"{args.model_name} on {args.dataset} ({source}): {len(layers)} mapped layers, "

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from main import default_results_path
 from nipa import __version__
+from nipa.cli import resolve_model_args
 from nipa.config import HWConfig
 from nipa.correlation import (
     COEFFICIENTS,
@@ -64,6 +64,7 @@ from nipa.metric import (
 )
 from nipa.records import read_records, sibling_files
 from nipa.stats import ModelStats, combo_key, load_statistics
+from nipa.zoo import dataset_id, model_id, results_path, statistics_path
 
 PUBLISHED = {"reduction": "model_average", "tile_factor": "tiles"}
 COLOR_FIELDS = ("wl_weight", "vari_type", "cellBit", "subArray", "ADCprecision", "device_spread")
@@ -79,13 +80,21 @@ class MissingInput(RuntimeError):
 
 def default_stats_path(model_name: str, dataset: str) -> Path:
     """Where stat.py writes by default."""
-    return Path("results") / "stats" / f"{model_name.lower()}_{dataset}.json"
+    return statistics_path(model_name, dataset)
+
+
+def default_results_path(model_name: str, dataset: str) -> Path:
+    """Where main.py writes by default."""
+    return results_path(model_name, dataset, "accsim")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name", default="smallcnn", help="model name (default smallcnn)")
-    parser.add_argument("--dataset", default="mnist5k", choices=DATASET_NAMES)
+    parser.add_argument("--model_name", default="smallcnn",
+                        help="a CNN (default smallcnn) or a causal LM, as given to main.py")
+    parser.add_argument("--dataset", default="mnist5k",
+                        help=f"CNN: one of {', '.join(DATASET_NAMES)}; LLM: the task given to main.py")
+    parser.add_argument("--tasks", default=None, help="LLM: lm-eval task names (sets --dataset)")
     parser.add_argument("--records", default=None,
                         help="results JSONL of main.py (default results/{model}/{dataset}_accsim.jsonl)")
     parser.add_argument("--stats", default=None,
@@ -96,7 +105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "layer_sum (sum of per-layer signals over sum of per-layer noises)")
     parser.add_argument("--tile_factor", choices=TILE_FACTORS, default=PUBLISHED["tile_factor"],
                         help="k_T of the ADC term: tiles (published, k_T = T) or one (k_T = 1)")
-    parser.add_argument("--accuracy", choices=("top1", "top5"), default="top1")
+    parser.add_argument("--accuracy", choices=("top1", "top5"), default="top1",
+                        help="top1 (for an LLM's multiple-choice task: acc) or top5")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0 = no CIs)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the CIs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
@@ -108,7 +118,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--point_index", type=int, default=None,
                         help="with --per_layer: row of the points CSV (default: the median-NIPA point)")
     parser.add_argument("--no_plot", action="store_true", help="skip the PNG")
-    args = parser.parse_args(argv)
+    args = resolve_model_args(parser, parser.parse_args(argv))
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
     if not 0 < args.confidence < 1:
@@ -169,7 +179,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[GroupedRecords, ModelStats, P
     if not grouped.points:
         raise MissingInput(f"{records_path} holds no simulated hardware point (method 'sliced') yet. "
                            f"Make them with:\n  {main_command(args, records_path)}")
-    for name, wanted in (("model", args.model_name.lower()), ("dataset", args.dataset)):
+    names = (("model", model_id(args.model_name)), ("dataset", dataset_id(args.model_name, args.dataset)))
+    for name, wanted in names:
         if grouped.__dict__[name] not in (None, wanted):
             raise RecordsError(f"{records_path} holds records of {name} {grouped.__dict__[name]!r}, not "
                                f"{wanted!r}")
@@ -177,7 +188,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[GroupedRecords, ModelStats, P
         raise MissingInput(f"no bit statistics at {stats_path}. Make them with:\n  "
                            + stat_command(args, stats_path, grouped))
     stats = load_statistics(stats_path)
-    for name, wanted in (("model", args.model_name.lower()), ("dataset", args.dataset)):
+    for name, wanted in names:
         have = stats.meta.get(name)
         if have not in (None, "", wanted):
             raise MissingInput(f"{stats_path} holds statistics of {name} {have!r}, not {wanted!r}. Make the "
@@ -389,9 +400,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         part for part in (args.reduction if args.reduction != PUBLISHED["reduction"] else "",
                           f"tile-{args.tile_factor}" if args.tile_factor != PUBLISHED["tile_factor"] else "")
         if part)
-    out_dir = Path(args.out_dir) if args.out_dir else Path("results") / args.model_name.lower()
-    stem = out_dir / f"{args.dataset}_nipa{variant}"
-    paths = {"points_csv": Path(f"{stem}_points.csv"), "plot_png": out_dir / f"{args.dataset}_nipa{variant}.png",
+    out_dir = Path(args.out_dir) if args.out_dir else Path("results") / model_id(args.model_name)
+    stem = out_dir / f"{dataset_id(args.model_name, args.dataset)}_nipa{variant}"
+    paths = {"points_csv": Path(f"{stem}_points.csv"), "plot_png": Path(f"{stem}.png"),
              "summary_json": Path(f"{stem}_summary.json")}
 
     source = str(stats.meta.get("source", ""))
@@ -454,7 +465,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import scipy
 
     summary = {
-        "model": args.model_name.lower(), "dataset": args.dataset,
+        "model": model_id(args.model_name), "dataset": dataset_id(args.model_name, args.dataset),
         "metric": {"reduction": args.reduction, "tile_factor": args.tile_factor, "published": published},
         "accuracy": args.accuracy, "x": "log2(NIPA)", "y": f"mean {args.accuracy} over chips (%)",
         "points": len(rows), "chips_per_point": {str(k): v for k, v in grouped.chip_counts().items()},

@@ -20,8 +20,10 @@ import sys
 
 import torch
 
-from nipa.cli import add_model_args, add_runtime_args
+from nipa.cli import add_model_args, add_runtime_args, resolve_model_args
 from nipa.inject import ADC_FORMS, ADC_MODELS, DEVICE_MODELS, METHODS
+from nipa.llm import LLMError
+from nipa.lm_tasks import TaskFileError
 from nipa.logs import open_log
 from nipa.wrap import MissingGroundTruth, run_from_args
 
@@ -69,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both methods (default: torch's; 1 is steadier when busy)")
     add_runtime_args(parser)
-    args = parser.parse_args(argv)
+    args = resolve_model_args(parser, parser.parse_args(argv))
     if args.cycle < 1:
         parser.error(f"--cycle {args.cycle}: need at least one draw")
     if args.calib_batches < 1:
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         run_from_args(args, DEFAULT_METHOD, open_log(args.log_file))
-    except (MissingGroundTruth, FileNotFoundError) as exc:  # the message says which command makes it
+    except (MissingGroundTruth, FileNotFoundError, LLMError, TaskFileError) as exc:  # the message says what to do
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -9,12 +9,17 @@ from nipa.zoo import CHECKPOINT_DIR
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model_name", default="smallcnn", help="model name (see models.MODEL_NAMES)")
-    parser.add_argument("--dataset", default="mnist5k", choices=DATASET_NAMES)
+    parser.add_argument("--model_name", default="smallcnn",
+                        help="a CNN of models.MODEL_NAMES, or a causal LM: a local checkpoint folder, a .gguf "
+                             "file, a model id in your transformers cache, or smollm2-135m (see nipa/llm.py)")
+    parser.add_argument("--dataset", default="mnist5k",
+                        help=f"CNN: one of {', '.join(DATASET_NAMES)}; LLM: a PIQA/ARC-schema .jsonl, a .txt "
+                             "(perplexity) or lm-eval task names (see nipa/lm_tasks.py)")
+    parser.add_argument("--tasks", default=None, help="LLM: lm-eval task names, e.g. piqa,arc_easy (sets --dataset)")
     parser.add_argument("--data_root", default="data", help="where cifar10/cifar100/imagenet files are")
     parser.add_argument("--ckpt_dir", default=CHECKPOINT_DIR)
     parser.add_argument("--ckpt", default=None, help="checkpoint path (default: ckpts/{model}_{dataset}.pt)")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=None, help="default: 256 images (CNN), 16 sequences (LLM)")
     parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test samples only")
 
@@ -23,7 +28,11 @@ def add_layer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude_layer", nargs="*", default=[], metavar="PATTERN",
                         help="layers kept digital: glob patterns on module names (e.g. conv1 'layer4.*')")
     parser.add_argument("--include_layer", nargs="*", default=None, metavar="PATTERN",
-                        help="map only these layers (glob patterns); default: every Conv2d/Linear")
+                        help="map only these layers (glob patterns); default: every Conv2d/Linear of a CNN, "
+                             "the preset block of an LLM")
+    parser.add_argument("--block", type=int, default=None,
+                        help="LLM: index of the block whose Linear/Conv1D layers are mapped (default: the "
+                             "preset's, e.g. OPT 1, others 0)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -44,3 +53,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 0 <= index < count:
         raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= i < n")
     return index, count
+
+
+def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """--tasks into --dataset; a CNN's dataset must be one of the project's (checked before any work)."""
+    from nipa.llm import is_llm_name
+
+    if getattr(args, "tasks", None):
+        args.dataset = args.tasks
+    if not is_llm_name(args.model_name) and args.dataset not in DATASET_NAMES:
+        parser.error(f"--dataset {args.dataset!r}: for the CNN {args.model_name!r} choose one of "
+                     f"{', '.join(DATASET_NAMES)} (or give an LLM with --model_name)")
+    return args

@@ -317,6 +317,10 @@ def group_records(records: Iterable[Mapping[str, Any]], method: str = "sliced") 
             raise RecordsError(f"point {config.describe()}: chips evaluated on different sample counts "
                                f"({entry['samples']} and {record.get('samples')})")
         chip = int(record.get("chip") or 0)
+        if record.get("top1") is None:
+            raise RecordsError(f"point {config.describe()}, chip {chip}: the record holds no accuracy (a "
+                               f"perplexity task: perplexity {record.get('perplexity')}); correlations need an "
+                               "accuracy, so run main.py on a multiple-choice task")
         result = (float(record["top1"]), None if record.get("top5") is None else float(record["top5"]))
         if chip in entry["chips"]:
             if entry["chips"][chip] != result:

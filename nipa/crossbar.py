@@ -24,7 +24,7 @@ from torch import nn
 
 from nipa.config import HWConfig
 from nipa.device_errors import chip_generator, program_pairs
-from nipa.mapping import is_mappable, select_layers, set_submodule
+from nipa.mapping import as_linear, is_mappable, select_layers, set_submodule
 from nipa.quant import (
     input_scale,
     max_level,
@@ -346,11 +346,12 @@ def convert(
     number `chip` of seed `seed`. The input model is left untouched."""
     options = {"per_read": per_read, "memory_mb": memory_mb}
     if is_mappable(model):  # a bare layer converts to its crossbar twin
-        converted = _crossbar_layer(copy.deepcopy(model), hw, "", options)
+        converted = _crossbar_layer(as_linear(copy.deepcopy(model)), hw, "", options)
     else:
         converted = copy.deepcopy(model)
         for name in select_layers(model, exclude=exclude, include=include):
-            set_submodule(converted, name, _crossbar_layer(converted.get_submodule(name), hw, name, options))
+            layer = as_linear(converted.get_submodule(name))  # a transformers Conv1D: its nn.Linear twin
+            set_submodule(converted, name, _crossbar_layer(layer, hw, name, options))
     program_chip(converted, seed, chip)
     return converted
 

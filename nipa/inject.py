@@ -81,9 +81,10 @@ from torch import nn
 from nipa.config import HWConfig
 from nipa.crossbar import _explicit_padding, im2col
 from nipa.device_errors import chip_generator, program_pairs
-from nipa.mapping import is_mappable, select_layers, set_submodule
+from nipa.mapping import as_linear, is_mappable, select_layers, set_submodule
 from nipa.metric import layer_slice_noise
 from nipa.quant import (
+    max_level,
     quantize_input,
     quantize_weight_tiles,
     slice_magnitude,
@@ -223,8 +224,13 @@ class _InjectedLayer(nn.Module):
             self.offset_generator = chip_generator(seed, draw, zlib.crc32(name + b":offset"))
 
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_q, scale = quantize_input(x, self.wl_input)
-        return x_q * scale, scale
+        """Fake-quantized input and its per-tensor scale: nipa.quant.quantize_input's operations in
+        the same order (so the same values), chained in place on one new tensor."""
+        levels = max_level(self.wl_input)
+        low, high = torch.aminmax(x.detach())  # max|x| without an |x| temporary
+        scale = torch.maximum(-low, high) / levels
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # as nipa.quant.input_scale
+        return torch.div(x, scale).round_().clamp_(-levels, levels).mul_(scale), scale
 
     def _output_noise(self, y: torch.Tensor, scale_in: torch.Tensor, channel_dim: int) -> torch.Tensor:
         if self.core.output_std is None:
@@ -576,7 +582,7 @@ def inject(
         modules = {name: converted.get_submodule(name) for name in names}
     noise, output_power = _noise_variances(model, hw, errors, names, exclude, include, stats, calibration)
     for name in names:
-        layer = modules[name]
+        layer = as_linear(modules[name])  # a transformers Conv1D becomes its nn.Linear twin
         core = InjectedCore(layer.weight, hw, name, noise[name], cells=errors.device == "cells",
                             output_power=output_power.get(name))
         cls = InjectedLinear if isinstance(layer, nn.Linear) else InjectedConv2d

@@ -1,7 +1,8 @@
 """Which layers of a model are mapped to crossbars: the one selection rule every script uses.
 
-Mapped: `nn.Conv2d` with groups == 1 and `nn.Linear`. Depthwise/grouped convolutions stay digital
-unless `map_grouped` is set (not implemented by the crossbar layers yet, so it is refused there).
+Mapped: `nn.Conv2d` with groups == 1, `nn.Linear` and transformers' `Conv1D` (the GPT-2 family's linear
+layer, weight stored [in, out]; converted layers treat it as the equivalent `nn.Linear`). Depthwise and
+grouped convolutions stay digital.
 Name patterns are shell-style globs (fnmatch) matched against the qualified module name; a pattern also
 matches everything below it, so `layer1` selects `layer1.0.conv1` too.
 """
@@ -11,13 +12,34 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (a linear layer despite the name), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
 def is_mappable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_transformers_conv1d(module):
         return True
     return isinstance(module, nn.Conv2d) and module.groups == 1
+
+
+def as_linear(module: nn.Module) -> nn.Module:
+    """A transformers `Conv1D` as the equivalent `nn.Linear` (weight transposed, same device and dtype);
+    any other module unchanged."""
+    if not is_transformers_conv1d(module):
+        return module
+    fan_in, out_features = module.weight.shape
+    linear = nn.Linear(fan_in, out_features, bias=module.bias is not None,
+                       device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(module.weight.t())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:

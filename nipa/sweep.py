@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from nipa.config import HWConfig, SearchSpace
 from nipa.crossbar import calibrate_adc, convert, mapped_layer_names, program_chip
-from nipa.evaluate import evaluate
+from nipa.evaluate import describe_metrics, evaluate
 from nipa.records import RecordWriter, environment, read_records, timestamp
+from nipa.zoo import dataset_id, model_id
 
 
 @dataclass
@@ -42,7 +43,8 @@ class SweepSettings:
 
     def signature(self) -> dict[str, Any]:
         """The settings two records must share to belong to one sweep (the points may differ)."""
-        return {"model": self.model_name.lower(), "dataset": self.dataset, "seed": self.seed,
+        return {"model": model_id(self.model_name), "dataset": dataset_id(self.model_name, self.dataset),
+                "seed": self.seed,
                 "batch_size": self.batch_size, "limit": self.limit, "exclude": list(self.exclude),
                 "include": None if self.include is None else list(self.include),
                 "per_read": self.per_read, "calib_batches": self.calib_batches}
@@ -75,7 +77,8 @@ def done_keys(records: list[dict]) -> set[tuple]:
     return {(r["method"], r.get("config_key"), r.get("chip")) for r in records}
 
 
-def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_loader, device: torch.device,
+def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inputs: Sequence[torch.Tensor],
+              device: torch.device,
               out_path: str | Path, writer: RecordWriter, log: Callable[[str], None] = print) -> list[dict]:
     """Evaluate the ideal model (once) and every hardware point on `cycle` chips. Records already in
     the results file are skipped, so an interrupted sweep resumes where it stopped. Returns the new
@@ -84,13 +87,13 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_load
     check_compatible(existing, settings, Path(out_path))
     done = done_keys(existing)
     points = sweep_points(settings)
-    common = {"model": settings.model_name.lower(), "dataset": settings.dataset, "seed": settings.seed,
+    common = {"model": model_id(settings.model_name), "dataset": dataset_id(settings.model_name, settings.dataset),
+              "seed": settings.seed,
               "run": settings.signature(), "hw_file": settings.hw_file, **settings.extra}
     written: list[dict] = []
 
     def record(method: str, metrics: dict, seconds: float, **fields) -> None:
-        entry = {**common, "method": method, **fields, "top1": metrics["top1"], "top5": metrics["top5"],
-                 "loss": metrics["loss"], "samples": metrics["samples"], "wall_s": round(seconds, 4),
+        entry = {**common, "method": method, **fields, **metrics, "wall_s": round(seconds, 4),
                  "device": str(device), "time": timestamp(), **environment()}
         writer.append(entry)
         written.append(entry)
@@ -99,7 +102,7 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_load
         started = time.perf_counter()
         metrics = evaluate(model, test_loader, device, progress=True, desc="ideal")
         record("ideal", metrics, time.perf_counter() - started, config=None, config_key=None, chip=None)
-        log(f"ideal (float) model: top-1 {metrics['top1']:.2f}%")
+        log(f"ideal (float) model: {describe_metrics(metrics)}")
 
     todo = [(p, c) for p in points for c in range(settings.cycle) if ("sliced", p.key(), c) not in done]
     skipped = len(points) * settings.cycle - len(todo)
@@ -117,11 +120,10 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_load
         else:
             program_chip(converted, settings.seed, chip)
         if point.adc_mode == "calibrated":
-            calibrate_adc(converted, (x.to(device) for i, (x, _) in enumerate(calib_loader)
-                                      if i < settings.calib_batches))
+            calibrate_adc(converted, (x.to(device) for x in calib_inputs))
         metrics = evaluate(converted, test_loader, device, desc=f"chip {chip}")
         record("sliced", metrics, time.perf_counter() - started, config=point.to_dict(),
                config_key=point.key(), chip=chip, mapped_layers=mapped_layer_names(converted))
-        log(f"{point.describe()}  chip {chip}: top-1 {metrics['top1']:.2f}%  "
+        log(f"{point.describe()}  chip {chip}: {describe_metrics(metrics)}  "
             f"({time.perf_counter() - started:.1f}s)")
     return written

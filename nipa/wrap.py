@@ -30,6 +30,7 @@ from nipa.evaluate import evaluate
 from nipa.inject import AdcCalibration, InjectionModel, inject, redraw
 from nipa.records import RecordWriter, environment, read_records, timestamp
 from nipa.stats import ModelStats, combo_key
+from nipa.zoo import dataset_id, model_id, results_path
 
 
 class MissingGroundTruth(RuntimeError):
@@ -79,6 +80,9 @@ def load_ground_truth(path: str | Path, model_name: str, dataset: str) -> Ground
     for r in sliced:
         key = r["config_key"]
         point = points.setdefault(key, PointTruth(HWConfig.from_dict(r["config"]), key))
+        if r.get("top1") is None:
+            raise ValueError(f"{path}: point {point.config.describe()} has no accuracy (a perplexity task?); "
+                             "wrap_error.py compares accuracies, so run main.py on a multiple-choice task")
         point.top1.append(float(r["top1"]))
         point.wall_s.append(float(r.get("wall_s", math.nan)))
     ideal = [r["top1"] for r in records if r.get("method") == "ideal"]
@@ -121,7 +125,8 @@ class WrapSettings:
 
     def signature(self) -> dict[str, Any]:
         """What two fast records must share to be averaged together (besides point and draw)."""
-        return {"model": self.model_name.lower(), "dataset": self.dataset, "seed": self.seed,
+        return {"model": model_id(self.model_name), "dataset": dataset_id(self.model_name, self.dataset),
+                "seed": self.seed,
                 "batch_size": self.batch_size, "limit": self.limit, "exclude": list(self.exclude),
                 "include": None if self.include is None else list(self.include),
                 "injection": dataclasses.asdict(self.errors),
@@ -131,7 +136,10 @@ class WrapSettings:
 
 def cached_batches(loader, device: torch.device, max_mb: float = 1024) -> list | Any:
     """The loader's batches held on `device` when they fit in `max_mb`, else the loader itself: both
-    methods then read the same tensors and neither pays the data pipeline per pass."""
+    methods then read the same tensors and neither pays the data pipeline per pass. A language-model
+    task is returned as it is (it holds its tokens already)."""
+    if hasattr(loader, "evaluate"):
+        return loader
     batches, size = [], 0.0
     for inputs, labels in loader:
         size += inputs.numel() * inputs.element_size() / 2**20
@@ -208,11 +216,11 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
         calib_s = fast.calibrate(point.config)
         results = fast.draws(point.config, draws, data)
         for i, (draw, metrics, seconds) in enumerate(results):
-            record = {"model": settings.model_name.lower(), "dataset": settings.dataset, "method": "fast",
+            record = {"model": model_id(settings.model_name),
+                      "dataset": dataset_id(settings.model_name, settings.dataset), "method": "fast",
                       "injection": settings.errors.label() + (",paired" if settings.paired else ""),
                       "config": point.config.to_dict(), "config_key": key, "draw": draw,
-                      "seed": settings.seed, "top1": metrics["top1"], "top5": metrics["top5"],
-                      "loss": metrics["loss"], "samples": metrics["samples"], "wall_s": round(seconds, 4),
+                      "seed": settings.seed, **metrics, "wall_s": round(seconds, 4),
                       # A calibration pass (shared by the points of one key) is charged to the first
                       # draw that needed it.
                       "calibration_s": round(calib_s if i == 0 else 0.0, 4), "run": signature,
@@ -429,10 +437,6 @@ def plot(comparison: dict[str, Any], path: str | Path, title: str) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 
-def results_path(model_name: str, dataset: str, kind: str) -> Path:
-    return Path("results") / model_name.lower() / f"{dataset}_{kind}.jsonl"
-
-
 def _stats_hint(truth: GroundTruth, model_name: str, dataset: str) -> str:
     hw_files = sorted({r.get("hw_file") for r in read_records(truth.source) if r.get("hw_file")})
     return (f"python stat.py --model_name {model_name} --dataset {dataset} "
@@ -442,11 +446,10 @@ def _stats_hint(truth: GroundTruth, model_name: str, dataset: str) -> str:
 def run_from_args(args, default_method: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """wrap_error.py after argument parsing: predictions, comparison, timing, summary and plot.
     Returns the summary (also written as JSON)."""
-    from nipa.data import get_dataset, make_loader
     from nipa.mapping import select_layers
     from nipa.runtime import resolve_device, seed_everything
     from nipa.stats import load_statistics
-    from nipa.zoo import load_model_and_data
+    from nipa.zoo import calibration_inputs, load_model_and_data, statistics_path
 
     errors = InjectionModel.of(args.method, args.device_error, args.adc_error, args.tile_factor,
                                args.adc_form)
@@ -462,8 +465,7 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
     exclude, include = run.get("exclude", []), run.get("include")
     stats = None
     if errors.device == "formula" or errors.adc == "formula":
-        default_stats = Path("results") / "stats" / f"{args.model_name.lower()}_{args.dataset}.json"
-        stats_path = Path(args.stats or default_stats)
+        stats_path = Path(args.stats or statistics_path(args.model_name, args.dataset))
         if not stats_path.is_file():
             raise FileNotFoundError(f"bit statistics {stats_path} do not exist; compute them with\n    "
                                     + _stats_hint(truth, args.model_name, args.dataset))
@@ -481,10 +483,10 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
 
     calib_data: list[torch.Tensor] = []
     if errors.adc == "measured" or any(p.config.adc_mode == "calibrated" for p in truth.points):
-        # Training data, never the test set: the ADC error is a property of the layer inputs' statistics.
-        train = get_dataset(args.dataset, "train", args.data_root, augment=False)
-        calib_loader = make_loader(train, batch_size=batch_size, shuffle=True, seed=args.seed)
-        calib_data = [x for _, (x, _) in zip(range(args.calib_batches), calib_loader, strict=False)]
+        # A CNN's training data, never its test set: the ADC error is a property of the layer inputs'
+        # statistics. An LLM's task items (its only data).
+        calib_data = calibration_inputs(args.model_name, args.dataset, loader, args.calib_batches,
+                                        data_root=args.data_root, batch_size=batch_size, seed=args.seed)
 
     def new_calibration() -> AdcCalibration:
         return AdcCalibration(model, calib_data, exclude=exclude, include=include, memory_mb=args.memory_mb,
@@ -518,7 +520,8 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
             f"{timing['speedup_with_calibration']:.1f}x with a fresh calibration for every point")
     slug = errors.slug() + ("-paired" if args.paired_chips else "")
     stem = out.stem + ("" if slug == default_method else f"_{slug}")
-    summary = {"model": args.model_name.lower(), "dataset": args.dataset, "injection": label,
+    summary = {"model": model_id(args.model_name), "dataset": dataset_id(args.model_name, args.dataset),
+               "injection": label,
                "method": args.method, "cycle": args.cycle, "ground_truth": truth.source, "records": str(out),
                "batch_size": batch_size, "limit": limit, **comparison["summary"], "timing": timing,
                "recorded_simulated_s_per_point": float(np.nanmean([np.nansum(p.wall_s)

