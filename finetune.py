@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nipa.cli import add_layer_args, add_model_args, add_runtime_args
+from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args
 from nipa.config import VARI_TYPES
 from nipa.data import get_dataset
 from nipa.finetune import (
@@ -33,6 +33,7 @@ from nipa.finetune import (
     run_experiment,
     summarize,
 )
+from nipa.llm import is_llm_name
 from nipa.logs import open_log
 from nipa.mlc import ChipOptions, mlc_hw
 from nipa.records import RecordWriter, environment, read_records, timestamp
@@ -76,7 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     add_layer_args(parser)
     add_runtime_args(parser)
-    args = parser.parse_args(argv)
+    args = resolve_model_args(parser, parser.parse_args(argv))
+    if is_llm_name(args.model_name) or args.block is not None:
+        parser.error(f"--model_name {args.model_name}: finetune.py fine-tunes the project's CNNs "
+                     "(models.MODEL_NAMES); language models are not supported")
     if args.chips < 1:
         parser.error(f"--chips {args.chips}: need at least one chip")
     if args.ft_calib_samples < 1:

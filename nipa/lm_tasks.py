@@ -171,7 +171,8 @@ class MultipleChoiceTask:
                     raise TaskFileError(f"{name}: question {q_index + 1}, choice {c_index + 1} "
                                         f"({choice!r}) encodes to no tokens")
                 whole = (context_ids + cont_ids)[-(max_length + 1):]
-                self.requests.append((q_index, c_index, whole, cont_ids))
+                # Cut to the window, a continuation longer than it is scored on its last tokens (as lm-eval).
+                self.requests.append((q_index, c_index, whole, cont_ids[-(len(whole) - 1):]))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def __len__(self) -> int:
@@ -336,7 +337,7 @@ def lm_eval_metrics(results: dict[str, dict[str, Any]], tasks: Sequence[str]) ->
 def dataset_id(dataset: str) -> str:
     """Short name of an LLM task for result paths and records: a file's stem, or the lm-eval task names."""
     path = Path(dataset)
-    if path.suffix.lower() in (".jsonl", ".txt", ".json"):
+    if path.suffix.lower() in (".jsonl", ".txt", ".json") or "/" in dataset or path.is_file():
         return path.stem.lower()
     return "+".join(t.strip() for t in dataset.split(",") if t.strip()).lower()
 
