@@ -156,15 +156,17 @@ def merge_into_existing(path: Path, stats: ModelStats, log) -> ModelStats:
 
 def format_table(combo: ComboStats) -> str:
     """Per-layer table of one combination, with the model average as the last line."""
+    width = max(28, *(len(name) for name in combo.layers))
+
     def row(name: str, fan_in: str, tiles: str, weight_var: str, var, density) -> str:
         v = " ".join(f"{x:.4f}" for x in var)
         d = " ".join(f"{x:.3f}" for x in density)
-        return f"{name:<28} {fan_in:>7} {tiles:>4} {weight_var:>10}  {v}  |  {d}"
+        return f"{name:<{width}} {fan_in:>7} {tiles:>4} {weight_var:>10}  {v}  |  {d}"
 
     k = combo.num_slices
     lines = [f"{combo.key}: wl_weight={combo.wl_weight} subArray={combo.subArray} cellBit={combo.cellBit}, "
              f"K={k} slices (slice 0 least significant); var_k | density_k",
-             f"{'layer':<28} {'fan_in':>7} {'T':>4} {'sigma_w^2':>10}  var_0..var_{k - 1}  |  "
+             f"{'layer':<{width}} {'fan_in':>7} {'T':>4} {'sigma_w^2':>10}  var_0..var_{k - 1}  |  "
              f"density_0..density_{k - 1}"]
     for i, name in enumerate(combo.layers):
         lines.append(row(name, str(combo.fan_in[i]), str(combo.tiles[i]), f"{combo.weight_var[i]:.3e}",

@@ -24,6 +24,6 @@ mkdir -p results/$MODEL
 python main.py --model_name $MODEL --dataset $TASK --HWdes $HW --sample_num 0 --cycle "$CYCLE" --block "$BLOCK" \
     --log_file results/$MODEL/simple_qa_accsim.log
 python stat.py --model_name $MODEL --dataset $TASK --HWdes $HW --block "$BLOCK"
-python validate.py --model_name $MODEL --dataset $TASK --color_by vari --per_layer
+python validate.py --model_name $MODEL --dataset $TASK --color_by device_spread --per_layer
 python wrap_error.py --model_name $MODEL --dataset $TASK --cycle "$CYCLE" --time_points 3 \
     --log_file results/$MODEL/simple_qa_wrap.log
