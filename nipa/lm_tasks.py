@@ -5,11 +5,13 @@
   the ARC schema (`question` with `stem` and `choices` [{`text`, `label`}] as AI2 ships it, or `question`
   text with `choices` {`text`: [...], `label`: [...]} as the Hugging Face copy has it; `answerKey`);
 - a plain-text file (.txt): perplexity over non-overlapping windows of `seq_len` tokens;
-- lm-eval task names (`piqa,arc_easy`, or `--tasks`), when the user has lm-eval installed.
+- lm-eval task names (`piqa,arc_easy`, or `--tasks`), or a task YAML of the user's own (its folder is
+  lm-eval's include path), when the user has lm-eval installed.
 
 Multiple choice follows lm-eval's convention, so numbers compare with the literature: the context is
 "Question: {question}\\nAnswer:" and every choice " {text}" is scored by the sum of its tokens' log-probs;
-`acc` takes the choice with the highest sum, `acc_norm` the highest sum per UTF-8 byte of the choice.
+`acc` takes the choice with the highest sum, `acc_norm` the highest sum per character of the choice text
+(without the delimiter space), as lm-eval computes it.
 Requests are sorted by length and batched with right padding; padded positions never enter a score.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +121,11 @@ def read_multiple_choice(path: str | Path, limit: int | None = None) -> tuple[li
     return questions, schema
 
 
+def choice_text(continuation: str) -> str:
+    """A choice as the task file wrote it: the continuation without the one delimiter space before it."""
+    return continuation[1:] if continuation.startswith(" ") else continuation
+
+
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of the context and of the continuation, split from the encoding of the whole text so
     that the tokens at the boundary are the ones the model sees (trailing spaces go with the
@@ -205,7 +213,7 @@ class MultipleChoiceTask:
         hits = hits_norm = 0
         nll = 0.0
         for question, choice_scores in zip(self.questions, scores, strict=True):
-            lengths = [len(c.encode("utf-8")) for c in question.choices]
+            lengths = [max(1, len(choice_text(c))) for c in question.choices]
             best = max(range(len(choice_scores)), key=lambda j: choice_scores[j])
             best_norm = max(range(len(choice_scores)), key=lambda j: choice_scores[j] / lengths[j])
             hits += best == question.answer
@@ -284,13 +292,15 @@ class LmEvalTask:
 
     kind = "lm_eval"
 
-    def __init__(self, tasks: Sequence[str], tokenizer, batch_size: int = 16, limit: int | None = None) -> None:
+    def __init__(self, tasks: Sequence[str], tokenizer, batch_size: int = 16, limit: int | None = None,
+                 include_path: str | Path | None = None) -> None:
         try:
             import lm_eval  # noqa: F401
         except ImportError:
             raise TaskFileError(f"--dataset/--tasks {','.join(tasks)}: not a file, and lm-eval task names need "
                                 "lm-eval: pip install lm-eval (or give a PIQA/ARC JSONL or a .txt file)") from None
         self.tasks, self.tokenizer, self.batch_size, self.limit = list(tasks), tokenizer, batch_size, limit
+        self.include_path = None if include_path is None else str(include_path)
         self.name = "+".join(self.tasks)
 
     def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", progress: bool = False,
@@ -299,10 +309,12 @@ class LmEvalTask:
         from lm_eval.models.huggingface import HFLM
 
         model.eval()
+        from lm_eval.tasks import TaskManager
+
         lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, device=str(device))
-        results = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, limit=self.limit, bootstrap_iters=0,
-                                          log_samples=False)["results"]
-        return lm_eval_metrics(results, self.tasks)
+        output = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, limit=self.limit, bootstrap_iters=0,
+                                         log_samples=False, task_manager=TaskManager(include_path=self.include_path))
+        return lm_eval_metrics(output["results"], self.tasks, output.get("n-samples"))
 
     def calibration_inputs(self, batches: int) -> list[torch.Tensor]:
         raise TaskFileError("the calibrated ADC mode needs calibration inputs: with lm-eval tasks, use the "
@@ -312,9 +324,11 @@ class LmEvalTask:
         return f"lm-eval tasks {', '.join(self.tasks)}" + (f" (limit {self.limit})" if self.limit else "")
 
 
-def lm_eval_metrics(results: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+def lm_eval_metrics(results: dict[str, dict[str, Any]], tasks: Sequence[str],
+                    n_samples: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
     """nipa's metrics from lm-eval's results: acc and acc_norm in percent, averaged over the tasks
-    (`top1` is acc), each task's own values kept."""
+    (`top1` is acc), each task's own values kept; `samples` counts the documents (lm-eval's n-samples)
+    when given, else the tasks."""
     per_task: dict[str, dict[str, float]] = {}
     for task in tasks:
         if task not in results:
@@ -331,13 +345,20 @@ def lm_eval_metrics(results: dict[str, dict[str, Any]], tasks: Sequence[str]) ->
     acc = sum(v["acc"] for v in per_task.values()) / len(per_task)
     norms = [v["acc_norm"] for v in per_task.values() if "acc_norm" in v]
     return {"top1": acc, "top5": None, "acc": acc, "acc_norm": sum(norms) / len(norms) if norms else None,
-            "loss": None, "samples": len(per_task), "tasks": per_task}
+            "loss": None, "samples": documents if (documents := _documents(n_samples, tasks)) else len(per_task),
+            "tasks": per_task}
+
+
+def _documents(n_samples: dict[str, dict[str, int]] | None, tasks: Sequence[str]) -> int | None:
+    if not n_samples or any(task not in n_samples for task in tasks):
+        return None
+    return sum(int(n_samples[t].get("effective", n_samples[t].get("original", 0))) for t in tasks)
 
 
 def dataset_id(dataset: str) -> str:
     """Short name of an LLM task for result paths and records: a file's stem, or the lm-eval task names."""
     path = Path(dataset)
-    if path.suffix.lower() in (".jsonl", ".txt", ".json") or "/" in dataset or path.is_file():
+    if path.suffix.lower() in (".jsonl", ".txt", ".json", ".yaml", ".yml") or "/" in dataset or path.is_file():
         return path.stem.lower()
     return "+".join(t.strip() for t in dataset.split(",") if t.strip()).lower()
 
@@ -346,6 +367,13 @@ def load_task(dataset: str, tokenizer, batch_size: int = 16, limit: int | None =
               max_length: int = 2048, seq_len: int = 512):
     """The task `--dataset` names (see the module docstring); bad files fail here, before any work."""
     path = Path(dataset).expanduser()
+    if path.suffix.lower() in (".yaml", ".yml"):  # a user's own lm-eval task definition
+        if not path.is_file():
+            raise TaskFileError(f"{path}: no such lm-eval task file")
+        found = re.search(r"^task:\s*([^\s#]+)", path.read_text(encoding="utf-8"), re.MULTILINE)
+        if found is None:
+            raise TaskFileError(f"{path}: no 'task:' field (an lm-eval task YAML names its task)")
+        return LmEvalTask([found.group(1)], tokenizer, batch_size, limit, include_path=path.parent)
     if path.suffix.lower() == ".jsonl" or (path.is_file() and path.suffix.lower() != ".txt"):
         questions, _ = read_multiple_choice(path, limit)
         return MultipleChoiceTask(questions, tokenizer, batch_size, max_length, name=dataset_id(dataset))

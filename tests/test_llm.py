@@ -383,7 +383,7 @@ def test_loglikelihoods_equal_hand_computed_sums(family: str, batch_size: int) -
         assert got == pytest.approx(want, abs=1e-4)
 
 
-def test_evaluate_follows_from_the_scores_with_byte_normalisation() -> None:
+def test_evaluate_follows_from_the_scores_with_character_normalisation() -> None:
     model, tokenizer = tiny_model("gpt2"), char_tokenizer()
     scores = hand_scores(model, tokenizer, QUESTIONS)
     # Force the outcomes: the best choice is the answer of questions 1 and 3, the worst that of question 2.
@@ -394,25 +394,30 @@ def test_evaluate_follows_from_the_scores_with_byte_normalisation() -> None:
     result = MultipleChoiceTask(questions, tokenizer, batch_size=2).evaluate(model)
     hits_norm = 0
     for q, s in zip(questions, scores, strict=True):
-        per_byte = [v / len(c.encode("utf-8")) for v, c in zip(s, q.choices, strict=True)]
-        hits_norm += max(range(len(s)), key=per_byte.__getitem__) == q.answer
+        per_char = [v / len(c.lstrip(" ")) for v, c in zip(s, q.choices, strict=True)]
+        hits_norm += max(range(len(s)), key=per_char.__getitem__) == q.answer
     assert result["acc"] == pytest.approx(200 / 3) and result["top1"] == result["acc"]
     assert result["acc_norm"] == pytest.approx(100 * hits_norm / 3)
     assert result["loss"] == pytest.approx(-sum(s[a] for s, a in zip(scores, answers, strict=True)) / 3, abs=1e-4)
     assert result["samples"] == 3
 
 
-def test_acc_norm_divides_by_utf8_bytes_not_characters(monkeypatch) -> None:
-    questions = [Question("Question: q\nAnswer:", (" ab", " éé"), 1),  # 3 bytes; 3 characters but 5 bytes
-                 Question("Question: r\nAnswer:", (" a", " bcd"), 0)]
-    task = MultipleChoiceTask(questions, char_tokenizer())
-    monkeypatch.setattr(task, "loglikelihoods", lambda *args, **kwargs: [[-3.0, -4.5], [-1.0, -1.9]])
+@pytest.mark.parametrize(("choices", "scores", "acc_norm"), [
+    # Per character of the text: -1.0 vs -1.1, choice 0 (a miss). Per UTF-8 byte (" éé" is 5 bytes) it
+    # would pick choice 1.
+    ((" ab", " éé"), [-2.0, -2.2], 0.0),
+    # Per character without the delimiter space: -1.0 vs -0.83, choice 1 (a hit). With the space counted
+    # (2 and 4 characters) it would pick choice 0.
+    ((" a", " bcd"), [-1.0, -2.5], 100.0),
+])
+def test_acc_norm_divides_by_characters_of_the_choice_text_as_lm_eval(monkeypatch, choices, scores,
+                                                                      acc_norm) -> None:
+    task = MultipleChoiceTask([Question("Question: q\nAnswer:", choices, 1)], char_tokenizer())
+    monkeypatch.setattr(task, "loglikelihoods", lambda *args, **kwargs: [scores])
     result = task.evaluate(nn.Identity())
-    # acc: choice 0 both times (one hit). Per byte: -1 vs -0.9 (choice 1, a hit), -0.5 vs -0.475 (a miss);
-    # per character it would be -1 vs -1.5 (a miss) and the same miss: 0%.
-    assert result["acc"] == pytest.approx(50.0)
-    assert result["acc_norm"] == pytest.approx(50.0)
-    assert result["loss"] == pytest.approx((4.5 + 1.0) / 2)
+    assert result["acc"] == 0.0  # choice 0 has the higher sum
+    assert result["acc_norm"] == pytest.approx(acc_norm)
+    assert result["loss"] == pytest.approx(-scores[1])
 
 
 def test_truncation_to_max_length_keeps_the_continuation() -> None:
@@ -619,6 +624,46 @@ def test_lm_eval_metrics_in_percent_averaged_over_tasks() -> None:
                                 "arc_easy": {"acc": pytest.approx(40.0)}}
     assert metrics["samples"] == 2 and metrics["top5"] is None
     assert lm_eval_metrics({"t": {"acc,none": 0.25}}, ["t"])["acc_norm"] is None
+
+
+def test_lm_eval_metrics_count_documents_when_lm_eval_reports_them() -> None:
+    results = {"piqa": {"acc,none": 0.5}, "arc_easy": {"acc,none": 0.5}}
+    n_samples = {"piqa": {"original": 1838, "effective": 100}, "arc_easy": {"original": 2376, "effective": 50}}
+    assert lm_eval_metrics(results, ["piqa", "arc_easy"], n_samples)["samples"] == 150
+    assert lm_eval_metrics(results, ["piqa", "arc_easy"], {"piqa": {"effective": 3}})["samples"] == 2
+
+
+def test_task_yaml_without_task_field_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("dataset_path: json\noutput_type: multiple_choice\n", encoding="utf-8")
+    with pytest.raises(TaskFileError, match=r"mine\.yaml: no 'task:' field"):
+        load_task(str(path), char_tokenizer())
+    with pytest.raises(TaskFileError, match="no such lm-eval task file"):
+        load_task(str(tmp_path / "absent.yaml"), char_tokenizer())
+
+
+def test_lm_eval_on_a_local_task_agrees_with_nipas_evaluator(tmp_path: Path, monkeypatch) -> None:
+    """The same questions through lm-eval (a task YAML over a local JSONL) and through MultipleChoiceTask
+    give the same acc and acc_norm. Runs only where lm-eval is installed (it is optional)."""
+    pytest.importorskip("lm_eval")
+    items = [{"question": q.context.removeprefix("Question: ").removesuffix("\nAnswer:"),
+              "choices": {"text": [c[1:] for c in q.choices], "label": ["A", "B", "C"][:len(q.choices)]},
+              "answerKey": "ABC"[q.answer]} for q in QUESTIONS * 3]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    (tmp_path / "qa.yaml").write_text(
+        "task: nipa_test_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices.text}}"\n'
+        'doc_to_target: "{{choices.label.index(answerKey)}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n", encoding="utf-8")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    theirs = load_task(str(tmp_path / "qa.yaml"), tokenizer, batch_size=4).evaluate(model)
+    ours = load_task(str(data), tokenizer, batch_size=4).evaluate(model)
+    assert theirs["samples"] == ours["samples"] == len(items)
+    assert theirs["acc"] == pytest.approx(ours["acc"])
+    assert theirs["acc_norm"] == pytest.approx(ours["acc_norm"])
 
 
 def test_lm_eval_metrics_missing_task_or_acc_raise_key_error() -> None:
