@@ -209,6 +209,7 @@ class CrossbarCore(nn.Module):
             torch.bmm(planes.view(t, z * n, s), self.conductance[tiles], out=partial)  # [t, z*n, K*out]
         return partial.view(t, z, n, self.num_slices, self.out_features)
 
+    @torch.no_grad()  # rounding at every step: nothing to differentiate, and no graph to keep
     def forward(self, x: torch.Tensor, scale_in: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, fan_in] -> y [n, out] as the chip computes it (bias not included). `scale_in`: the
         per-tensor input scale when x is not the whole layer input (a convolution's im2col rows)."""

@@ -144,10 +144,23 @@ def load_causal_lm(model_name: str, device: torch.device | str = "cpu",
                                                                   **extra)
     except OSError as exc:
         raise _not_found(model_name, exc) from None
+    prepare_for_mapping(model)
     meta = {"model": llm_id(model_name), "source": source, **extra,
             "model_type": getattr(model.config, "model_type", None),
             "parameters": sum(p.numel() for p in model.parameters())}
     return model.to(device).eval(), meta
+
+
+def prepare_for_mapping(model: nn.Module) -> nn.Module:
+    """Put the model in its inference state before its weights are read or mapped. RWKV rescales some
+    weights in place on its first inference forward (by 2^(block // rescale_every)); done here, on the
+    float model, the crossbars see the weights that actually run and the converted copy skips the rescale
+    (its mapped layers have no `weight` to rescale)."""
+    model.eval()
+    rwkv = getattr(model, "rwkv", None)
+    if rwkv is not None and hasattr(rwkv, "_rescale_layers") and hasattr(rwkv, "layers_are_rescaled"):
+        rwkv._rescale_layers()
+    return model
 
 
 def block_container(model: nn.Module) -> tuple[str, nn.ModuleList]:

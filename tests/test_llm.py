@@ -32,6 +32,7 @@ from nipa.llm import (
     load_causal_lm,
     load_tokenizer,
     mapping_report,
+    prepare_for_mapping,
     preset_selection,
     resolve_selection,
 )
@@ -624,6 +625,30 @@ def test_lm_eval_metrics_in_percent_averaged_over_tasks() -> None:
                                 "arc_easy": {"acc": pytest.approx(40.0)}}
     assert metrics["samples"] == 2 and metrics["top5"] is None
     assert lm_eval_metrics({"t": {"acc,none": 0.25}}, ["t"])["acc_norm"] is None
+
+
+def test_rwkv_preset_block_maps_its_seven_linear_layers_and_runs_near_float() -> None:
+    """RWKV rescales output/value weights in place on its first inference forward; prepare_for_mapping does
+    it on the float model, so a converted copy (whose mapped layers have no weight) runs, and a block past
+    rescale_every sees the rescaled weights: at 16 bits it stays within 1e-3 of the float logits."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RwkvConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=4, attention_hidden_size=16,
+                                     intermediate_size=32, context_length=64, rescale_every=2)
+    torch.manual_seed(0)
+    model = prepare_for_mapping(transformers.RwkvForCausalLM(config))
+    ids = random_ids(2, 6)
+    reference = logits_of(model, ids)
+    include, exclude = resolve_selection(model, None, [], None)
+    assert include == ["rwkv.blocks.0"] and exclude == []
+    include, exclude = resolve_selection(model, None, [], 3)  # rescaled by 2 at inference
+    converted = convert(model, HWConfig(wl_weight=16, wl_input=16, ADCprecision=24), include=include,
+                        exclude=exclude)
+    names = [f"rwkv.blocks.3.{part}.{leaf}" for part, leaves in
+             (("attention", ("key", "value", "receptance", "output")), ("feed_forward", ("key", "receptance",
+                                                                                           "value")))
+             for leaf in leaves]
+    assert sorted(mapped_layer_names(converted)) == sorted(names)
+    assert rel_err(logits_of(converted, ids), reference) < 1e-3
 
 
 def test_lm_eval_metrics_count_documents_when_lm_eval_reports_them() -> None:
