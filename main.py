@@ -3,6 +3,9 @@
     python main.py --model_name smallcnn --dataset mnist5k --HWdes HW_config/Search_space.ini \
         --sample_num 200 --cycle 3 --batch_size 256 --log_file results/smallcnn/mnist5k_accsim.log
 
+    python main.py --model_name ~/models/opt-125m --dataset piqa_valid.jsonl --HWdes HW_config/Search_space.ini \
+        --block 1 --cycle 3          # a language model: one decoder block mapped (README, Language models)
+
 Records (one JSON line per chip) go to results/{model}/{dataset}_accsim.jsonl (--out); an
 interrupted run resumes where it stopped.
 """
