@@ -36,66 +36,21 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing the
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from workloads import (  # noqa: E402
+    HW_POINT,
+    RESNET_SUBSET,
+    LayerSubset,
+    build_workload,
+    first_samples,
+    synchronize,
+)
 
-from models import get_model  # noqa: E402
 from nipa.config import HWConfig  # noqa: E402
 from nipa.crossbar import convert, release_workspaces  # noqa: E402
 from nipa.inject import AdcCalibration, inject  # noqa: E402
 from nipa.reference import naive_convert  # noqa: E402
 
-HW_POINT: dict[str, Any] = {"wl_weight": 8, "wl_input": 8, "subArray": 128, "ADCprecision": 5, "cellBit": 1,
-                            "vari_type": "state_dependent", "vari": 0.1, "adc_mode": "dynamic"}
-RESNET_SUBSET = ["conv1", "layer1.0.conv2", "layer2.0.conv2", "layer2.0.shortcut.0", "layer3.0.conv2",
-                 "layer4.0.conv2", "linear"]
-SMALLCNN_CKPT = ROOT / "ckpts" / "smallcnn_mnist5k.pt"
 METHODS = ("plain", "fast", "sliced", "naive")
-
-
-class LayerSubset(nn.Module):
-    """Some layers of a model, each applied to the input it received inside the model."""
-
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
-        super().__init__()
-        self.names = list(layers)
-        self.layers = nn.ModuleDict({name.replace(".", "__"): layer for name, layer in layers.items()})
-
-    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [layer(x) for layer, x in zip(self.layers.values(), inputs, strict=True)]
-
-
-def build_workload(name: str, batch: int, device: torch.device) -> tuple[nn.Module, Any, str]:
-    """(model in eval mode, its input, where the weights come from), seeded."""
-    torch.manual_seed(0)
-    if name == "smallcnn":
-        model = get_model("smallcnn", in_channels=1, num_classes=10)
-        weights = "random"
-        if SMALLCNN_CKPT.is_file():
-            payload = torch.load(SMALLCNN_CKPT, map_location="cpu", weights_only=True)
-            model.load_state_dict(payload["state_dict"])
-            weights = str(SMALLCNN_CKPT.relative_to(ROOT))
-        return model.eval().to(device), torch.randn(batch, 1, 28, 28, device=device), weights
-    model = get_model("resnet18", 3, 10).eval().to(device)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    if name == "resnet18":
-        return model, x, "random"
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: captured.__setitem__(n, args[0].detach().clone())) for n in RESNET_SUBSET]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
-    subset = LayerSubset({n: model.get_submodule(n) for n in RESNET_SUBSET}).eval()
-    return subset, [captured[n] for n in RESNET_SUBSET], "random"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def first_samples(inputs: Any, n: int) -> Any:
-    return [x[:n] for x in inputs] if isinstance(inputs, list) else inputs[:n]
 
 
 def convert_method(method: str, model: nn.Module, hw: HWConfig, inputs: Any,
