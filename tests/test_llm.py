@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import string
 import sys
@@ -767,6 +768,28 @@ def test_load_from_folder_round_trips_model_and_tokenizer(saved_opt) -> None:
     text = "Question: Is it?\nAnswer: yes"
     assert tokenizer(text).input_ids == char_tokenizer()(text).input_ids
     assert tokenizer.pad_token_id == PAD_ID
+
+
+def test_model_id_loads_from_the_users_transformers_cache_offline(tmp_path: Path, saved_opt) -> None:
+    """A model id is looked up in the hub cache only (here a cache made by hand, in a subprocess so the
+    cache location is read fresh), with the network switched off."""
+    import shutil
+    import subprocess
+
+    folder, _ = saved_opt
+    snapshot = tmp_path / "hub" / "models--nipa-test--tiny-opt" / "snapshots" / "0123abcd"
+    shutil.copytree(folder, snapshot)
+    (tmp_path / "hub" / "models--nipa-test--tiny-opt" / "refs").mkdir()
+    (tmp_path / "hub" / "models--nipa-test--tiny-opt" / "refs" / "main").write_text("0123abcd")
+    code = ("from nipa.llm import load_causal_lm, load_tokenizer\n"
+            "model, meta = load_causal_lm('nipa-test/tiny-opt')\n"
+            "print(meta['model'], meta['model_type'], load_tokenizer('nipa-test/tiny-opt').pad_token_id)\n"
+            "try:\n    load_causal_lm('nipa-test/absent')\nexcept Exception as exc:\n    print(type(exc).__name__)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["tiny-opt", "opt", str(PAD_ID), "LLMError"]
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(tmp_path: Path, saved_opt) -> None:
