@@ -74,9 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subArray", type=int, nargs="+", default=None, help="crossbar rows")
     parser.add_argument("--cellbit", type=int, nargs="+", default=None, help="bits per cell")
     add_layer_args(parser)
-    parser.add_argument("--exclude_padding", action="store_true",
-                        help="average each tile row over its real rows only (default: over all "
-                             "subArray rows, the zero padding of the last tile included; see nipa/stats.py)")
+    padding = parser.add_mutually_exclusive_group()
+    padding.add_argument("--count_padding", action="store_true",
+                         help="average each tile row over all subArray rows, the zero padding of a short tile "
+                              "included (the statistics of nipa 0.1's first release; see nipa/stats.py)")
+    padding.add_argument("--exclude_padding", action="store_true",
+                         help="average each tile row over its real rows only (the default; kept for scripts)")
     parser.add_argument("--out", default=None,
                         help="output JSON (default results/stats/{model}_{dataset}.json)")
     parser.add_argument("--overwrite", action="store_true",
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     stats = model_statistics(
         model, combos, exclude, include, model_name=model_id(args.model_name),
-        dataset=dataset_id(args.model_name, args.dataset), count_padding=not args.exclude_padding,
+        dataset=dataset_id(args.model_name, args.dataset), count_padding=args.count_padding,
         metadata={"source": source, "weights_sha1": weights_digest(model, layers)})
     seconds = time.perf_counter() - start
     log(f"{args.model_name} on {args.dataset} ({source}): {len(layers)} mapped layers, "
