@@ -39,6 +39,12 @@ _ALIASES: dict[str, str] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
+def is_model_name(name: str) -> bool:
+    """True when ``name`` (case-insensitive; aliases accepted) names one of the project's models."""
+    key = name.strip().lower()
+    return _ALIASES.get(key, key) in _REGISTRY
+
+
 def get_model(name: str, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     """Build the model registered under ``name`` (case-insensitive; aliases accepted).
 
@@ -53,6 +59,7 @@ def get_model(name: str, in_channels: int = 3, num_classes: int = 10) -> nn.Modu
 
 __all__ = [
     "MODEL_NAMES",
+    "is_model_name",
     "EfficientNetV2",
     "MobileNetV2",
     "ResNet",

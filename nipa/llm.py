@@ -65,11 +65,8 @@ def is_llm_name(model_name: str) -> bool:
     """True when `model_name` names a language model rather than one of the project's CNNs."""
     import models
 
-    try:
-        models.get_model(model_name)
+    if models.is_model_name(model_name):
         return False
-    except ValueError:
-        pass
     return model_name.lower() == SMOLLM2_ALIAS or Path(model_name).exists() or "/" in model_name
 
 
