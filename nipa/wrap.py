@@ -531,6 +531,6 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
     summary_path = out.with_name(f"{stem}_summary.json")
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     figure = plot(comparison, args.plot or out.with_name(f"{stem}.png"),
-                  f"{args.model_name} / {args.dataset}: {label}")
+                  f"{model_id(args.model_name)} / {dataset_id(args.model_name, args.dataset)}: {label}")
     log(f"summary {summary_path}, plot {figure}")
     return summary
