@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: train the small CNN on the offline MNIST digits, then
-# simulate a small sample of the default search space on crossbars (ground truth).
+# The main job on the embedded default: train the small CNN on the offline MNIST digits, simulate a
+# small sample of the default search space on crossbars (ground truth), then compute the bit statistics
+# and NIPA's correlation with that ground truth (validate.py prints it and writes the scatter plot
+# results/$MODEL/${DATASET}_nipa.png). SAMPLE_NUM=0 CYCLE=3 runs the full 90-point grid (about an hour).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,3 +13,5 @@ python pretrain.py --model_name "$MODEL" --dataset "$DATASET" --log_file "result
 python main.py --model_name "$MODEL" --dataset "$DATASET" --HWdes HW_config/Search_space.ini \
   --sample_num "${SAMPLE_NUM:-6}" --cycle "${CYCLE:-2}" --batch_size 256 \
   --log_file "results/$MODEL/${DATASET}_accsim.log"
+python stat.py --model_name "$MODEL" --dataset "$DATASET" --HWdes HW_config/Search_space.ini
+python validate.py --model_name "$MODEL" --dataset "$DATASET"
