@@ -118,11 +118,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--point_index", type=int, default=None,
                         help="with --per_layer: row of the points CSV (default: the median-NIPA point)")
     parser.add_argument("--no_plot", action="store_true", help="skip the PNG")
+    noise = parser.add_argument_group("measured layer noise (--layer_noise; loads the model, runs the simulator)")
+    noise.add_argument("--layer_noise", action="store_true",
+                       help="also measure every mapped layer's noise on the recorded points' chips (one batch "
+                            "of calibration data through the float and the crossbar layer) and report how NIPA "
+                            "ranks it: a check of the metric that does not go through the accuracy")
+    noise.add_argument("--layer_noise_chips", type=int, default=3, help="chips per point (0, 1, ...)")
+    noise.add_argument("--layer_noise_batch", type=int, default=None,
+                       help="inputs in the batch (default: 256 images for a CNN, 16 sequences for an LLM)")
+    noise.add_argument("--ckpt_dir", default="ckpts")
+    noise.add_argument("--ckpt", default=None, help="checkpoint (default: ckpts/{model}_{dataset}.pt)")
+    noise.add_argument("--data_root", default="data", help="where cifar10/cifar100/imagenet files are")
     args = resolve_model_args(parser, parser.parse_args(argv))
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
     if not 0 < args.confidence < 1:
         parser.error("--confidence must lie in (0, 1)")
+    if args.layer_noise_chips < 1:
+        parser.error("--layer_noise_chips must be >= 1")
     return args
 
 
@@ -389,6 +402,54 @@ def describe_row(row: dict[str, Any]) -> str:
     return config.describe()
 
 
+def layer_noise_check(args: argparse.Namespace, grouped: GroupedRecords, stats: ModelStats,
+                      rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Measure every mapped layer's noise at every recorded point (nipa.layer_noise), add it to `rows`,
+    and compare: per-layer NIPA with the measured per-layer SNR, model-level NIPA with the measured SNR
+    averaged over layers, and that measured SNR with the accuracy."""
+    from nipa.layer_noise import measure_layer_noise
+    from nipa.zoo import calibration_inputs, load_model_and_data
+
+    run = grouped.run or {}
+    model, _, data = load_model_and_data(args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt,
+                                         data_root=args.data_root, batch_size=args.layer_noise_batch)
+    batch = calibration_inputs(args.model_name, args.dataset, data, 1, data_root=args.data_root,
+                               batch_size=args.layer_noise_batch, seed=int(run.get("seed", 0)))[0]
+    configs = [p.config for p in grouped.points]
+    layers, noise = measure_layer_noise(model, configs, batch, chips=args.layer_noise_chips,
+                                        seed=int(run.get("seed", 0)), exclude=run.get("exclude") or (),
+                                        include=run.get("include"), per_read=bool(run.get("per_read", False)))
+    if list(layers) != list(stats.layers):
+        raise RecordsError(f"the measured layers {layers} are not the statistics' layers {list(stats.layers)}")
+    measured = -np.log2(noise)  # [N, L] per-layer measured log2 SNR
+    model_level = -np.log2(noise.mean(axis=1))
+    for row, values, overall in zip(rows, measured, model_level, strict=True):
+        row["measured_log2_snr"] = float(overall)
+        row.update({f"measured_log2_snr_{name}": float(v) for name, v in zip(layers, values, strict=True)})
+    predicted = np.log2(np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=args.tile_factor)))
+    x = np.array([r["log2_nipa"] for r in rows])
+    y = np.array([r["accuracy_mean"] for r in rows])
+    options = {"bootstrap": args.bootstrap, "seed": args.seed, "confidence": args.confidence}
+    return {
+        "inputs": int(batch.shape[0]), "chips": args.layer_noise_chips,
+        "nipa_vs_measured": agreement(x, model_level, **options).to_dict(),
+        "per_layer_nipa_vs_measured": {name: agreement(predicted[:, j], measured[:, j], **options).to_dict()
+                                       for j, name in enumerate(layers)},
+        "measured_vs_accuracy": agreement(model_level, y, **options).to_dict(),
+    }
+
+
+def format_layer_noise(check: dict[str, Any]) -> str:
+    """The printed lines of --layer_noise."""
+    lines = [f"measured layer noise ({check['inputs']} calibration inputs, up to {check['chips']} chips per point): "
+             "Kendall tau-b [CI] p",
+             f"  {'log2 NIPA vs measured SNR (layer mean)':<44} {_fmt(check['nipa_vs_measured']['kendall'])}"]
+    for name, result in check["per_layer_nipa_vs_measured"].items():
+        lines.append(f"  {'  per-layer NIPA vs measured SNR, ' + name:<44} {_fmt(result['kendall'])}")
+    lines.append(f"  {'measured SNR vs accuracy':<44} {_fmt(check['measured_vs_accuracy']['kendall'])}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -439,6 +500,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {name:<14} {count['pairs']:>5} pairs: {count['concordant']:>5} / {count['discordant']:>5} / "
                   f"{count['tied_x']:>5} / {count['tied_y']:>5}")
 
+    check = None
+    if args.layer_noise:
+        check = layer_noise_check(args, grouped, stats, rows)
+        print(format_layer_noise(check))
+
     write_csv(rows, paths["points_csv"])
     overall = groups[0]
     if not args.no_plot:
@@ -473,7 +539,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ideal_top1": grouped.ideal_top1, "ideal_top5": grouped.ideal_top5,
         "bootstrap": args.bootstrap, "seed": args.seed, "confidence": args.confidence,
         "groups": groups, "one_factor_pairs": pairs, "chip_agreement": reliability,
-        "noise_ceiling": ceiling,
+        "noise_ceiling": ceiling, "layer_noise": check,
         "per_layer": None if layers is None else {"point_index": index, "point": describe_row(rows[index]),
                                                   "layers": layers},
         "records": str(records_path), "records_run": grouped.run, "hw_files": grouped.hw_files,
