@@ -146,9 +146,10 @@ def merge_into_existing(path: Path, stats: ModelStats, log) -> ModelStats:
         log(f"note: {path} is not readable statistics ({exc}); replacing it")
         return stats
     same = all(old.meta.get(k) == stats.meta.get(k)
-               for k in ("weights_sha1", "layers", "count_padding", "model", "dataset"))
+               for k in ("weights_sha1", "layers", "count_padding", "model", "dataset", "format_version"))
     if not same:
-        log(f"note: {path} holds statistics of other weights or another layer selection; replacing it")
+        log(f"note: {path} holds statistics of other weights, another layer selection or an older format; "
+            "replacing it")
         return stats
     kept = [k for k in old.combos if k not in stats.combos]
     merged = ModelStats(meta=stats.meta, combos={**{k: old.combos[k] for k in kept}, **stats.combos})

@@ -16,7 +16,8 @@ results/{model}/):
     {dataset}_nipa_summary.json   every coefficient, p-value, interval and n, and the settings used
     {dataset}_nipa_layers.csv     with --per_layer: the layers ranked by sensitivity
 
-A metric variant (--reduction / --tile_factor other than the published defaults) inserts its name into
+A metric variant (--reduction / --tile_factor / --device_model other than the published defaults) inserts
+its name into
 the file names (e.g. {dataset}_nipa_layer_sum_points.csv), so it never overwrites the published form.
 """
 
@@ -54,10 +55,13 @@ from nipa.correlation import (
 )
 from nipa.data import DATASET_NAMES
 from nipa.metric import (
+    DEVICE_MODELS,
     REDUCTIONS,
     TILE_FACTORS,
     VARI_CODE,
+    combo_mean_abs,
     nipa_metric,
+    pair_device_variance,
     per_layer_nipa,
     slice_noise_terms,
     weight_rounding_noise,
@@ -66,7 +70,7 @@ from nipa.records import read_records, sibling_files
 from nipa.stats import ModelStats, combo_key, load_statistics
 from nipa.zoo import dataset_id, model_id, results_path, statistics_path
 
-PUBLISHED = {"reduction": "model_average", "tile_factor": "tiles"}
+PUBLISHED = {"reduction": "model_average", "tile_factor": "tiles", "device_model": "published"}
 COLOR_FIELDS = ("wl_weight", "vari_type", "cellBit", "subArray", "ADCprecision", "device_spread")
 GROUP_FIELDS = ("vari_type", "cellBit", "wl_weight", "subArray", "ADCprecision", "device_spread")
 DEFAULT_GROUPS = ("vari_type", "cellBit", "wl_weight")
@@ -105,6 +109,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "layer_sum (sum of per-layer signals over sum of per-layer noises)")
     parser.add_argument("--tile_factor", choices=TILE_FACTORS, default=PUBLISHED["tile_factor"],
                         help="k_T of the ADC term: tiles (published, k_T = T) or one (k_T = 1)")
+    parser.add_argument("--device_model", choices=DEVICE_MODELS, default=PUBLISHED["device_model"],
+                        help="device term: published (sigma_dev,k^2 as the paper writes it) or cells (the "
+                             "expected read error of the slice's differential pair under the simulator's "
+                             "cell model; exact stuck-at faults, both cells' noise; see nipa/metric.py)")
     parser.add_argument("--accuracy", choices=("top1", "top5"), default="top1",
                         help="top1 (for an LLM's multiple-choice task: acc) or top5")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0 = no CIs)")
@@ -225,7 +233,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[GroupedRecords, ModelStats, P
 
 
 def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model_average",
-                    tile_factor: str = "tiles") -> dict[str, float]:
+                    tile_factor: str = "tiles", device_model: str = "published") -> dict[str, float]:
     """Signal and the three noise terms (weight rounding Q, ADC, device) of one point, in LSB^2, summed
     over slices with their 4^(c k) weights (and over layers for layer_sum), so NIPA = signal / (q + adc
     + device). For diagnosis: which term decides a point's NIPA."""
@@ -238,9 +246,16 @@ def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model
         var, density, tiles, weight_var = combo.var, combo.density, combo.tiles.astype(float), combo.weight_var
     if tile_factor == "one":
         tiles = np.ones_like(tiles)
+    sigma2 = None
+    if device_model == "cells":
+        mean_sq, mean_abs = combo.mean_sq, combo_mean_abs(combo)
+        if reduction == "model_average":
+            mean_sq, mean_abs = mean_sq.mean(axis=0)[None], mean_abs.mean(axis=0)[None]
+        sigma2 = pair_device_variance(mean_sq, mean_abs, VARI_CODE[config.vari_type], config.device_spread,
+                                      config.SAF_prop, config.cellBit, config.onoffratio)
     significance = 4.0 ** (config.cellBit * np.arange(var.shape[1]))
     adc, device = slice_noise_terms(var, density, tiles, config.subArray, config.ADCprecision,
-                                    VARI_CODE[config.vari_type], config.device_spread, config.SAF_prop)
+                                    VARI_CODE[config.vari_type], config.device_spread, config.SAF_prop, sigma2)
     return {"signal": float((significance * var).sum()),
             "noise_q": float(weight_rounding_noise(weight_var, config.wl_weight).sum()),
             "noise_adc": float((significance * adc).sum()),
@@ -248,13 +263,14 @@ def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model
 
 
 def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile_factor: str,
-                accuracy: str = "top1") -> list[dict[str, Any]]:
+                accuracy: str = "top1", device_model: str = "published") -> list[dict[str, Any]]:
     """One row per point: parameters, accuracy over chips, NIPA, log2 NIPA and its terms."""
     configs = [p.config for p in grouped.points]
-    values = np.atleast_1d(nipa_metric(stats, configs, reduction=reduction, tile_factor=tile_factor))
+    values = np.atleast_1d(nipa_metric(stats, configs, reduction=reduction, tile_factor=tile_factor,
+                                       device_model=device_model))
     rows = []
     for index, (point, value) in enumerate(zip(grouped.points, values, strict=True)):
-        terms = noise_breakdown(stats, point.config, reduction, tile_factor)
+        terms = noise_breakdown(stats, point.config, reduction, tile_factor, device_model)
         recombined = terms["signal"] / (terms["noise_q"] + terms["noise_adc"] + terms["noise_device"])
         if not math.isclose(recombined, value, rel_tol=1e-9):  # the breakdown must describe the metric
             raise AssertionError(f"noise breakdown {recombined} != NIPA {value} at {point.config.describe()}")
@@ -374,10 +390,10 @@ def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: st
 
 
 def layer_ranking(stats: ModelStats, rows: list[dict[str, Any]], configs: list[HWConfig], index: int,
-                  tile_factor: str) -> list[dict[str, Any]]:
+                  tile_factor: str, device_model: str = "published") -> list[dict[str, Any]]:
     """Layers at point `index`, most sensitive (lowest per-layer NIPA) first, with each layer's mean
     rank over all points (1 = most sensitive) and how often it is the most sensitive."""
-    every = np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=tile_factor))  # [N, L]
+    every = np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=tile_factor, device_model=device_model))
     ranks = every.argsort(axis=1).argsort(axis=1) + 1
     at = every[index]
     order = np.argsort(at, kind="stable")
@@ -426,7 +442,8 @@ def layer_noise_check(args: argparse.Namespace, grouped: GroupedRecords, stats: 
     for row, values, overall in zip(rows, measured, model_level, strict=True):
         row["measured_log2_snr"] = float(overall)
         row.update({f"measured_log2_snr_{name}": float(v) for name, v in zip(layers, values, strict=True)})
-    predicted = np.log2(np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=args.tile_factor)))
+    predicted = np.log2(np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=args.tile_factor,
+                                                     device_model=args.device_model)))
     x = np.array([r["log2_nipa"] for r in rows])
     y = np.array([r["accuracy_mean"] for r in rows])
     options = {"bootstrap": args.bootstrap, "seed": args.seed, "confidence": args.confidence}
@@ -456,10 +473,11 @@ def format_layer_noise(check: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything validate.py does; returns the summary that is also written as JSON."""
     grouped, stats, records_path, stats_path = load_inputs(args)
-    published = args.reduction == PUBLISHED["reduction"] and args.tile_factor == PUBLISHED["tile_factor"]
+    published = all(getattr(args, name) == value for name, value in PUBLISHED.items())
     variant = "" if published else "_" + "_".join(
         part for part in (args.reduction if args.reduction != PUBLISHED["reduction"] else "",
-                          f"tile-{args.tile_factor}" if args.tile_factor != PUBLISHED["tile_factor"] else "")
+                          f"tile-{args.tile_factor}" if args.tile_factor != PUBLISHED["tile_factor"] else "",
+                          f"device-{args.device_model}" if args.device_model != PUBLISHED["device_model"] else "")
         if part)
     out_dir = Path(args.out_dir) if args.out_dir else Path("results") / model_id(args.model_name)
     stem = out_dir / f"{dataset_id(args.model_name, args.dataset)}_nipa{variant}"
@@ -469,7 +487,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     source = str(stats.meta.get("source", ""))
     if source.startswith("random_init"):
         warnings.warn(f"{stats_path}: statistics of untrained weights ({source})", stacklevel=1)
-    rows = point_table(grouped, stats, args.reduction, args.tile_factor, args.accuracy)
+    rows = point_table(grouped, stats, args.reduction, args.tile_factor, args.accuracy, args.device_model)
     groups = group_agreements(rows, grouped, args.group_by, args.bootstrap, args.seed, args.confidence)
     x = np.array([r["log2_nipa"] for r in rows])
     y = np.array([r["accuracy_mean"] for r in rows])
@@ -478,7 +496,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     reliability = chip_agreement(grouped.points)
     ceiling = noise_ceiling(grouped.points, seed=args.seed) if args.accuracy == "top1" else None
-    metric_name = f"NIPA {args.reduction}/k_T={args.tile_factor}" + (" (published)" if published else " (variant)")
+    metric_name = (f"NIPA {args.reduction}/k_T={args.tile_factor}/device={args.device_model}"
+                   + (" (published)" if published else " (variant)"))
     print(f"{args.model_name} on {args.dataset}: {grouped.describe_chips()} from {records_path}"
           + (f" ({grouped.duplicates} repeated chip records counted once)" if grouped.duplicates else ""))
     if grouped.ideal_top1 is not None:
@@ -517,7 +536,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layers = None
     if args.per_layer:
         index = representative_index(rows, args.point_index)
-        layers = layer_ranking(stats, rows, [p.config for p in grouped.points], index, args.tile_factor)
+        layers = layer_ranking(stats, rows, [p.config for p in grouped.points], index, args.tile_factor,
+                               args.device_model)
         paths["layers_csv"] = Path(f"{stem}_layers.csv")
         write_csv(layers, paths["layers_csv"])
         print(f"layers by sensitivity at point {index} ({describe_row(rows[index])}, log2 NIPA "
@@ -532,7 +552,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     summary = {
         "model": model_id(args.model_name), "dataset": dataset_id(args.model_name, args.dataset),
-        "metric": {"reduction": args.reduction, "tile_factor": args.tile_factor, "published": published},
+        "metric": {"reduction": args.reduction, "tile_factor": args.tile_factor,
+                   "device_model": args.device_model, "published": published},
         "accuracy": args.accuracy, "x": "log2(NIPA)", "y": f"mean {args.accuracy} over chips (%)",
         "points": len(rows), "chips_per_point": {str(k): v for k, v in grouped.chip_counts().items()},
         "chips_total": int(sum(r["chips"] for r in rows)), "repeated_chip_records": grouped.duplicates,

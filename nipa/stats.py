@@ -10,6 +10,9 @@ one crossbar column that one ADC read sums. Per slice k we record
 - ``density[k]`` = 1 - sparsity: the fraction of those cells with s_k != 0, averaged the same way;
 - ``mean_sq[k]``: the mean of s_k^2 the same way (the per-cell level power; state-dependent device
   errors scale with it; recorded for the error-injection method, unused by the published metric);
+- ``mean_abs[k]``: the mean of |s_k| the same way (the mean level of the cell that holds the slice; a
+  stuck-at-1 cell's error depends on it; used by the metric's ``device_model="cells"``; for 1-bit
+  cells it equals density[k]). Files of format version 1 lack it (loaded as None);
 
 plus the tile count T, the fan-in and the float weight variance sigma_w^2 of the layer.
 
@@ -51,7 +54,7 @@ from nipa.mapping import select_layers
 from nipa.quant import max_level, num_tiles, quantize_weight_tiles, slice_magnitude, tile_columns
 
 STATS_FORMAT = "nipa-bit-statistics"
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2  # 2: adds mean_abs
 
 Combo = tuple[int, int, int]  # (wl_weight, subArray, cellBit)
 
@@ -123,7 +126,8 @@ def layer_statistics(weight: torch.Tensor, wl_weight: int, subArray: int, cellBi
                      count_padding: bool = False) -> dict[str, Any]:
     """Bit statistics of one weight tensor (any shape, output channels first) for one combination.
 
-    Returns a dict with per-slice lists ``var``, ``density``, ``mean_sq`` (slice 0 least significant)
+    Returns a dict with per-slice lists ``var``, ``density``, ``mean_sq``, ``mean_abs`` (slice 0 least
+    significant)
     and ``tiles`` (T), ``fan_in``, ``out_features``, ``weight_var`` (sigma_w^2), ``wl_weight``,
     ``subArray``, ``cellBit``, ``num_slices``, ``count_padding``.
     """
@@ -137,6 +141,7 @@ def layer_statistics(weight: torch.Tensor, wl_weight: int, subArray: int, cellBi
     # divisor decides whether they count.
     mean = slices.sum(-1) / counts
     mean_sq = (slices**2).sum(-1) / counts
+    mean_abs = slices.abs().sum(-1) / counts
     nonzero = (slices != 0).double().sum(-1) / counts
     var = (mean_sq - mean**2).clamp_min(0.0)  # population variance of each tile row
     return {
@@ -148,6 +153,7 @@ def layer_statistics(weight: torch.Tensor, wl_weight: int, subArray: int, cellBi
         "var": var.mean(dim=(1, 2)).tolist(),
         "density": nonzero.mean(dim=(1, 2)).tolist(),
         "mean_sq": mean_sq.mean(dim=(1, 2)).tolist(),
+        "mean_abs": mean_abs.mean(dim=(1, 2)).tolist(),
         "tiles": int(q.shape[1]),
         "fan_in": int(fan_in),
         "out_features": int(out_features),
@@ -177,6 +183,7 @@ class ComboStats:
     tiles: np.ndarray  # [L] int
     fan_in: np.ndarray  # [L] int
     weight_var: np.ndarray  # [L]
+    mean_abs: np.ndarray | None = None  # [L, K]; None in files of format version 1
 
     @property
     def key(self) -> str:
@@ -195,6 +202,7 @@ class ComboStats:
             "var": self.var.mean(axis=0),
             "density": self.density.mean(axis=0),
             "mean_sq": self.mean_sq.mean(axis=0),
+            "mean_abs": None if self.mean_abs is None else self.mean_abs.mean(axis=0),
             "tiles": float(self.tiles.mean()),
             "fan_in": float(self.fan_in.mean()),
             "weight_var": float(self.weight_var.mean()),
@@ -208,7 +216,9 @@ class ComboStats:
         return {
             "wl_weight": self.wl_weight, "subArray": self.subArray, "cellBit": self.cellBit,
             "num_slices": self.num_slices, "var": self.var[i].tolist(), "density": self.density[i].tolist(),
-            "mean_sq": self.mean_sq[i].tolist(), "tiles": int(self.tiles[i]), "fan_in": int(self.fan_in[i]),
+            "mean_sq": self.mean_sq[i].tolist(),
+            "mean_abs": None if self.mean_abs is None else self.mean_abs[i].tolist(),
+            "tiles": int(self.tiles[i]), "fan_in": int(self.fan_in[i]),
             "weight_var": float(self.weight_var[i]),
         }
 
@@ -250,26 +260,28 @@ class ModelStats:
 
 
 def _level_table(wl_weight: int, cellBit: int) -> torch.Tensor:
-    """[2L+1, 3K] float32: for every integer level q = -L..L the values s_k(q), s_k(q)^2, [s_k(q) != 0].
+    """[2L+1, 4K] float32: for every integer level q = -L..L the values s_k(q), s_k(q)^2, [s_k(q) != 0],
+    |s_k(q)|.
 
     float32 is exact here: every entry and every histogram-weighted sum is an integer below 2^24.
     """
     levels = max_level(wl_weight)
     q = torch.arange(-levels, levels + 1, dtype=torch.float32)
     s = slice_magnitude(q, wl_weight, cellBit).t()  # [2L+1, K]; the simulator's own slicing code
-    return torch.cat([s, s**2, (s != 0).float()], dim=1)
+    return torch.cat([s, s**2, (s != 0).float(), s.abs()], dim=1)
 
 
 def _row_stat_sums(sums: torch.Tensor, counts: torch.Tensor, num_slices: int) -> torch.Tensor:
-    """[3, K] float64: per-tile-row var, density and mean_sq, summed over the tile rows.
+    """[4, K] float64: per-tile-row var, density, mean_sq and mean_abs, summed over the tile rows.
 
-    sums [out, T, 3K]: per tile row the sums of s_k, s_k^2 and [s_k != 0]; counts [T]: the cells a
-    tile row is averaged over.
+    sums [out, T, 4K]: per tile row the sums of s_k, s_k^2, [s_k != 0] and |s_k|; counts [T]: the
+    cells a tile row is averaged over.
     """
     means = sums.double() / counts[None, :, None]
-    mean, mean_sq, nonzero = means.split(num_slices, dim=-1)
+    mean, mean_sq, nonzero, mean_abs = means.split(num_slices, dim=-1)
     var = (mean_sq - mean**2).clamp_min(0.0)  # population variance of each tile row
-    return torch.stack([var.sum(dim=(0, 1)), nonzero.sum(dim=(0, 1)), mean_sq.sum(dim=(0, 1))])
+    return torch.stack([var.sum(dim=(0, 1)), nonzero.sum(dim=(0, 1)), mean_sq.sum(dim=(0, 1)),
+                        mean_abs.sum(dim=(0, 1))])
 
 
 # Output channels are processed in chunks of about this many weights, which bounds the memory of the
@@ -316,15 +328,15 @@ def _layer_all_combos(matrix: torch.Tensor, wanted: dict[int, dict[int, list[int
                 sums = (hist.reshape(-1, bins) @ table).reshape(n_out, tiles, -1)
                 widths = [tables[(bits, c)].shape[1] for c in cell_bits_list]
                 for cell_bits, piece in zip(cell_bits_list, sums.split(widths, dim=-1), strict=True):
-                    partial = _row_stat_sums(piece, counts, piece.shape[-1] // 3)
+                    partial = _row_stat_sums(piece, counts, piece.shape[-1] // 4)
                     key = (bits, rows, cell_bits)
                     totals[key] = totals[key] + partial if key in totals else partial
     results: dict[Combo, dict[str, Any]] = {}
     for (bits, rows, cell_bits), total in totals.items():
         tiles = num_tiles(fan_in, rows)
-        var, density, mean_sq = (total / (out_features * tiles)).numpy()  # mean over channels and tiles
+        var, density, mean_sq, mean_abs = (total / (out_features * tiles)).numpy()  # mean over channels, tiles
         results[(bits, rows, cell_bits)] = {
-            "var": var, "density": density, "mean_sq": mean_sq, "tiles": tiles,
+            "var": var, "density": density, "mean_sq": mean_sq, "mean_abs": mean_abs, "tiles": tiles,
         }
     return results
 
@@ -395,6 +407,7 @@ def model_statistics(model: nn.Module, combos: Iterable[Sequence[int]], exclude:
             tiles=np.array([r["tiles"] for r in rows], dtype=np.int64),
             fan_in=np.array(fan_ins, dtype=np.int64),
             weight_var=np.array(weight_vars, dtype=np.float64),
+            mean_abs=np.stack([r["mean_abs"] for r in rows]),
         )
     return stats
 
@@ -416,11 +429,12 @@ def _combo_to_json(combo: ComboStats) -> dict[str, Any]:
             "var": combo.var.tolist(),
             "density": combo.density.tolist(),
             "mean_sq": combo.mean_sq.tolist(),
+            **({} if combo.mean_abs is None else {"mean_abs": combo.mean_abs.tolist()}),
             "tiles": combo.tiles.tolist(),
         },
         # Plain averages over the layers (what the published metric uses).
         "model": {key: (value.tolist() if isinstance(value, np.ndarray) else value)
-                  for key, value in avg.items()},
+                  for key, value in avg.items() if value is not None},
     }
 
 
@@ -461,6 +475,8 @@ def load_statistics(path: str | Path) -> ModelStats:
                 mean_sq=np.array(per_layer["mean_sq"], dtype=np.float64).reshape(len(layers), -1),
                 tiles=np.array(per_layer["tiles"], dtype=np.int64),
                 fan_in=fan_in, weight_var=weight_var,
+                mean_abs=(np.array(per_layer["mean_abs"], dtype=np.float64).reshape(len(layers), -1)
+                          if "mean_abs" in per_layer else None),
             )
             if combo.key != key:
                 raise ValueError(f"combination {key!r} holds statistics of {combo.key}")

@@ -13,21 +13,25 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from scipy import integrate
 
 import nipa.metric
 from nipa.config import HWConfig
+from nipa.device_errors import program_pairs
 from nipa.metric import (
     adc_noise,
     device_variance,
     layer_slice_noise,
     nipa_metric,
     nipa_terms,
+    pair_device_variance,
     per_layer_nipa,
     rank_layers,
     unabsorbed_share,
     weight_rounding_noise,
 )
+from nipa.quant import slice_magnitude
 from nipa.stats import ComboStats, ModelStats, combo_key
 
 LAYERS = ("conv1", "conv2", "fc")
@@ -317,3 +321,69 @@ def test_layer_slice_noise_matches_per_layer_nipa() -> None:
     np.testing.assert_allclose(per_layer_nipa(stats, hw), expected, rtol=1e-12)
     with pytest.raises(KeyError):
         layer_slice_noise(combo, point())
+
+
+# ---- device_model="cells": the simulator's own cell model in expectation ---------------------------
+
+
+@pytest.mark.parametrize("cell_bits", [1, 2])
+@pytest.mark.parametrize("errors", [
+    {"vari_type": "state_dependent", "vari": 0.2},
+    {"vari_type": "laplace", "laplace_b": 0.15},
+    {"vari_type": "state_independent", "ind_vari": 0.1},
+    {"vari_type": "state_dependent", "vari": 0.0, "SAF_prop": 0.01},
+    {"vari_type": "state_independent", "ind_vari": 0.05, "SAF_prop": 0.02},
+    {"vari_type": "state_dependent", "vari": 0.1, "SAF_prop": 0.005, "onoffratio": 10.0},
+])
+def test_pair_variance_matches_monte_carlo_of_the_simulator(cell_bits: int, errors: dict) -> None:
+    hw = HWConfig(wl_weight=7, cellBit=cell_bits, **errors)
+    torch.manual_seed(0)
+    q = torch.clamp(torch.round(torch.randn(400_000) * 16), -63, 63)
+    slices = slice_magnitude(q, 7, cell_bits).double()  # [K, n] signed
+    read = program_pairs(slices, hw, torch.Generator().manual_seed(1))
+    squared_error = (read - slices) ** 2
+    measured = squared_error.mean(dim=1).numpy()
+    standard_error = (squared_error.std(dim=1) / squared_error.shape[1] ** 0.5).numpy()
+    predicted = pair_device_variance((slices**2).mean(dim=1).numpy(), slices.abs().mean(dim=1).numpy(),
+                                     hw.vari_type, hw.device_spread, hw.SAF_prop, cell_bits, hw.onoffratio)
+    assert np.all(np.abs(predicted - measured) < 4 * standard_error + 1e-12), (predicted, measured)
+    assert np.all(np.abs(predicted - measured) < 0.05 * measured)
+
+
+def test_pair_variance_of_one_bit_faults_is_2p_whatever_the_slice():
+    density = np.array([0.05, 0.3, 0.9])  # 1-bit cells: mean_sq = mean_abs = density
+    got = pair_device_variance(density, density, "state_dependent", 0.0, 1e-3, 1, 1e8)
+    np.testing.assert_allclose(got, 2e-3, rtol=1e-6)
+    published = device_variance(density, "state_dependent", 0.0, 1e-3)
+    assert np.all(published < got)  # the published form counts 2p var_k
+
+
+def test_cells_device_model_in_the_metric():
+    stats = make_stats()
+    for combo in stats.combos.values():
+        combo.mean_abs = combo.density * (1 + combo.cellBit) / 2
+    clean = point()
+    assert nipa_metric(stats, clean, device_model="cells") == nipa_metric(stats, clean)  # no device error
+    faulty = point(SAF_prop=1e-3)
+    assert nipa_metric(stats, faulty, device_model="cells") < nipa_metric(stats, faulty)
+    # vectorized over points and layers = one point at a time, from each layer's own statistics
+    points = [point(vari=v, SAF_prop=p, cellBit=c, wl_weight=w) for v in (0.0, 0.1) for p in (0.0, 1e-2)
+              for c, w in ((1, 8), (2, 9))]
+    many = nipa_metric(stats, points, device_model="cells")
+    layers = per_layer_nipa(stats, points, device_model="cells")
+    for i, hw in enumerate(points):
+        assert nipa_metric(stats, hw, device_model="cells") == pytest.approx(many[i], rel=1e-12)
+        noise = layer_slice_noise(stats, hw, device_model="cells")
+        combo = stats.for_point(hw)
+        significance = 4.0 ** (hw.cellBit * np.arange(combo.num_slices))
+        expected = (significance * combo.var).sum(1) / (1 / 12 + (significance * noise["total"]).sum(1))
+        np.testing.assert_allclose(layers[i], expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="device_model"):
+        nipa_metric(stats, clean, device_model="exact")
+
+
+def test_cells_device_model_needs_mean_abs_only_for_multi_level_cells():
+    stats = make_stats()  # synthetic statistics without mean_abs, as files of format 1
+    assert np.isfinite(nipa_metric(stats, point(vari=0.1), device_model="cells"))  # 1-bit: mean_abs = density
+    with pytest.raises(KeyError, match="stat.py --overwrite"):
+        nipa_metric(stats, point(cellBit=2, wl_weight=9, vari=0.1), device_model="cells")

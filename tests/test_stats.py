@@ -58,7 +58,9 @@ def test_hand_built_slices(cell_bits: int, slices: list) -> None:
     expected_var = [np.mean([pop_var(row[i]) for row in slices]) for i in range(k)]
     expected_density = [np.mean([np.count_nonzero(row[i]) / 4 for row in slices]) for i in range(k)]
     expected_mean_sq = [np.mean([np.mean(np.square(row[i])) for row in slices]) for i in range(k)]
+    expected_mean_abs = [np.mean([np.mean(np.abs(row[i])) for row in slices]) for i in range(k)]
     assert got["var"] == pytest.approx(expected_var, abs=1e-12)
+    assert got["mean_abs"] == pytest.approx(expected_mean_abs, abs=1e-12)
     assert got["density"] == pytest.approx(expected_density, abs=1e-12)
     assert got["mean_sq"] == pytest.approx(expected_mean_sq, abs=1e-12)
     assert got["tiles"] == 1 and got["fan_in"] == 4 and got["out_features"] == 2
@@ -70,6 +72,7 @@ def test_hand_built_slices(cell_bits: int, slices: list) -> None:
     combo = model_statistics(model, [(4, 4, cell_bits)]).get(4, 4, cell_bits)
     assert combo.var[0] == pytest.approx(expected_var, abs=1e-12)
     assert combo.density[0] == pytest.approx(expected_density, abs=1e-12)
+    assert combo.mean_abs[0] == pytest.approx(expected_mean_abs, abs=1e-12)
 
 
 def test_first_row_literal_values() -> None:
@@ -144,6 +147,7 @@ def test_one_pass_equals_per_combination(count_padding: bool) -> None:
             np.testing.assert_allclose(combo.var[i], ref["var"], rtol=0, atol=1e-12)
             np.testing.assert_allclose(combo.density[i], ref["density"], rtol=0, atol=1e-12)
             np.testing.assert_allclose(combo.mean_sq[i], ref["mean_sq"], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(combo.mean_abs[i], ref["mean_abs"], rtol=0, atol=1e-12)
             assert combo.tiles[i] == ref["tiles"] and combo.fan_in[i] == ref["fan_in"]
             assert combo.weight_var[i] == pytest.approx(ref["weight_var"])
         avg = combo.model_average()
@@ -221,8 +225,21 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
     for key, combo in stats.combos.items():
         other = loaded.combos[key]
         assert isinstance(other, ComboStats) and other.layers == combo.layers
-        for name in ("var", "density", "mean_sq", "tiles", "fan_in", "weight_var"):
+        for name in ("var", "density", "mean_sq", "mean_abs", "tiles", "fan_in", "weight_var"):
             np.testing.assert_array_equal(getattr(other, name), getattr(combo, name))
+
+
+def test_files_of_format_1_load_without_mean_abs(tmp_path: Path) -> None:
+    stats = model_statistics(TwoLayers(), [(8, 128, 1)], model_name="two", dataset="toy")
+    path = save_statistics(stats, tmp_path / "two_toy.json")
+    document = json.loads(path.read_text())
+    document["meta"]["format_version"] = 1
+    for entry in document["combinations"].values():
+        del entry["layers"]["mean_abs"], entry["model"]["mean_abs"]
+    path.write_text(json.dumps(document))
+    old = load_statistics(path).get(8, 128, 1)
+    assert old.mean_abs is None and old.model_average()["mean_abs"] is None
+    np.testing.assert_array_equal(old.var, stats.get(8, 128, 1).var)
 
 
 def test_load_rejects_other_files(tmp_path: Path) -> None:

@@ -217,7 +217,8 @@ def test_end_to_end_writes_csv_png_json(tmp_path, stats_file, capsys):
     overall = summary["groups"][0]
     assert overall["group"] == "all" and overall["n"] == 24 and overall["chips"] == 70
     assert overall["kendall"]["value"] > 0.95 and overall["kendall"]["ci_low"] <= overall["kendall"]["value"]
-    assert summary["metric"] == {"reduction": "model_average", "tile_factor": "tiles", "published": True}
+    assert summary["metric"] == {"reduction": "model_average", "tile_factor": "tiles", "device_model": "published",
+                                 "published": True}
     assert {g["group"] for g in summary["groups"]} >= {"vari_type=state_dependent", "cellBit=1", "cellBit=2",
                                                        "wl_weight=5"}
     assert summary["ideal_top1"] == 98.0 and summary["nipa_version"]
@@ -229,6 +230,12 @@ def test_end_to_end_writes_csv_png_json(tmp_path, stats_file, capsys):
                                   "--no_plot", "--bootstrap", "0")) == 0
     variant = json.loads((out / "digits_nipa_layer_sum_tile-one_summary.json").read_text())
     assert variant["metric"]["published"] is False
+    assert validate.main(args_for(tmp_path, stats_path, "--device_model", "cells", "--no_plot", "--bootstrap",
+                                  "0")) == 0
+    cells = pd.read_csv(out / "digits_nipa_device-cells_points.csv")
+    assert cells["log2_nipa"].tolist() != table["log2_nipa"].tolist()  # the device term differs under variation
+    clean = table["vari"] == 0
+    np.testing.assert_allclose(cells["log2_nipa"][clean], table["log2_nipa"][clean], rtol=1e-12)
     assert json.loads((out / "digits_nipa_summary.json").read_text())["metric"]["published"] is True
 
 
