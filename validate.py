@@ -458,13 +458,14 @@ def layer_noise_check(args: argparse.Namespace, grouped: GroupedRecords, stats: 
 
 def format_layer_noise(check: dict[str, Any]) -> str:
     """The printed lines of --layer_noise."""
-    lines = [f"measured layer noise ({check['inputs']} calibration inputs, up to {check['chips']} chips per point): "
-             "Kendall tau-b [CI] p",
-             f"  {'log2 NIPA vs measured SNR (layer mean)':<44} {_fmt(check['nipa_vs_measured']['kendall'])}"]
-    for name, result in check["per_layer_nipa_vs_measured"].items():
-        lines.append(f"  {'  per-layer NIPA vs measured SNR, ' + name:<44} {_fmt(result['kendall'])}")
-    lines.append(f"  {'measured SNR vs accuracy':<44} {_fmt(check['measured_vs_accuracy']['kendall'])}")
-    return "\n".join(lines)
+    labels = [("log2 NIPA vs measured SNR (layer mean)", check["nipa_vs_measured"])]
+    labels += [(f"  per-layer NIPA vs measured SNR, {name}", result)
+               for name, result in check["per_layer_nipa_vs_measured"].items()]
+    labels.append(("measured SNR vs accuracy", check["measured_vs_accuracy"]))
+    width = max(len(label) for label, _ in labels)
+    head = (f"measured layer noise ({check['inputs']} calibration inputs, up to {check['chips']} chips per "
+            "point): Kendall tau-b [CI] p")
+    return "\n".join([head] + [f"  {label:<{width}} {_fmt(result['kendall'])}" for label, result in labels])
 
 
 # ----------------------------------------------------------------------------------------------------

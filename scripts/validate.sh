@@ -10,6 +10,10 @@ DATASET=${DATASET:-mnist5k}
 COLOR_BY=${COLOR_BY:-wl_weight}
 # The published metric, with the per-layer sensitivity ranking...
 python validate.py --model_name "$MODEL" --dataset "$DATASET" --color_by "$COLOR_BY" --per_layer "$@"
-# ...and the two variants, written under their own file names for comparison.
+# ...the variants, written under their own file names for comparison; the device term of the cell
+# model also measures every crossbar layer's noise (loads the checkpoint; about 1 s per point and chip
+# for smallcnn): how well NIPA predicts the simulated layers, apart from the accuracy's noise.
 python validate.py --model_name "$MODEL" --dataset "$DATASET" --color_by "$COLOR_BY" --tile_factor one "$@"
 python validate.py --model_name "$MODEL" --dataset "$DATASET" --color_by "$COLOR_BY" --reduction layer_sum "$@"
+python validate.py --model_name "$MODEL" --dataset "$DATASET" --color_by "$COLOR_BY" --device_model cells \
+    --layer_noise "$@"
