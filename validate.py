@@ -59,9 +59,8 @@ from nipa.metric import (
     REDUCTIONS,
     TILE_FACTORS,
     VARI_CODE,
-    combo_mean_abs,
+    combo_device_variance,
     nipa_metric,
-    pair_device_variance,
     per_layer_nipa,
     slice_noise_terms,
     weight_rounding_noise,
@@ -131,7 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="also measure every mapped layer's noise on the recorded points' chips (one batch "
                             "of calibration data through the float and the crossbar layer) and report how NIPA "
                             "ranks it: a check of the metric that does not go through the accuracy")
-    noise.add_argument("--layer_noise_chips", type=int, default=3, help="chips per point (0, 1, ...)")
+    noise.add_argument("--layer_noise_chips", type=int, default=3,
+                       help="chips per point (chips 0, 1, ... of the ground truth's seed)")
     noise.add_argument("--layer_noise_batch", type=int, default=None,
                        help="inputs in the batch (default: 256 images for a CNN, 16 sequences for an LLM)")
     noise.add_argument("--ckpt_dir", default="ckpts")
@@ -246,13 +246,7 @@ def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model
         var, density, tiles, weight_var = combo.var, combo.density, combo.tiles.astype(float), combo.weight_var
     if tile_factor == "one":
         tiles = np.ones_like(tiles)
-    sigma2 = None
-    if device_model == "cells":
-        mean_sq, mean_abs = combo.mean_sq, combo_mean_abs(combo)
-        if reduction == "model_average":
-            mean_sq, mean_abs = mean_sq.mean(axis=0)[None], mean_abs.mean(axis=0)[None]
-        sigma2 = pair_device_variance(mean_sq, mean_abs, VARI_CODE[config.vari_type], config.device_spread,
-                                      config.SAF_prop, config.cellBit, config.onoffratio)
+    sigma2 = combo_device_variance(combo, config, device_model, model_average=reduction == "model_average")
     significance = 4.0 ** (config.cellBit * np.arange(var.shape[1]))
     adc, device = slice_noise_terms(var, density, tiles, config.subArray, config.ADCprecision,
                                     VARI_CODE[config.vari_type], config.device_spread, config.SAF_prop, sigma2)

@@ -262,6 +262,20 @@ def combo_mean_abs(combo: ComboStats) -> np.ndarray:
                    f"cellBit {combo.cellBit}); recompute them with stat.py --overwrite")
 
 
+def combo_device_variance(combo: ComboStats, hw: HWConfig, device_model: str,
+                          model_average: bool = False) -> np.ndarray | None:
+    """The device variance of one point's slices for `device_model`: None for "published" (the
+    callees compute sigma_dev,k^2 themselves), sigma_pair,k^2 [L, K] (or [1, K] from the layer-averaged
+    statistics) for "cells"."""
+    if device_model != "cells":
+        return None
+    mean_sq, mean_abs = combo.mean_sq, combo_mean_abs(combo)
+    if model_average:
+        mean_sq, mean_abs = mean_sq.mean(axis=0)[None], mean_abs.mean(axis=0)[None]
+    return pair_device_variance(mean_sq, mean_abs, VARI_CODE[hw.vari_type], hw.device_spread, hw.SAF_prop,
+                                hw.cellBit, hw.onoffratio)
+
+
 def _gather(stats: ModelStats | ComboStats, keys: Sequence[str], per_layer: bool,
             cell_levels: bool = False) -> dict[str, np.ndarray]:
     """Statistics for every point, the slice axis zero-padded to the largest K: arrays [N, (L,) K]
@@ -388,10 +402,7 @@ def layer_slice_noise(stats: ModelStats | ComboStats, point: HWConfig | Mapping[
     if combo.key != combo_key(hw.wl_weight, hw.subArray, hw.cellBit):
         raise KeyError(f"these statistics are for {combo.key} only, not {hw.describe()}")
     tiles = combo.tiles if tile_factor == "tiles" else np.ones_like(combo.tiles)
-    sigma2 = None
-    if device_model == "cells":
-        sigma2 = pair_device_variance(combo.mean_sq, combo_mean_abs(combo), VARI_CODE[hw.vari_type],
-                                      hw.device_spread, hw.SAF_prop, hw.cellBit, hw.onoffratio)
+    sigma2 = combo_device_variance(combo, hw, device_model)
     adc, device = slice_noise_terms(combo.var, combo.density, tiles, hw.subArray, hw.ADCprecision,
                                     VARI_CODE[hw.vari_type], hw.device_spread, hw.SAF_prop, sigma2)
     return {"adc": adc, "device": device, "total": adc + device}
