@@ -46,6 +46,7 @@ from nipa.correlation import (
     RecordsError,
     agreement,
     chip_agreement,
+    chip_count_curve,
     chip_mean,
     chip_std,
     group_records,
@@ -291,6 +292,17 @@ def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile
 # ----------------------------------------------------------------------------------------------------
 
 
+def format_chip_curve(curve: dict[str, Any]) -> str:
+    """Kendall's tau against the chips per point (is the ground truth converged?)."""
+    steps = ", ".join(f"{m}: {t:.3f}" for m, t in zip(curve["chips"], curve["kendall"], strict=True) if t is not None)
+    text = f"Kendall tau-b with m chips per point (mean over {curve['draws']} draws of m chips): {steps}"
+    if curve["gain_last_doubling"] is not None:
+        text += (f"\n  from {curve['doubling_from']} to {curve['chips'][-1]} chips tau moved "
+                 f"{curve['gain_last_doubling']:+.3f}: more chips per point "
+                 + ("would still change it" if abs(curve["gain_last_doubling"]) >= 0.01 else "would barely change it"))
+    return text
+
+
 def group_agreements(rows: list[dict[str, Any]], grouped: GroupedRecords, group_by: Sequence[str],
                      bootstrap: int, seed: int, confidence: float) -> list[dict[str, Any]]:
     """Agreement on all points, then per value of every `group_by` parameter (every group, however
@@ -491,6 +503,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     reliability = chip_agreement(grouped.points)
     ceiling = noise_ceiling(grouped.points, seed=args.seed) if args.accuracy == "top1" else None
+    per_chip = [[v for v in (p.top1 if args.accuracy == "top1" else p.top5) if v is not None] for p in grouped.points]
+    curve = chip_count_curve(x, per_chip, seed=args.seed)
     metric_name = (f"NIPA {args.reduction}/k_T={args.tile_factor}/device={args.device_model}"
                    + (" (published)" if published else " (variant)"))
     print(f"{args.model_name} on {args.dataset}: {grouped.describe_chips()} from {records_path}"
@@ -507,6 +521,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if ceiling and ceiling["kendall"] is not None:
         print(f"noise ceiling: a perfect ranking would score Kendall tau-b about {ceiling['kendall']:.3f} against "
               f"these chip means (chip std, median {ceiling['median_chip_std']:.2f} points; rough, see README)")
+    if curve:
+        print(format_chip_curve(curve))
     print("pairs of points differing in one parameter only (concordant / discordant / tied in NIPA / "
           "tied in accuracy):")
     for name, count in pairs.items():
@@ -555,7 +571,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ideal_top1": grouped.ideal_top1, "ideal_top5": grouped.ideal_top5,
         "bootstrap": args.bootstrap, "seed": args.seed, "confidence": args.confidence,
         "groups": groups, "one_factor_pairs": pairs, "chip_agreement": reliability,
-        "noise_ceiling": ceiling, "layer_noise": check,
+        "noise_ceiling": ceiling, "chip_count_curve": curve, "layer_noise": check,
         "per_layer": None if layers is None else {"point_index": index, "point": describe_row(rows[index]),
                                                   "layers": layers},
         "records": str(records_path), "records_run": grouped.run, "hw_files": grouped.hw_files,

@@ -284,3 +284,33 @@ def test_chip_agreement_and_noise_ceiling():
     ceiling = noise_ceiling(group_records(noisy).points, n_draws=200, seed=1)
     assert ceiling["kendall"] < 0.9 and ceiling == noise_ceiling(group_records(noisy).points, n_draws=200, seed=1)
     assert noise_ceiling(group_records(noisy[::3]).points)["kendall"] is None  # one chip each: unknown
+
+
+def test_chip_count_curve_estimates_the_tau_of_an_m_chip_sweep():
+    from nipa.correlation import chip_count_curve
+
+    rng = np.random.default_rng(0)
+    true = np.linspace(90.0, 92.0, 20)  # the metric ranks the expected accuracies perfectly
+    chips = [t + rng.normal(0, 1.0, 30) for t in true]
+    curve = chip_count_curve(true, chips, draws=300, seed=2)
+    assert curve["chips"] == [1, 2, 3, 5, 8, 10, 15, 20, 30]
+    taus = dict(zip(curve["chips"], curve["kendall"], strict=True))
+    assert taus[1] < taus[3] < taus[10] < taus[30]  # chip noise costs less as it is averaged
+    # m = 3 drawn from 30 recorded chips: the same tau as sweeps that record only 3 fresh chips
+    fresh = [sps.kendalltau(true, [np.mean(t + rng.normal(0, 1.0, 3)) for t in true])[0] for _ in range(2000)]
+    assert taus[3] == pytest.approx(np.mean(fresh), abs=0.02)
+    assert curve["doubling_from"] == 15 and curve["gain_last_doubling"] == pytest.approx(taus[30] - taus[15])
+    assert curve == chip_count_curve(true, chips, draws=300, seed=2)  # seeded
+
+
+def test_chip_count_curve_keeps_deterministic_points_and_stops_at_the_fewest_varying_chips():
+    from nipa.correlation import chip_count_curve
+
+    exact = [[90.0] * 3, [91.0] * 3]  # no device error: every chip the same
+    assert chip_count_curve([1.0, 2.0, 3.0], exact + [[92.0] * 3]) is None
+    noisy = exact + [[91.5, 92.5] * 5, [92.0, 93.0, 94.0] * 4]
+    curve = chip_count_curve([1.0, 2.0, 3.0, 4.0], noisy, draws=50)
+    assert curve["chips"][-1] == 10  # the point with 10 varying chips bounds the curve, not the one with 12
+    assert curve["kendall"][-1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="3 metric values but 4 points"):
+        chip_count_curve([1.0, 2.0, 3.0], noisy)
