@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ADC range mode for every point (default: the INI's ADCmode, else dynamic)")
     parser.add_argument("--per_read", action="store_true",
                         help="redraw device error on every read, as the original did (default: once per chip)")
+    parser.add_argument("--simulate_identical_chips", action="store_true",
+                        help="simulate every chip of a point without device error (default: chips after the "
+                             "first, which cannot differ, are recorded as copies of chip 0, marked so)")
     parser.add_argument("--calib_batches", type=int, default=4, help="batches that calibrate the ADC range")
     parser.add_argument("--memory_mb", type=float, default=256, help="memory budget of one crossbar product")
     parser.add_argument("--shard", type=parse_shard, default=None, help="i/n: run every n-th point from i")
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         cycle=args.cycle, seed=args.seed, batch_size=args.batch_size, limit=args.limit,
         exclude=exclude, include=include, adc_mode=args.adc_mode,
         per_read=args.per_read, calib_batches=args.calib_batches, memory_mb=args.memory_mb,
-        shard=args.shard, extra={"checkpoint_top1": meta.get("test_top1")})
+        shard=args.shard, copy_identical_chips=not args.simulate_identical_chips,
+        extra={"checkpoint_top1": meta.get("test_top1")})
     out = Path(args.out) if args.out else default_results_path(args.model_name, args.dataset)
     writer = RecordWriter(shard_path(out, args.shard))
     run_sweep(settings, model, test_loader, calib_inputs, device, out, writer, log)

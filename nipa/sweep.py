@@ -39,6 +39,9 @@ class SweepSettings:
     calib_batches: int = 4
     memory_mb: float = 256
     shard: tuple[int, int] | None = None
+    # A point without device error gives every chip the same result (nothing is drawn): chips after the
+    # first are recorded as copies of it, marked `copied_from_chip`, unless this is False.
+    copy_identical_chips: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def signature(self) -> dict[str, Any]:
@@ -91,6 +94,10 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
               "seed": settings.seed,
               "run": settings.signature(), "hw_file": settings.hw_file, **settings.extra}
     written: list[dict] = []
+    bookkeeping = set(common) | set(environment()) | {"method", "config", "config_key", "chip", "mapped_layers",
+                                                      "copied_from_chip", "wall_s", "device", "time"}
+    # Chip 0 of every point, to copy for the chips of points without device error.
+    first_chips = {r["config_key"]: r for r in existing if r.get("method") == "sliced" and r.get("chip") == 0}
 
     def record(method: str, metrics: dict, seconds: float, **fields) -> None:
         entry = {**common, "method": method, **fields, **metrics, "wall_s": round(seconds, 4),
@@ -112,6 +119,14 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
     converted, converted_point = None, None
     for point, chip in tqdm(todo, desc="sweep", unit="chip"):
         started = time.perf_counter()
+        source = first_chips.get(point.key()) if chip > 0 and settings.copy_identical_chips \
+            and not point.has_device_error else None
+        if source is not None:
+            metrics = {k: v for k, v in source.items() if k not in bookkeeping}
+            record("sliced", metrics, 0.0, config=point.to_dict(), config_key=point.key(), chip=chip,
+                   mapped_layers=source.get("mapped_layers"), copied_from_chip=0)
+            log(f"{point.describe()}  chip {chip}: {describe_metrics(metrics)}  (no device error: chip 0's result)")
+            continue
         if point != converted_point:
             converted = convert(model, point, exclude=settings.exclude, include=settings.include,
                                 seed=settings.seed, chip=chip, per_read=settings.per_read,
@@ -124,6 +139,8 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
         metrics = evaluate(converted, test_loader, device, desc=f"chip {chip}")
         record("sliced", metrics, time.perf_counter() - started, config=point.to_dict(),
                config_key=point.key(), chip=chip, mapped_layers=mapped_layer_names(converted))
+        if chip == 0:
+            first_chips[point.key()] = written[-1]
         log(f"{point.describe()}  chip {chip}: {describe_metrics(metrics)}  "
             f"({time.perf_counter() - started:.1f}s)")
     return written
