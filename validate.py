@@ -43,6 +43,7 @@ from nipa.correlation import (
     COEFFICIENTS,
     Agreement,
     GroupedRecords,
+    PointResult,
     RecordsError,
     agreement,
     chip_agreement,
@@ -257,6 +258,11 @@ def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model
             "noise_device": float((significance * device).sum())}
 
 
+def chip_accuracies(point: PointResult, accuracy: str) -> list[float]:
+    """The per-chip accuracies of a point that were recorded (top-5 may be missing for a task)."""
+    return [v for v in (point.top1 if accuracy == "top1" else point.top5) if v is not None]
+
+
 def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile_factor: str,
                 accuracy: str = "top1", device_model: str = "published") -> list[dict[str, Any]]:
     """One row per point: parameters, accuracy over chips, NIPA, log2 NIPA and its terms."""
@@ -270,8 +276,7 @@ def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile
         if not math.isclose(recombined, value, rel_tol=1e-9):  # the breakdown must describe the metric
             raise AssertionError(f"noise breakdown {recombined} != NIPA {value} at {point.config.describe()}")
         config = point.config.to_dict()
-        chips_top = point.top1 if accuracy == "top1" else point.top5
-        finite = [v for v in chips_top if v is not None]
+        finite = chip_accuracies(point, accuracy)
         rows.append({
             "index": index, **{name: config[name] for name in CONFIG_FIELDS},
             "device_spread": point.config.device_spread, "hw_file": point.hw_file,
@@ -503,8 +508,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     reliability = chip_agreement(grouped.points)
     ceiling = noise_ceiling(grouped.points, seed=args.seed) if args.accuracy == "top1" else None
-    per_chip = [[v for v in (p.top1 if args.accuracy == "top1" else p.top5) if v is not None] for p in grouped.points]
-    curve = chip_count_curve(x, per_chip, seed=args.seed)
+    curve = chip_count_curve(x, [chip_accuracies(p, args.accuracy) for p in grouped.points], seed=args.seed)
     metric_name = (f"NIPA {args.reduction}/k_T={args.tile_factor}/device={args.device_model}"
                    + (" (published)" if published else " (variant)"))
     print(f"{args.model_name} on {args.dataset}: {grouped.describe_chips()} from {records_path}"
