@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args
+from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args, run_main
 from nipa.config import VARI_TYPES
 from nipa.data import get_dataset
 from nipa.finetune import (
@@ -36,7 +36,7 @@ from nipa.finetune import (
 from nipa.llm import is_llm_name
 from nipa.logs import open_log
 from nipa.mlc import ChipOptions, mlc_hw
-from nipa.records import RecordWriter, environment, read_records, timestamp
+from nipa.records import RecordWriter, check_results_path, environment, read_records, timestamp
 from nipa.runtime import resolve_device, seed_everything
 from nipa.zoo import load_model_and_data
 
@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--chips {args.chips}: need at least one chip")
     if args.ft_calib_samples < 1:
         parser.error(f"--calib_samples {args.ft_calib_samples}: need at least one image")
+    if not 1 <= args.cellbit <= 8:  # before mlc_hw, whose message would speak of wl_weight = cellbit + 1
+        parser.error(f"--cellbit {args.cellbit}: bits per cell must lie in 1..8")
     try:  # every bad hardware value is reported before any work starts
         for spread in args.vari:
             mlc_hw(args.cellbit, args.vari_type, spread, args.SAF_prop, args.onoffratio)
@@ -94,10 +96,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_main("finetune.py", parse_args, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, args.gpu_id)
+    out = Path(args.out) if args.out else Path("results") / args.model_name.lower() / f"{args.dataset}_finetune.jsonl"
+    check_results_path(out)  # before the model loads: a file that is not records is refused, never touched
+    previous = [r for r in read_records(out) if r.get("kind") == "finetune"] if out.is_file() else []
     seed_everything(args.seed)
     log = open_log(args.log_file)
     model, meta, test_loader = load_model_and_data(
@@ -115,8 +123,6 @@ def main(argv=None) -> int:
                      vari_type=args.vari_type, spreads=args.vari, chips=args.chips, methods=args.methods,
                      settings=settings, options=options, SAF_prop=args.SAF_prop, onoffratio=args.onoffratio,
                      exclude=args.exclude_layer, include=args.include_layer, seed=args.seed)
-    out = Path(args.out) if args.out else Path("results") / args.model_name.lower() / f"{args.dataset}_finetune.jsonl"
-    previous = [r for r in read_records(out) if r.get("kind") == "finetune"] if out.is_file() else []
     done = {(r["run_key"], r["method"], r["chip"]) for r in previous}
     writer = RecordWriter(out)
     extra = {"checkpoint_top1": meta.get("test_top1"), "device": str(device), "timestamp": timestamp(),

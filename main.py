@@ -16,15 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from nipa.cli import add_layer_args, add_model_args, add_runtime_args, parse_shard, resolve_model_args
+from nipa.cli import add_layer_args, add_model_args, add_runtime_args, parse_shard, resolve_model_args, run_main
 from nipa.config import ADC_MODES, SearchSpace
-from nipa.llm import LLMError, mapping_report
-from nipa.lm_tasks import TaskFileError
+from nipa.errors import UserError
+from nipa.llm import is_llm_name, mapping_report
 from nipa.logs import open_log
 from nipa.mapping import select_layers
-from nipa.records import RecordWriter, shard_path
+from nipa.records import RecordWriter, check_results_path, read_records, shard_path
 from nipa.runtime import resolve_device, seed_everything
-from nipa.sweep import SweepSettings, run_sweep
+from nipa.sweep import SweepSettings, check_compatible, run_sweep
 from nipa.zoo import (
     calibration_inputs,
     dataset_id,
@@ -32,6 +32,8 @@ from nipa.zoo import (
     layer_selection,
     load_model_and_data,
     model_id,
+    weights_file,
+    weights_sha256,
 )
 
 
@@ -63,41 +65,68 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = resolve_model_args(parser, parser.parse_args(argv))
     if args.cycle < 1:
         parser.error(f"--cycle {args.cycle}: need at least one chip")
+    if args.sample_num < 0:
+        parser.error(f"--sample_num {args.sample_num}: give a number of points, or 0 for the full grid")
+    if args.calib_batches < 0:
+        parser.error(f"--calib_batches {args.calib_batches}: cannot be negative")
+    if not args.memory_mb > 0:
+        parser.error(f"--memory_mb {args.memory_mb}: must be positive (megabytes of one crossbar product)")
     return args
 
 
 def main(argv=None) -> int:
-    try:
-        return run(parse_args(argv))
-    except (LLMError, TaskFileError, FileNotFoundError) as exc:  # the message says what to do
-        print(f"main.py: error: {exc}", file=sys.stderr)
-        return 2
+    return run_main("main.py", parse_args, run, argv)
 
 
-def run(args: argparse.Namespace) -> int:
-    args.batch_size = args.batch_size or default_batch_size(args.model_name)
-    space = SearchSpace.from_ini(args.HWdes)  # every bad value is reported before any work starts
-    device = resolve_device(args.device, args.gpu_id)
-    seed_everything(args.seed)
-    log = open_log(args.log_file)
-    model, meta, test_loader = load_model_and_data(
-        args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt, data_root=args.data_root,
-        batch_size=args.batch_size, device=device, num_workers=args.num_workers, limit=args.limit)
-    include, exclude = layer_selection(args.model_name, model, args.include_layer, args.exclude_layer, args.block)
-    log(mapping_report(model, select_layers(model, exclude=exclude, include=include)))
-    modes = [args.adc_mode] if args.adc_mode else space.choices.get("adc_mode", [])
-    calibrated = "calibrated" in modes
-    calib_inputs = calibration_inputs(args.model_name, args.dataset, test_loader,
-                                      args.calib_batches if calibrated else 0, data_root=args.data_root,
-                                      batch_size=args.batch_size, seed=args.seed)
-    settings = SweepSettings(
+def sweep_settings(args: argparse.Namespace, exclude, include, weights: str | None,
+                   extra: dict | None = None) -> SweepSettings:
+    return SweepSettings(
         model_name=args.model_name, dataset=args.dataset, hw_file=args.HWdes, sample_num=args.sample_num,
         cycle=args.cycle, seed=args.seed, batch_size=args.batch_size, limit=args.limit,
         exclude=exclude, include=include, adc_mode=args.adc_mode,
         per_read=args.per_read, calib_batches=args.calib_batches, memory_mb=args.memory_mb,
-        shard=args.shard, copy_identical_chips=not args.simulate_identical_chips,
-        extra={"checkpoint_top1": meta.get("test_top1")})
+        shard=args.shard, copy_identical_chips=not args.simulate_identical_chips, weights=weights,
+        extra=extra or {})
+
+
+def run(args: argparse.Namespace) -> int:
+    # Every check the inputs allow comes before the model loads: the INI, the options, the device, the
+    # results file (and, for a CNN, whether the file's sweep is this one).
+    args.batch_size = args.batch_size or default_batch_size(args.model_name)
+    space = SearchSpace.from_ini(args.HWdes)  # every bad value is reported before any work starts
+    modes = [args.adc_mode] if args.adc_mode else space.choices.get("adc_mode", [])
+    calibrated = "calibrated" in modes
+    if calibrated and args.calib_batches < 1:
+        raise UserError(f"--calib_batches {args.calib_batches}: the calibrated ADC mode "
+                        f"({'--adc_mode' if args.adc_mode else args.HWdes}) needs at least one batch to set "
+                        "its ranges")
+    device = resolve_device(args.device, args.gpu_id)
     out = Path(args.out) if args.out else default_results_path(args.model_name, args.dataset)
+    check_results_path(shard_path(out, args.shard))
+    existing = read_records(out)  # every shard: a damaged one is reported now, not after the model loads
+    weights = None
+    checkpoint = weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt)
+    if not is_llm_name(args.model_name) and checkpoint.is_file():  # a CNN's layer selection is as given
+        weights = weights_sha256(checkpoint)
+        include = None if args.include_layer is None else list(args.include_layer)
+        check_compatible(existing, sweep_settings(args, list(args.exclude_layer), include, weights), out)
+    log = open_log(args.log_file)
+    size = len(space)
+    log(f"{args.HWdes}: a grid of {size} distinct points; "
+        + (f"sampling {args.sample_num}" if 0 < args.sample_num < size else "running all of them"))
+    seed_everything(args.seed)
+    model, meta, test_loader = load_model_and_data(
+        args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt, data_root=args.data_root,
+        batch_size=args.batch_size, device=device, num_workers=args.num_workers, limit=args.limit)
+    if weights is None:
+        weights = weights_sha256(weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt, meta))
+    include, exclude = layer_selection(args.model_name, model, args.include_layer, args.exclude_layer, args.block)
+    log(mapping_report(model, select_layers(model, exclude=exclude, include=include)))
+    settings = sweep_settings(args, exclude, include, weights, {"checkpoint_top1": meta.get("test_top1")})
+    check_compatible(existing, settings, out)  # before the calibration data are read
+    calib_inputs = calibration_inputs(args.model_name, args.dataset, test_loader,
+                                      args.calib_batches if calibrated else 0, data_root=args.data_root,
+                                      batch_size=args.batch_size, seed=args.seed)
     writer = RecordWriter(shard_path(out, args.shard))
     run_sweep(settings, model, test_loader, calib_inputs, device, out, writer, log)
     log(f"records in {writer.path}")

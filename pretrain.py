@@ -10,8 +10,9 @@ import dataclasses
 import sys
 import time
 
-from nipa.cli import add_runtime_args
+from nipa.cli import add_runtime_args, run_main
 from nipa.data import DATASET_NAMES, get_dataset, make_loader
+from nipa.errors import UserError
 from nipa.evaluate import evaluate
 from nipa.logs import open_log
 from nipa.runtime import resolve_device, seed_everything
@@ -37,10 +38,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_main("pretrain.py", parse_args, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(default_recipe(args.dataset))
                  if getattr(args, f.name) is not None}
     recipe = dataclasses.replace(default_recipe(args.dataset), **overrides)
+    for name in ("epochs", "batch_size", "step_size"):  # a zero would fail late (IndexError) or loop forever
+        value = getattr(recipe, name, 1)
+        if value < 1:
+            raise UserError(f"--{name} {value}: must be at least 1")
+    if not recipe.lr > 0:
+        raise UserError(f"--lr {recipe.lr}: the learning rate must be positive")
     device = resolve_device(args.device, args.gpu_id)
     log = open_log(args.log_file)
     path = checkpoint_path(args.model_name, args.dataset, args.ckpt_dir)
@@ -64,7 +74,7 @@ def main(argv=None) -> int:
         resume = path.with_suffix(".resume.pt")
         if args.retrain and resume.is_file() and not path.is_file():
             log(f"continuing the interrupted run in {resume}")
-        result = fit(model, train_loader, test_loader, recipe, device, resume_path=resume, log=log)
+        result = fit(model, train_loader, test_loader, recipe, device, resume_path=resume, log=log, seed=args.seed)
         meta = {"model": args.model_name.lower(), "dataset": args.dataset,
                 "num_classes": train_set.num_classes, "input_shape": list(test_set[0][0].shape),
                 "epochs": recipe.epochs, "seed": args.seed, "recipe": recipe.to_dict(),

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from nipa.cli import add_layer_args, resolve_model_args
+from nipa.cli import add_debug_arg, add_layer_args, resolve_model_args, run_main
 from nipa.config import ConfigError, SearchSpace
 from nipa.data import DATASET_NAMES
+from nipa.errors import UserError
 from nipa.llm import is_llm_name, load_causal_lm, mapping_report
 from nipa.mapping import select_layers
 from nipa.stats import (
@@ -48,6 +49,8 @@ from nipa.zoo import (
     load_trained_model,
     model_id,
     statistics_path,
+    weights_file,
+    weights_sha256,
 )
 
 DEFAULT_HWDES = "HW_config/Search_space.ini"
@@ -87,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show", default=None, metavar="KEY",
                         help="combination whose per-layer table is printed, e.g. w8_s128_c1 "
                              "(default: the first)")
+    add_debug_arg(parser)
     return resolve_model_args(parser, parser.parse_args(argv))
 
 
@@ -111,19 +115,21 @@ def requested_combos(args: argparse.Namespace) -> list[tuple[int, int, int]]:
     return list(combos)
 
 
-def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
-    """The model and a description of where its weights came from."""
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, str | None]:
+    """The model, a description of where its weights came from and their sha256 (nipa.zoo.weights_sha256;
+    None for --random_init)."""
     if is_llm_name(args.model_name):
         if args.random_init:
-            raise ValueError("--random_init is for the project's CNNs; an LLM's weights come from its files")
+            raise UserError("--random_init is for the project's CNNs; an LLM's weights come from its files")
         model, meta = load_causal_lm(args.model_name)
-        return model, str(Path(meta["source"]) / meta.get("gguf_file", ""))
+        path = weights_file(args.model_name, args.dataset, metadata=meta)
+        return model, str(path), weights_sha256(path)
     if args.random_init:
         torch.manual_seed(args.seed)
-        return build_model(args.model_name, args.dataset).eval(), f"random_init(seed={args.seed})"
+        return build_model(args.model_name, args.dataset).eval(), f"random_init(seed={args.seed})", None
     model, meta = load_trained_model(args.model_name, args.dataset, args.ckpt_dir, args.ckpt)
-    source = str(args.ckpt or checkpoint_path(args.model_name, args.dataset, args.ckpt_dir))
-    return model, source
+    path = Path(args.ckpt) if args.ckpt else checkpoint_path(args.model_name, args.dataset, args.ckpt_dir)
+    return model, str(path), weights_sha256(path)
 
 
 def weights_digest(model: torch.nn.Module, layers: list[str]) -> str:
@@ -140,13 +146,10 @@ def merge_into_existing(path: Path, stats: ModelStats, log) -> ModelStats:
     """Keep combinations already in `path` when they describe the same weights and layers."""
     if not path.is_file():
         return stats
-    try:
-        old = load_statistics(path)
-    except ValueError as exc:
-        log(f"note: {path} is not readable statistics ({exc}); replacing it")
-        return stats
+    old = load_statistics(path)  # anything but statistics is refused, never replaced (--overwrite does)
     same = all(old.meta.get(k) == stats.meta.get(k)
-               for k in ("weights_sha1", "layers", "count_padding", "model", "dataset", "format_version"))
+               for k in ("weights_sha1", "weights_sha256", "layers", "count_padding", "model", "dataset",
+                         "format_version"))
     if not same:
         log(f"note: {path} holds statistics of other weights, another layer selection or an older format; "
             "replacing it")
@@ -182,21 +185,27 @@ def format_table(combo: ComboStats) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run_main("stat.py", parse_args, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     log = print
-    try:
-        combos = requested_combos(args)
-        if args.show is not None and parse_combo_key(args.show) not in combos:
-            raise ConfigError(f"--show {args.show}: not among the requested combinations "
-                              f"({', '.join(combo_key(*c) for c in combos)})")
-        model, source = load_model(args)
-        include, exclude = layer_selection(args.model_name, model, args.include_layer, args.exclude_layer,
-                                           args.block)
-        layers = select_layers(model, exclude, include)  # bad patterns fail here
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"stat.py: error: {exc}", file=sys.stderr)
-        return 2
+    combos = requested_combos(args)
+    if args.show is not None and parse_combo_key(args.show) not in combos:
+        raise ConfigError(f"--show {args.show}: not among the requested combinations "
+                          f"({', '.join(combo_key(*c) for c in combos)})")
     out = Path(args.out or statistics_path(args.model_name, args.dataset))
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name, e.g. {out / 'stats.json'}")
+    if out.is_file() and not args.overwrite:
+        try:  # a file that is not statistics is refused before any work, never replaced
+            load_statistics(out)
+        except UserError as exc:
+            raise UserError(f"--out {exc}; give another --out, or --overwrite to replace the file") from None
+    model, source, weights = load_model(args)
+    include, exclude = layer_selection(args.model_name, model, args.include_layer, args.exclude_layer,
+                                       args.block)
+    layers = select_layers(model, exclude, include)  # bad patterns fail here
     if is_llm_name(args.model_name):
         log(mapping_report(model, layers))
 
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = model_statistics(
         model, combos, exclude, include, model_name=model_id(args.model_name),
         dataset=dataset_id(args.model_name, args.dataset), count_padding=args.count_padding,
-        metadata={"source": source, "weights_sha1": weights_digest(model, layers)})
+        metadata={"source": source, "weights_sha1": weights_digest(model, layers), "weights_sha256": weights})
     seconds = time.perf_counter() - start
     log(f"{args.model_name} on {args.dataset} ({source}): {len(layers)} mapped layers, "
         f"{len(combos)} combinations in {seconds:.2f} s")

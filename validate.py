@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from nipa import __version__
-from nipa.cli import resolve_model_args
+from nipa.cli import add_debug_arg, resolve_model_args, run_main
 from nipa.config import HWConfig
 from nipa.correlation import (
     COEFFICIENTS,
@@ -56,6 +56,7 @@ from nipa.correlation import (
     split_by,
 )
 from nipa.data import DATASET_NAMES
+from nipa.errors import UserError
 from nipa.metric import (
     DEVICE_MODELS,
     REDUCTIONS,
@@ -68,7 +69,7 @@ from nipa.metric import (
     weight_rounding_noise,
 )
 from nipa.records import read_records, sibling_files
-from nipa.stats import ModelStats, combo_key, load_statistics
+from nipa.stats import ModelStats, check_stats_weights, combo_key, load_statistics
 from nipa.zoo import dataset_id, model_id, results_path, statistics_path
 
 PUBLISHED = {"reduction": "model_average", "tile_factor": "tiles", "device_model": "published"}
@@ -79,7 +80,7 @@ CONFIG_FIELDS = ("wl_weight", "wl_input", "subArray", "ADCprecision", "adc_mode"
                  "vari_type", "vari", "ind_vari", "laplace_b", "SAF_prop")
 
 
-class MissingInput(RuntimeError):
+class MissingInput(UserError):
     """Records or statistics that are not there; the message names the command that makes them."""
 
 
@@ -94,7 +95,9 @@ def default_results_path(model_name: str, dataset: str) -> Path:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: `--device cuda` (validate.py has no --device) must not be read as --device_model.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model_name", default="smallcnn",
                         help="a CNN (default smallcnn) or a causal LM, as given to main.py")
     parser.add_argument("--dataset", default="mnist5k",
@@ -139,6 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     noise.add_argument("--ckpt_dir", default="ckpts")
     noise.add_argument("--ckpt", default=None, help="checkpoint (default: ckpts/{model}_{dataset}.pt)")
     noise.add_argument("--data_root", default="data", help="where cifar10/cifar100/imagenet files are")
+    add_debug_arg(parser)
     args = resolve_model_args(parser, parser.parse_args(argv))
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
@@ -211,6 +215,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[GroupedRecords, ModelStats, P
         raise MissingInput(f"no bit statistics at {stats_path}. Make them with:\n  "
                            + stat_command(args, stats_path, grouped))
     stats = load_statistics(stats_path)
+    check_stats_weights(stats, (grouped.run or {}).get("weights"), stats_path,
+                        lambda note: print(note, file=sys.stderr))
     for name, wanted in names:
         have = stats.meta.get(name)
         if have not in (None, "", wanted):
@@ -418,7 +424,7 @@ def representative_index(rows: list[dict[str, Any]], point_index: int | None) ->
     """--point_index, or the point with the median NIPA (the lower middle one for an even count)."""
     if point_index is not None:
         if not 0 <= point_index < len(rows):
-            raise IndexError(f"--point_index {point_index}: there are {len(rows)} points (0..{len(rows) - 1})")
+            raise UserError(f"--point_index {point_index}: there are {len(rows)} points (0..{len(rows) - 1})")
         return point_index
     order = np.argsort([r["log2_nipa"] for r in rows], kind="stable")
     return int(order[(len(rows) - 1) // 2])
@@ -594,14 +600,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (MissingInput, RecordsError, IndexError, FileNotFoundError, ValueError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"validate.py: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("validate.py", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,10 @@ import sys
 
 import torch
 
-from nipa.cli import add_model_args, add_runtime_args, resolve_model_args
+from nipa.cli import add_model_args, add_runtime_args, resolve_model_args, run_main
 from nipa.inject import ADC_FORMS, ADC_MODELS, DEVICE_MODELS, METHODS
-from nipa.llm import LLMError
-from nipa.lm_tasks import TaskFileError
 from nipa.logs import open_log
-from nipa.wrap import MissingGroundTruth, run_from_args
+from nipa.wrap import run_from_args
 
 DEFAULT_METHOD = "calibrated"
 
@@ -76,18 +74,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--cycle {args.cycle}: need at least one draw")
     if args.calib_batches < 1:
         parser.error(f"--calib_batches {args.calib_batches}: need at least one batch")
+    if not args.memory_mb > 0:
+        parser.error(f"--memory_mb {args.memory_mb}: must be positive (megabytes of one crossbar product)")
+    if args.time_points < 0:
+        parser.error(f"--time_points {args.time_points}: cannot be negative (0: no timing)")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_main("wrap_error.py", parse_args, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        run_from_args(args, DEFAULT_METHOD, open_log(args.log_file))
-    except (MissingGroundTruth, FileNotFoundError, LLMError, TaskFileError) as exc:  # the message says what to do
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run_from_args(args, DEFAULT_METHOD, open_log(args.log_file))
     return 0
 
 

@@ -3,9 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
 
 from nipa.data import DATASET_NAMES
+from nipa.errors import UserError
 from nipa.zoo import CHECKPOINT_DIR
+
+# Exit codes: 2 for a user error (argparse's code for a bad option), 130 for Ctrl-C (128 + SIGINT).
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the traceback instead of the one-line message")
+
+
+def run_main(script: str, parse: Callable[[Sequence[str] | None], argparse.Namespace],
+             run: Callable[[argparse.Namespace], int | None], argv: Sequence[str] | None = None) -> int:
+    """Parse the options and run a script: a user error (UserError, a missing file) is printed as
+    `script: error: ...` and returns 2, Ctrl-C returns 130, both without a traceback unless --debug.
+    argparse's own errors (SystemExit) are returned as their exit code, so `main(argv)` never exits."""
+    debug = argv is not None and "--debug" in argv or argv is None and "--debug" in sys.argv[1:]
+    try:
+        args = parse(argv)
+        debug = bool(getattr(args, "debug", debug))
+        code = run(args)
+    except SystemExit as exc:  # argparse has printed its message already
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{script}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        if debug:
+            raise
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return code if isinstance(code, int) else 0  # a run that returns its results (validate) succeeded
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +78,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu_id", type=int, default=None,
                         help="GPU index among the visible ones (CUDA_VISIBLE_DEVICES also works)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (recorded with every result)")
+    add_debug_arg(parser)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -61,6 +100,13 @@ def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
     if getattr(args, "tasks", None):
         args.dataset = args.tasks
+    # Values that used to be replaced silently (0 -> the default batch size, the whole test set).
+    for option in ("batch_size", "limit"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            parser.error(f"--{option} {value}: must be a positive whole number (leave it out for the default)")
+    if getattr(args, "num_workers", 0) < 0:
+        parser.error(f"--num_workers {args.num_workers}: cannot be negative (0 loads data in this process)")
     if not is_llm_name(args.model_name) and args.dataset not in DATASET_NAMES:
         parser.error(f"--dataset {args.dataset!r}: for the CNN {args.model_name!r} choose one of "
                      f"{', '.join(DATASET_NAMES)} (or give an LLM with --model_name)")

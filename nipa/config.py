@@ -13,12 +13,15 @@ import dataclasses
 import itertools
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nipa.errors import UserError
+
 VARI_TYPES = ("state_dependent", "state_independent", "laplace")
-ADC_MODES = ("dynamic", "calibrated", "full")
+ADC_MODES = ("dynamic", "dynamic_tile", "calibrated", "full")
 
 # INI layout of the original tool: section -> (INI key -> HWConfig field). The key spelling is the
 # original's; `ADCmode` is our optional extension (range mode of the ADC, SPEC section 4 step 6).
@@ -39,8 +42,15 @@ INI_LAYOUT: dict[str, dict[str, str]] = {
 # The spread that belongs to each variation type; the other two are ignored for that type.
 SPREAD_OF_TYPE = {"state_dependent": "vari", "state_independent": "ind_vari", "laplace": "laplace_b"}
 
+# Cost-only knobs (nipa.cost): they change area, energy and latency but not what the simulator computes,
+# so they are read beside the HWConfig choices (SearchSpace.cost_choices) and never enter HWConfig,
+# its key() or the records. INI key (in [Hardware_Level]) -> default when the key is missing.
+COST_KNOBS: dict[str, int] = {"ADC_share": 8, "crossbar_columns": 256}
+# The optional section of coefficient overrides of the cost model (names: nipa.cost.CostCoefficients).
+COST_SECTION = "Cost"
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A hardware parameter or search-space entry that makes no sense."""
 
 
@@ -176,27 +186,63 @@ class SearchSpace:
 
     choices: dict[str, list[Any]]
     source: str = "<defaults>"
+    # Cost-only knobs (COST_KNOBS) and [Cost] coefficient overrides: read and checked here, used by
+    # nipa.cost and nipa.explore only.
+    cost_choices: dict[str, list[int]] = dataclasses.field(default_factory=lambda: {
+        key: [default] for key, default in COST_KNOBS.items()})
+    cost_overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    # skip_unsliceable: (wl_weight, cellBit) pairs whose cell is wider than the weight's magnitude are
+    # left out (listed in skipped_pairs) instead of rejecting the file; see from_ini.
+    skip_unsliceable: bool = False
+    skipped_pairs: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_ini(cls, path: str | Path) -> SearchSpace:
+    def from_ini(cls, path: str | Path, skip_unsliceable: bool = False) -> SearchSpace:
+        """Read and check a search-space INI file.
+
+        skip_unsliceable: a (wl_weight, cellBit) pair whose cell is wider than the weight's magnitude
+        bits is recorded in `skipped_pairs` instead of rejecting the file (the exploration space crosses
+        wide ranges of both). grid() and sample() still refuse such a space's invalid points: nipa.explore
+        builds its grid without them.
+        """
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"search-space file {path} does not exist")
-        parser = configparser.ConfigParser(inline_comment_prefixes=("#", ";"))
+        # No interpolation: a '%' in a value is the value, not configparser's %(name)s syntax.
+        parser = configparser.ConfigParser(inline_comment_prefixes=("#", ";"), interpolation=None)
         parser.optionxform = str  # keep the original's key spelling (ADCprecision, cellBit)
         try:
-            parser.read(path)
+            text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is accepted
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the INI file as UTF-8") from None
+        try:
+            parser.read_string(text, source=str(path))
         except configparser.Error as exc:
             raise ConfigError(f"{path}: not a valid INI file: {exc}") from exc
+        if not any(parser.items(section) for section in parser.sections()):
+            raise ConfigError(f"{path}: no hardware parameter in the file (an empty search space would run "
+                              f"one default point); list choices under {', '.join(f'[{s}]' for s in INI_LAYOUT)}"
+                              " (see HW_config/Search_space.ini)")
 
         defaults = HWConfig().to_dict()
         choices: dict[str, list[Any]] = {field: [defaults[field]] for field in defaults}
         where: dict[str, str] = {}
+        cost_choices: dict[str, list[int]] = {key: [default] for key, default in COST_KNOBS.items()}
+        cost_overrides: dict[str, float] = {}
         for section in parser.sections():
+            if section == COST_SECTION:
+                cost_overrides = _read_cost_section(path, parser.items(section))
+                continue
+            if section == "Hardware_Level":
+                for key, raw in parser.items(section):
+                    if key in COST_KNOBS:
+                        cost_choices[key] = _read_cost_knob(path, section, key, raw)
             if section not in INI_LAYOUT:
                 raise ConfigError(f"{path}: unknown section [{section}]; expected {', '.join(INI_LAYOUT)}")
             for key, raw in parser.items(section):
                 layout = INI_LAYOUT[section]
+                if section == "Hardware_Level" and key in COST_KNOBS:
+                    continue  # read above
                 if key not in layout:
                     raise ConfigError(
                         f"{path}: [{section}] unknown key {key!r} (= {raw!r}); "
@@ -215,9 +261,20 @@ class SearchSpace:
                 choices[field] = list(dict.fromkeys(values))  # drop repeated choices, keep order
                 where[field] = f"[{section}] {key}"
 
-        space = cls(choices=choices, source=str(path))
+        space = cls(choices=choices, source=str(path), cost_choices=cost_choices,
+                    cost_overrides=cost_overrides, skip_unsliceable=skip_unsliceable)
         space._check(where)
+        space._warn_unused_spreads(where)
         return space
+
+    def _warn_unused_spreads(self, where: dict[str, str]) -> None:
+        """Several choices of a spread whose variation type no point uses would be dropped silently (they
+        do not multiply the grid): warn. One value, as in the original's INI files, stays quiet."""
+        for vari_type, spread in SPREAD_OF_TYPE.items():
+            if vari_type not in self.choices["vari_type"] and len(self.choices[spread]) > 1:
+                warnings.warn(f"{self.source}: {where.get(spread, spread)} = {self.choices[spread]} is ignored: "
+                              f"it is the spread of vari_type {vari_type}, which vari_type = "
+                              f"{', '.join(self.choices['vari_type'])} does not list", stacklevel=3)
 
     def _check(self, where: dict[str, str]) -> None:
         """Reject every senseless choice, naming file, section, key and value."""
@@ -232,13 +289,21 @@ class SearchSpace:
                     if bad_field == field:
                         raise ConfigError(
                             f"{self.source}: {where.get(field, field)} = {bad_value!r}: {why}")
+        self.skipped_pairs = []
         for weight_bits in self.choices["wl_weight"]:
             for cell_bits in self.choices["cellBit"]:
-                if cell_bits > weight_bits - 1:
+                if cell_bits > weight_bits - 1 and self.skip_unsliceable:
+                    self.skipped_pairs.append((weight_bits, cell_bits))
+                elif cell_bits > weight_bits - 1:
                     raise ConfigError(
                         f"{self.source}: {where.get('cellBit', 'cellBit')} = {cell_bits}: a {cell_bits}-bit "
                         f"cell cannot slice the {weight_bits - 1} magnitude bits of wl_weight={weight_bits} "
                         f"({where.get('wl_weight', 'wl_weight')})")
+
+    def sliceable_pairs(self) -> list[tuple[int, int]]:
+        """The (wl_weight, cellBit) pairs of the grid that a cell can slice (all but skipped_pairs)."""
+        return [(w, c) for w in self.choices["wl_weight"] for c in self.choices["cellBit"]
+                if (w, c) not in self.skipped_pairs]
 
     def grid(self) -> list[HWConfig]:
         """Every distinct point, in a stable order. Spreads that do not belong to a point's
@@ -249,14 +314,104 @@ class SearchSpace:
             points[HWConfig(**dict(zip(fields, combo, strict=True))).canonical()] = None
         return list(points)
 
+    def _blocks(self) -> tuple[list[str], list[tuple[str, list[str]]]] | None:
+        """The grid's order as (prefix fields, [(vari_type, its inner fields)]): grid() lists, for every
+        combination of the prefix fields (those before vari_type), each variation type in turn with the
+        combinations of the fields after it, the other types' spreads left out (they are zero). None when
+        the fields are not in that layout (a space built by hand): then only grid() knows the order."""
+        fields = list(self.choices)
+        if "vari_type" not in fields:
+            return None
+        at = fields.index("vari_type")
+        prefix, suffix = fields[:at], fields[at + 1:]
+        if any(f in SPREAD_OF_TYPE.values() for f in prefix):
+            return None
+        blocks = [(v, [f for f in suffix if f not in SPREAD_OF_TYPE.values() or f == SPREAD_OF_TYPE[v]])
+                  for v in self.choices["vari_type"]]
+        return prefix, blocks
+
+    def size(self) -> int:
+        """The number of distinct points, len(grid()), computed without building the grid."""
+        layout = self._blocks()
+        if layout is None:
+            return len(self.grid())
+        prefix, blocks = layout
+        inner = sum(math.prod(len(self.choices[f]) for f in fields) for _, fields in blocks)
+        return math.prod(len(self.choices[f]) for f in prefix) * inner
+
+    def point(self, index: int) -> HWConfig:
+        """grid()[index], computed without building the grid (mixed-radix digits of the index)."""
+        layout = self._blocks()
+        if layout is None:
+            return self.grid()[index]
+        prefix, blocks = layout
+        inner_sizes = [math.prod(len(self.choices[f]) for f in fields) for _, fields in blocks]
+        outer, offset = divmod(index, sum(inner_sizes))
+        values: dict[str, Any] = {}
+        for field in reversed(prefix):
+            outer, digit = divmod(outer, len(self.choices[field]))
+            values[field] = self.choices[field][digit]
+        block = 0
+        while offset >= inner_sizes[block]:  # which variation type's block the offset falls in
+            offset -= inner_sizes[block]
+            block += 1
+        values["vari_type"], fields = blocks[block]
+        for field in reversed(fields):
+            offset, digit = divmod(offset, len(self.choices[field]))
+            values[field] = self.choices[field][digit]
+        return HWConfig(**values).canonical()
+
     def sample(self, n: int, seed: int = 0) -> list[HWConfig]:
-        """`n` distinct points drawn without replacement (seeded); the whole grid when n <= 0 or
+        """`n` distinct points drawn without replacement (seeded); the whole grid when n == 0 or
         n >= its size. Unlike the original (random draws, duplicates dropped afterwards), asking for
-        n points gives n points."""
-        points = self.grid()
-        if n <= 0 or n >= len(points):
-            return points
-        return random.Random(seed).sample(points, n)
+        n points gives n points. The draw picks indices into the grid, so a large grid is never built
+        whole; the points are those random.Random(seed).sample(grid(), n) gives."""
+        if n < 0:
+            raise ConfigError(f"cannot sample {n} points: give a positive number, or 0 for the whole grid")
+        size = self.size()
+        if n == 0 or n >= size:
+            return self.grid()
+        return [self.point(i) for i in random.Random(seed).sample(range(size), n)]
 
     def __len__(self) -> int:
-        return len(self.grid())
+        return self.size()
+
+
+
+def _read_cost_knob(path: Path, section: str, key: str, raw: str) -> list[int]:
+    """The choices of one cost-only knob: whole numbers >= 1; crossbar_columns even (a weight takes a
+    differential pair of columns)."""
+    values: list[int] = []
+    for item in raw.split(","):
+        text = item.strip()
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not text or not math.isfinite(number) or not number.is_integer() or number < 1:
+            raise ConfigError(f"{path}: [{section}] {key} = {text!r}: must be a whole number of at least 1")
+        if key == "crossbar_columns" and int(number) % 2:
+            raise ConfigError(f"{path}: [{section}] {key} = {text!r}: must be even (each weight slice takes "
+                              "a differential pair of columns)")
+        values.append(int(number))
+    return list(dict.fromkeys(values))
+
+
+def _read_cost_section(path: Path, items: list[tuple[str, str]]) -> dict[str, float]:
+    """[Cost] overrides of the cost model's coefficients: known names, one positive number each."""
+    from nipa.cost import CostCoefficients  # lazy: nipa.cost uses this module's HWConfig
+
+    known = CostCoefficients.names()
+    overrides: dict[str, float] = {}
+    for key, raw in items:
+        if key not in known:
+            raise ConfigError(f"{path}: [{COST_SECTION}] unknown key {key!r} (= {raw!r}); expected one of "
+                              f"{', '.join(known)}")
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{path}: [{COST_SECTION}] {key} = {raw.strip()!r}: must be one positive number")
+        overrides[key] = value
+    return overrides

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import stats as sps
 
 from nipa.config import HWConfig
+from nipa.errors import UserError
 
 COEFFICIENTS = ("kendall", "spearman", "pearson")
 MIN_POINTS = 3  # below this no coefficient (and no p-value) is meaningful: NaN is reported
@@ -206,7 +207,7 @@ def chip_std(values: Sequence[float]) -> float:
     return float(statistics.stdev(values)) if len(values) > 1 else math.nan
 
 
-class RecordsError(ValueError):
+class RecordsError(UserError):
     """Records that cannot be combined into one validation (mixed runs, conflicting chips)."""
 
 
@@ -330,7 +331,9 @@ def group_records(records: Iterable[Mapping[str, Any]], method: str = "sliced") 
             continue
         entry["chips"][chip] = result
     points = []
-    for key, entry in by_key.items():
+    # Points in key order: every number reported (the bootstrap resamples by position) is then the same
+    # whatever the order of the records (one file or its shards, resumed runs).
+    for key, entry in sorted(by_key.items()):
         chips = sorted(entry["chips"])
         points.append(PointResult(key=key, config=entry["config"], chips=tuple(chips),
                                   top1=tuple(entry["chips"][c][0] for c in chips),

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nipa import transforms as T
+from nipa.errors import UserError
 
 __all__ = [
     "DatasetInfo",
@@ -83,14 +84,14 @@ _TEST_FRACTION = 0.2
 _SPLIT_RANDOM_STATE = 0  # fixed on purpose: independent of the training seed
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset's files are not where they must be; the message says where and how to get them."""
 
 
 def _check_name(name: str) -> str:
     key = name.lower()
     if key not in _INFOS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     return key
 
 
@@ -297,9 +298,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def _load_pickle(path: Path) -> dict:
     with open(path, "rb") as f:
-        obj = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+        raw = f.read()
+    try:
+        obj = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:  # a damaged or foreign file: pickle, EOF, value and attribute errors
+        raise UserError(f"{path}: not a readable CIFAR batch ({type(exc).__name__}: {exc}); the file is "
+                        "damaged: delete it (and the archive) and download the dataset again") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a CIFAR batch (expected a dict, got {type(obj).__name__})")
+        raise UserError(f"{path} is not a CIFAR batch (expected a dict, got {type(obj).__name__})")
     return obj
 
 
@@ -351,12 +357,12 @@ def _load_cifar(spec: _CifarSpec, folder: Path, split: str) -> tuple[torch.Tenso
         try:
             x, y = batch[b"data"], batch[spec.label_key]
         except KeyError as e:
-            raise ValueError(f"{folder / fname} lacks key {e.args[0]!r}: not a {spec.title} batch") from e
+            raise UserError(f"{folder / fname} lacks key {e.args[0]!r}: not a {spec.title} batch") from e
         data.append(np.asarray(x, dtype=np.uint8))
         labels.append(np.asarray(y, dtype=np.int64))
     x = np.concatenate(data)
     if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{spec.title} data in {folder} has shape {x.shape}, expected N x 3072")
+        raise UserError(f"{spec.title} data in {folder} has shape {x.shape}, expected N x 3072")
     # Each row is the red plane, then green, then blue, each 32 x 32 row-major: a plain reshape.
     images = torch.from_numpy(x.reshape(-1, 3, 32, 32).copy())
     n_cls = 10 if spec.label_key == b"labels" else 100
@@ -367,7 +373,7 @@ def _load_cifar(spec: _CifarSpec, folder: Path, split: str) -> tuple[torch.Tenso
             names = _load_pickle(meta).get(spec.names_key)
             if names is not None and len(names) == n_cls:
                 classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-        except (pickle.UnpicklingError, ValueError, EOFError):
+        except (pickle.UnpicklingError, ValueError, EOFError, AttributeError):
             pass
     return images, np.concatenate(labels), classes
 
@@ -380,7 +386,7 @@ def verify_md5(path: str | os.PathLike, expected: str, chunk_size: int = 1 << 20
             h.update(chunk)
     got = h.hexdigest()
     if got.lower() != expected.lower():
-        raise ValueError(f"MD5 mismatch for {path}: got {got}, expected {expected}; "
+        raise UserError(f"MD5 mismatch for {path}: got {got}, expected {expected}; "
                          f"the file is corrupt or not the official archive")
 
 

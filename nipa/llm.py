@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from nipa.errors import UserError
+
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class LLMError(ValueError):
+class LLMError(UserError):
     """A language model or its layer selection cannot be used; the message says why and what to do."""
 
 
@@ -94,6 +96,17 @@ def _source(model_name: str) -> tuple[str, dict[str, Any]]:
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         if (path / "config.json").is_file():
+            # transformers reports a folder without weights or tokenizer late and obscurely (a tokenizer
+            # that encodes nothing); say what is missing before anything is loaded.
+            missing = [what for what, patterns in (
+                ("weights (*.safetensors or *.bin)", ("*.safetensors", "*.bin", "*.safetensors.index.json")),
+                ("tokenizer (tokenizer.json, tokenizer.model or vocab.json)",
+                 ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")))
+                if not any(any(path.glob(p)) for p in patterns)]
+            if missing:
+                raise LLMError(f"--model_name {model_name}: the folder holds config.json but no "
+                               f"{' and no '.join(missing)}; copy the checkpoint's files there (save_pretrained "
+                               "writes them all)")
             return str(path), {}
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:

@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from nipa.errors import UserError
 
-class TaskFileError(ValueError):
+
+class TaskFileError(UserError):
     """A task file cannot be used: the message names the file, the line and the field."""
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from nipa.errors import UserError
+
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
     """transformers' `Conv1D` (a linear layer despite the name), recognised without importing transformers."""
@@ -59,10 +61,14 @@ def select_layers(
         for pattern in patterns:
             if not any(matches(name, [pattern]) for name in candidates):
                 shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
-                raise ValueError(f"--{label}_layer pattern {pattern!r} matches no mappable layer; "
+                raise UserError(f"--{label}_layer pattern {pattern!r} matches no mappable layer; "
                                  f"mappable layers: {shown}")
     selected = [n for n in candidates if include is None or not include or matches(n, include)]
-    return [n for n in selected if not matches(n, exclude)]
+    selected = [n for n in selected if not matches(n, exclude)]
+    if candidates and not selected:  # nothing mapped: "hardware" results would be the float model's
+        raise UserError(f"--include_layer {list(include or [])} --exclude_layer {list(exclude)} leave no layer "
+                        f"mapped (of {len(candidates)} mappable); keep at least one layer on the crossbars")
+    return selected
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from torch import nn
 
 from nipa import __version__
 from nipa.config import HWConfig, SearchSpace
+from nipa.errors import UserError
 from nipa.mapping import select_layers
 from nipa.quant import max_level, num_tiles, quantize_weight_tiles, slice_magnitude, tile_columns
 
@@ -72,7 +73,7 @@ def parse_combo_key(key: str) -> Combo:
             raise ValueError
         return int(w[1:]), int(s[1:]), int(c[1:])
     except (ValueError, IndexError):
-        raise ValueError(f"not a statistics combination key: {key!r} (expected like 'w8_s128_c1')") from None
+        raise UserError(f"not a statistics combination key: {key!r} (expected like 'w8_s128_c1')") from None
 
 
 def check_combo(wl_weight: int, subArray: int, cellBit: int) -> Combo:
@@ -355,14 +356,14 @@ def model_statistics(model: nn.Module, combos: Iterable[Sequence[int]], exclude:
     """
     combo_list = list(dict.fromkeys(check_combo(*c) for c in combos))
     if not combo_list:
-        raise ValueError("no (wl_weight, subArray, cellBit) combination requested")
+        raise UserError("no (wl_weight, subArray, cellBit) combination requested")
     wanted: dict[int, dict[int, list[int]]] = {}
     for bits, rows, cell_bits in combo_list:
         wanted.setdefault(rows, {}).setdefault(bits, []).append(cell_bits)
 
     names = select_layers(model, exclude, include)
     if not names:
-        raise ValueError("no mapped layer left after --exclude_layer/--include_layer")
+        raise UserError("no mapped layer left after --exclude_layer/--include_layer")
     modules = dict(model.named_modules())
     start = time.perf_counter()
     per_layer: list[dict[Combo, dict[str, Any]]] = []
@@ -455,7 +456,7 @@ def load_statistics(path: str | Path) -> ModelStats:
     if not path.is_file():
         raise FileNotFoundError(f"statistics file {path} does not exist; make it with python stat.py ...")
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_bytes().decode("utf-8"))
         meta = document["meta"]
         if meta.get("format") != STATS_FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, not {STATS_FORMAT!r}")
@@ -481,11 +482,27 @@ def load_statistics(path: str | Path) -> ModelStats:
             if combo.key != key:
                 raise ValueError(f"combination {key!r} holds statistics of {combo.key}")
             stats.combos[key] = combo
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a valid nipa statistics file ({exc})") from exc
+    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a valid nipa statistics file ({exc}); make it again with stat.py") from exc
     return stats
 
 
 def expected_num_slices(wl_weight: int, cellBit: int) -> int:
     """K = ceil((b - 1) / c)."""
     return math.ceil((wl_weight - 1) / cellBit)
+
+
+def check_stats_weights(stats: ModelStats, weights: str | None, path: str | Path,
+                        log: Callable[[str], None] = print) -> None:
+    """Refuse statistics of other weights than `weights` (sha256 from nipa.zoo.weights_sha256). Statistics
+    or records that do not say which weights they came from (older files) pass with a note."""
+    have = stats.meta.get("weights_sha256")
+    if weights is None or have is None:
+        log(f"note: cannot check that {path} holds statistics of the same weights (no weights_sha256 "
+            f"{'in the statistics' if have is None else 'in the records'}); make them again with stat.py to "
+            "be sure")
+        return
+    if have != weights:
+        raise UserError(f"{path} holds statistics of other weights (sha256 {have[:12]}, from "
+                        f"{stats.meta.get('source')}) than the records' (sha256 {weights[:12]}); make them "
+                        "for the records' checkpoint with stat.py --ckpt <that checkpoint>")

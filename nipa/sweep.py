@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from nipa.config import HWConfig, SearchSpace
 from nipa.crossbar import calibrate_adc, convert, mapped_layer_names, program_chip
+from nipa.errors import UserError
 from nipa.evaluate import describe_metrics, evaluate
 from nipa.records import RecordWriter, environment, read_records, timestamp
 from nipa.zoo import dataset_id, model_id
@@ -39,9 +40,14 @@ class SweepSettings:
     calib_batches: int = 4
     memory_mb: float = 256
     shard: tuple[int, int] | None = None
+    # Explicit points to simulate instead of sampling hw_file (explore.py --verify); hw_file is then only
+    # recorded as where they came from.
+    points: Sequence[HWConfig] | None = None
     # A point without device error gives every chip the same result (nothing is drawn): chips after the
     # first are recorded as copies of it, marked `copied_from_chip`, unless this is False.
     copy_identical_chips: bool = True
+    # sha256 of the weights (nipa.zoo.weights_sha256): records of other weights never join a sweep.
+    weights: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def signature(self) -> dict[str, Any]:
@@ -50,13 +56,17 @@ class SweepSettings:
                 "seed": self.seed,
                 "batch_size": self.batch_size, "limit": self.limit, "exclude": list(self.exclude),
                 "include": None if self.include is None else list(self.include),
-                "per_read": self.per_read, "calib_batches": self.calib_batches}
+                "per_read": self.per_read, "calib_batches": self.calib_batches,
+                "weights": self.weights}
 
 
 def sweep_points(settings: SweepSettings) -> list[HWConfig]:
     """The points of this sweep (and shard), in a stable order."""
-    space = SearchSpace.from_ini(settings.hw_file)
-    points = space.sample(settings.sample_num, seed=settings.seed)
+    if settings.points is not None:
+        points = list(dict.fromkeys(settings.points))
+    else:
+        space = SearchSpace.from_ini(settings.hw_file)
+        points = space.sample(settings.sample_num, seed=settings.seed)
     if settings.adc_mode:
         points = list(dict.fromkeys(dataclasses.replace(p, adc_mode=settings.adc_mode) for p in points))
     if settings.shard:
@@ -68,12 +78,16 @@ def sweep_points(settings: SweepSettings) -> list[HWConfig]:
 def check_compatible(existing: list[dict], settings: SweepSettings, path: Path) -> None:
     """Refuse to mix records of a sweep with other settings into one results file."""
     wanted = settings.signature()
-    for record in existing:
+    for number, record in enumerate(existing, 1):
         have = record.get("run")
-        if have is not None and have != wanted:
+        if not isinstance(have, dict) or "method" not in record:
+            raise UserError(f"{path}: record {number} is not a record of main.py (no 'run' settings or "
+                            "'method'); give main.py its own results file with --out")
+        if have != wanted:
             diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
-            raise ValueError(f"{path} already holds records of a sweep with other settings "
-                             f"(field: (in file, now) {diff}); pass --out for a new results file")
+            raise UserError(f"{path} already holds records of a sweep with other settings "
+                            f"(field: (in file, now) {diff}); pass --out for a new results file, or the "
+                            "settings of the file's sweep to resume it")
 
 
 def done_keys(records: list[dict]) -> set[tuple]:

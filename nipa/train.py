@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nipa.errors import UserError
 from nipa.evaluate import evaluate
 
 
@@ -48,7 +49,7 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
                                weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    raise ValueError(f"--optimizer {recipe.optimizer!r}: expected sgd or adam")
+    raise UserError(f"--optimizer {recipe.optimizer!r}: expected sgd or adam")
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -69,9 +70,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 
 def fit(model: nn.Module, train_loader, test_loader, recipe: Recipe, device: torch.device,
-        resume_path: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
+        resume_path: str | Path | None = None, log: Callable[[str], None] = print, seed: int | None = None) -> dict:
     """Train for `recipe.epochs`, evaluating after every epoch. With `resume_path`, the optimizer,
-    schedule and epoch are saved there after every epoch and an interrupted run continues from it."""
+    schedule and epoch are saved there after every epoch and an interrupted run continues from it; a
+    resume file of another recipe or `seed` is refused (the run would not be the one asked for)."""
     optimizer = make_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
     start_epoch, history = 0, []
@@ -79,8 +81,11 @@ def fit(model: nn.Module, train_loader, test_loader, recipe: Recipe, device: tor
     if resume_path and resume_path.is_file():
         state = torch.load(resume_path, map_location=device, weights_only=False)
         if state.get("recipe") != recipe.to_dict():
-            raise ValueError(f"{resume_path}: was written with another recipe {state.get('recipe')}; "
-                             "delete it or pass the same options")
+            raise UserError(f"{resume_path}: was written with another recipe {state.get('recipe')}; "
+                            "delete it or pass the same options")
+        if seed is not None and state.get("seed", seed) != seed:
+            raise UserError(f"{resume_path}: an interrupted run with --seed {state['seed']}, not {seed}; resume "
+                            f"it with --seed {state['seed']}, or delete the file to train with seed {seed}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -106,6 +111,6 @@ def fit(model: nn.Module, train_loader, test_loader, recipe: Recipe, device: tor
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                         "loader_rng": loader_generator.get_state() if loader_generator is not None else None,
-                        "epoch": epoch + 1, "history": history, "recipe": recipe.to_dict()}, tmp)
+                        "epoch": epoch + 1, "history": history, "recipe": recipe.to_dict(), "seed": seed}, tmp)
             tmp.replace(resume_path)
     return {"history": history, "seconds": time.perf_counter() - started}

@@ -26,14 +26,15 @@ from torch import nn
 
 from nipa.config import HWConfig
 from nipa.crossbar import calibrate_adc, convert, release_workspaces
+from nipa.errors import UserError
 from nipa.evaluate import evaluate
 from nipa.inject import AdcCalibration, InjectionModel, inject, redraw
-from nipa.records import RecordWriter, environment, read_records, timestamp
+from nipa.records import RecordWriter, check_results_path, environment, read_records, sibling_files, timestamp
 from nipa.stats import ModelStats, combo_key
 from nipa.zoo import dataset_id, model_id, results_path
 
 
-class MissingGroundTruth(RuntimeError):
+class MissingGroundTruth(UserError):
     """No simulated records to compare with."""
 
 
@@ -70,18 +71,20 @@ def load_ground_truth(path: str | Path, model_name: str, dataset: str) -> Ground
     records = read_records(path)
     sliced = [r for r in records if r.get("method") == "sliced"]
     if not sliced:
-        what = "does not exist" if not records else "holds no simulated (method 'sliced') records"
+        what = ("does not exist" if not sibling_files(path) else "holds no record" if not records
+                else "holds no simulated (method 'sliced') records")
         raise MissingGroundTruth(f"{path} {what}: make the ground truth first with\n    "
                                  f"{main_command(model_name, dataset)}")
     runs = {json.dumps(r.get("run"), sort_keys=True) for r in sliced}
     if len(runs) > 1:
-        raise ValueError(f"{path} mixes records of sweeps with different settings: {sorted(runs)}")
+        raise UserError(f"{path} mixes records of sweeps with different settings: {sorted(runs)}; give each "
+                        "sweep its own results file")
     points: dict[str, PointTruth] = {}
     for r in sliced:
         key = r["config_key"]
         point = points.setdefault(key, PointTruth(HWConfig.from_dict(r["config"]), key))
         if r.get("top1") is None:
-            raise ValueError(f"{path}: point {point.config.describe()} has no accuracy (a perplexity task?); "
+            raise UserError(f"{path}: point {point.config.describe()} has no accuracy (a perplexity task?); "
                              "wrap_error.py compares accuracies, so run main.py on a multiple-choice task")
         point.top1.append(float(r["top1"]))
         point.wall_s.append(float(r.get("wall_s", math.nan)))
@@ -98,7 +101,7 @@ def check_statistics(stats: ModelStats, points: Sequence[HWConfig], model_name: 
     if missing or absent:
         problem = (f"no bit statistics for {', '.join(missing)}" if missing
                    else f"the bit statistics lack mapped layer(s) {absent}")
-        raise FileNotFoundError(f"{problem}; compute them with\n    python stat.py --model_name {model_name} "
+        raise UserError(f"{problem}; compute them with\n    python stat.py --model_name {model_name} "
                                 f"--dataset {dataset} --HWdes <the INI the ground truth came from>")
 
 
@@ -446,10 +449,11 @@ def _stats_hint(truth: GroundTruth, model_name: str, dataset: str) -> str:
 def run_from_args(args, default_method: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """wrap_error.py after argument parsing: predictions, comparison, timing, summary and plot.
     Returns the summary (also written as JSON)."""
+    from nipa.llm import is_llm_name
     from nipa.mapping import select_layers
     from nipa.runtime import resolve_device, seed_everything
-    from nipa.stats import load_statistics
-    from nipa.zoo import calibration_inputs, load_model_and_data, statistics_path
+    from nipa.stats import check_stats_weights, load_statistics
+    from nipa.zoo import calibration_inputs, load_model_and_data, statistics_path, weights_file, weights_sha256
 
     errors = InjectionModel.of(args.method, args.device_error, args.adc_error, args.tile_factor,
                                args.adc_form)
@@ -470,12 +474,26 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
             raise FileNotFoundError(f"bit statistics {stats_path} do not exist; compute them with\n    "
                                     + _stats_hint(truth, args.model_name, args.dataset))
         stats = load_statistics(stats_path)
+    out = check_results_path(args.out or results_path(args.model_name, args.dataset, "wrap"))
 
+    def check_weights(weights: str) -> None:
+        """The ground truth and the statistics must come from the weights this run loads."""
+        if run.get("weights") not in (None, weights):
+            raise UserError(f"{truth.source} was simulated with other weights (sha256 {run['weights'][:12]}) "
+                            f"than {weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt)} "
+                            f"(sha256 {weights[:12]}); give the ground truth's --ckpt, or simulate these weights")
+        if stats is not None:
+            check_stats_weights(stats, weights, stats_path, log)
+
+    if not is_llm_name(args.model_name):  # a CNN's checkpoint is checked before anything is loaded
+        check_weights(weights_sha256(weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt)))
     device = resolve_device(args.device, args.gpu_id)
     seed_everything(args.seed)
-    model, _, loader = load_model_and_data(
+    model, meta, loader = load_model_and_data(
         args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt, data_root=args.data_root,
         batch_size=batch_size, device=device, num_workers=args.num_workers, limit=limit)
+    if is_llm_name(args.model_name):
+        check_weights(weights_sha256(weights_file(args.model_name, args.dataset, metadata=meta)))
     if stats is not None:
         check_statistics(stats, [p.config for p in truth.points], args.model_name, args.dataset,
                          select_layers(model, exclude=exclude, include=include))
@@ -496,7 +514,6 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
                             seed=args.seed, errors=errors, calib_batches=args.calib_batches, exclude=exclude,
                             include=include, batch_size=batch_size, limit=limit, paired=args.paired_chips)
     fast = FastMethod(model, settings, stats, new_calibration() if errors.adc == "measured" else None, device)
-    out = Path(args.out or results_path(args.model_name, args.dataset, "wrap"))
     label = errors.label() + (", paired chips (diagnostic)" if args.paired_chips else "")
     log(f"{len(truth.points)} hardware points from {truth.source}; injection {label}, "
         f"{args.cycle} draws each -> {out}")

@@ -3,6 +3,8 @@ project's CNNs (checkpoints under ckpts/) and for causal language models (nipa.l
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from torch import nn
 import models
 from nipa import __version__
 from nipa.data import dataset_info, get_dataset, make_loader
+from nipa.errors import UserError
 from nipa.llm import is_llm_name, llm_id, load_causal_lm, load_tokenizer, resolve_selection
 from nipa.lm_tasks import dataset_id as lm_dataset_id
 from nipa.lm_tasks import load_task
@@ -44,10 +47,55 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes); train it again with pretrain.py or give "
+                        "another --ckpt")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip, EOF and runtime errors for a damaged file
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'damaged file'}); it is not a checkpoint "
+                        "torch can load: train it again with pretrain.py or give another --ckpt") from None
     if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise ValueError(f"{path}: not a nipa checkpoint (no 'state_dict' entry)")
+        raise UserError(f"{path}: not a nipa checkpoint (no 'state_dict' entry)")
     return payload
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint file, or of the weight files of a model folder (names and contents, in
+    name order): what ties records and statistics to the weights they came from. Computed once per
+    file and process (keyed by size and modification time)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        f for pattern in ("*.safetensors", "*.bin", "*.gguf", "*.pt") for f in path.glob(pattern))
+    if len(files) == 1 and files[0] == path:
+        stat = path.stat()
+        return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(file.name.encode())
+        digest.update(_file_sha256(str(file.resolve()), stat.st_size, stat.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def weights_file(model_name: str, dataset: str, ckpt_dir: str | Path = CHECKPOINT_DIR,
+                 ckpt: str | Path | None = None, metadata: dict[str, Any] | None = None) -> Path:
+    """Where a model's weights are: a CNN's checkpoint, an LLM's .gguf file or folder (from the
+    metadata load_causal_lm returns)."""
+    if is_llm_name(model_name):
+        meta = metadata or {}
+        return Path(meta.get("source", model_name)) / meta.get("gguf_file", "")
+    return Path(ckpt) if ckpt is not None else checkpoint_path(model_name, dataset, ckpt_dir)
 
 
 def load_trained_model(model_name: str, dataset: str, ckpt_dir: str | Path = CHECKPOINT_DIR,
@@ -58,6 +106,9 @@ def load_trained_model(model_name: str, dataset: str, ckpt_dir: str | Path = CHE
     A missing checkpoint is an error that says which command makes it.
     """
     path = Path(ckpt) if ckpt is not None else checkpoint_path(model_name, dataset, ckpt_dir)
+    if ckpt is not None and not path.is_file():
+        raise FileNotFoundError(f"--ckpt {path}: no such file" + (" (it is a directory)" if path.is_dir() else "")
+                                + "; check the path")
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint for {model_name} on {dataset} at {path}; train it first with\n"
@@ -65,7 +116,8 @@ def load_trained_model(model_name: str, dataset: str, ckpt_dir: str | Path = CHE
     payload = load_checkpoint(path)
     for key, expected in (("model", model_name.lower()), ("dataset", dataset)):
         if key in payload and payload[key] != expected:
-            raise ValueError(f"{path}: checkpoint is for {key} {payload[key]!r}, not {expected!r}")
+            raise UserError(f"{path}: checkpoint is for {key} {payload[key]!r}, not {expected!r}; give the "
+                            f"checkpoint of {model_name} on {dataset}")
     model = build_model(model_name, dataset)
     model.load_state_dict(payload["state_dict"])
     metadata = {k: v for k, v in payload.items() if k != "state_dict"}
@@ -145,6 +197,6 @@ def layer_selection(model_name: str, model: nn.Module, include: Sequence[str] | 
     if is_llm_name(model_name):
         return resolve_selection(model, include, exclude, block)
     if block is not None:
-        raise ValueError(f"--block {block}: only language models are organised in blocks; "
+        raise UserError(f"--block {block}: only language models are organised in blocks; "
                          "use --include_layer / --exclude_layer")
     return (None if include is None else list(include)), list(exclude)

@@ -81,11 +81,16 @@ def test_sample_distinct_and_seeded(space: SearchSpace) -> None:
     assert space.sample(10, seed=4) != first
 
 
-@pytest.mark.parametrize("n", [0, -1, 90, 91, 1000])
+@pytest.mark.parametrize("n", [0, 90, 91, 1000])
 def test_sample_whole_grid(space: SearchSpace, n: int) -> None:
     points = space.sample(n, seed=0)
     assert len(points) == 90
     assert set(points) == set(space.grid())
+
+
+def test_negative_sample_is_an_error_not_the_whole_grid(space: SearchSpace) -> None:
+    with pytest.raises(ConfigError, match="cannot sample -1 points"):
+        space.sample(-1)
 
 
 # ---- bad INI values -----------------------------------------------------------------------------
@@ -205,8 +210,10 @@ def test_missing_keys_take_defaults(tmp_path: Path) -> None:
     path = write_ini(tmp_path, "[Algorithm_Level]\nwl_weight = 6\n")
     grid = SearchSpace.from_ini(path).grid()
     assert grid == [dataclasses.replace(HWConfig(), wl_weight=6)]
-    empty = SearchSpace.from_ini(write_ini(tmp_path, "", "empty.ini")).grid()
-    assert empty == [HWConfig()]
+    # an INI without any key is a mistake (a wrong file), not "one default point"
+    for text in ("", "# nothing\n", "[Device_Level]\n"):
+        with pytest.raises(ConfigError, match="no hardware parameter in the file"):
+            SearchSpace.from_ini(write_ini(tmp_path, text, "empty.ini"))
 
 
 def test_documented_defaults() -> None:
@@ -275,3 +282,64 @@ def test_hwconfig_properties() -> None:
     assert HWConfig.from_dict(hw.to_dict()) == hw
     with pytest.raises(ConfigError):
         HWConfig.from_dict({"wl_weigth": 8})
+
+
+# ---- INI encodings, interpolation, unused spreads; grids sampled without being built ---------------
+
+
+def test_ini_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "bom.ini"
+    path.write_bytes(b"\xef\xbb\xbf[Algorithm_Level]\nwl_weight = 6\n")
+    assert SearchSpace.from_ini(path).choices["wl_weight"] == [6]
+
+
+def test_ini_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.ini"
+    path.write_bytes("[Algorithm_Level]\n# caf\xe9\nwl_weight = 6\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.ini: not UTF-8 text"):
+        SearchSpace.from_ini(path)
+
+
+def test_percent_in_an_ini_value_is_no_interpolation(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[Algorithm_Level]\nwl_weight = %(x)s\n")
+    with pytest.raises(ConfigError, match=r"wl_weight = '%\(x\)s': must be an integer"):
+        SearchSpace.from_ini(path)
+
+
+def test_several_spreads_of_an_unlisted_variation_type_warn(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[Device_Level]\nvari_type = state_independent\nind_vari = 0.1\nvari = 0.1, 0.2\n")
+    with pytest.warns(UserWarning, match=r"vari = \[0.1, 0.2\] is ignored: it is the spread of vari_type "
+                                         "state_dependent"):
+        space = SearchSpace.from_ini(path)
+    assert len(space) == 1
+
+
+def big_space(tmp_path: Path) -> SearchSpace:
+    """A 10^6-point grid (and more variation types than one, so the blocks differ in size)."""
+    text = ("[Algorithm_Level]\nwl_weight = 16, 15, 14, 13, 12, 11, 10, 9, 8, 7\nwl_input = 8, 7, 6, 5, 4, 3, 2\n"
+            "[Hardware_Level]\nsubArray = " + ", ".join(str(8 * i) for i in range(1, 21)) + "\n"
+            "ADCprecision = " + ", ".join(str(i) for i in range(1, 21)) + "\n"
+            "[Device_Level]\ncellBit = 1\nvari_type = state_dependent, laplace\n"
+            "vari = " + ", ".join(f"{0.01 * i:.2f}" for i in range(1, 19)) + "\nlaplace_b = 0.1, 0.2\n")
+    return SearchSpace.from_ini(write_ini(tmp_path, text, "big.ini"))
+
+
+def test_big_grid_is_sized_and_sampled_without_being_built(tmp_path: Path, monkeypatch) -> None:
+    space = big_space(tmp_path)
+    assert len(space) == 10 * 7 * 20 * 20 * (18 + 2) == 560_000
+    monkeypatch.setattr(SearchSpace, "grid", lambda self: pytest.fail("the whole grid was built"))
+    points = space.sample(5, seed=3)
+    assert len(set(points)) == 5 and points == space.sample(5, seed=3)
+    assert points != space.sample(5, seed=4)
+
+
+@pytest.mark.parametrize("ini", ["Search_space.ini", "Device_Search_space.ini", "Search_space_mlc.ini"])
+def test_index_sampling_gives_the_points_of_sampling_the_built_grid(ini: str) -> None:
+    """Results of existing sweeps stay: the same points as random.Random(seed).sample(grid(), n)."""
+    import random
+
+    space = SearchSpace.from_ini(Path(__file__).resolve().parents[1] / "HW_config" / ini)
+    grid = space.grid()
+    assert [space.point(i) for i in range(len(grid))] == grid
+    for n, seed in ((1, 0), (7, 1), (len(grid) - 1, 2)):
+        assert space.sample(n, seed=seed) == random.Random(seed).sample(grid, n)

@@ -8,6 +8,7 @@ import torch
 
 import pretrain
 from nipa.data import get_dataset, make_loader
+from nipa.errors import UserError
 from nipa.runtime import resolve_device
 from nipa.train import Recipe, fit
 from nipa.zoo import build_model, checkpoint_path, load_model_and_data, load_trained_model
@@ -105,5 +106,7 @@ def test_device_resolution():
     with pytest.raises(ValueError, match="expected auto, cpu"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(UserError, match="CUDA is not available"):
             resolve_device("cuda")
+        with pytest.raises(UserError, match="--gpu_id 3: no GPU"):  # not silently the CPU
+            resolve_device("auto", 3)
