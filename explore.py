@@ -1,0 +1,109 @@
+"""Design-space exploration: NIPA and hardware cost (area, energy, latency) of every point of a space, their
+Pareto fronts, and optionally a verification against the slicing ground truth.
+
+    python explore.py --model_name smallcnn --dataset mnist5k --HWdes HW_config/Explore_space.ini
+    python explore.py --model_name smallcnn --dataset mnist5k --max_area 2 --max_latency 50
+    python explore.py --model_name smallcnn --dataset mnist5k --verify 60 --cycle 3
+
+Writes results/{model}/{dataset}_explore.csv (every point: parameters, NIPA, area, energy, latency,
+budget and front flags) and {dataset}_explore.png (NIPA against each cost with the fronts). --verify N
+simulates N points (the fronts first, then a sample stratified over the NIPA range) into
+{dataset}_explore_accsim.jsonl (resumable), runs wrap_error's fast estimate on them, and writes
+{dataset}_explore_summary.json (Kendall tau, mean absolute error, regret) and {dataset}_explore_verify.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args
+from nipa.explore import ExploreSettings, MetricOptions, VerifySettings, run_explore
+from nipa.inject import METHODS
+from nipa.llm import LLMError
+from nipa.lm_tasks import TaskFileError
+from nipa.logs import open_log
+from nipa.metric import DEVICE_MODELS, REDUCTIONS, TILE_FACTORS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--HWdes", default="HW_config/Explore_space.ini", help="exploration-space INI file")
+    parser.add_argument("--max_area", type=float, default=None, help="area budget (mm^2)")
+    parser.add_argument("--max_energy", type=float, default=None, help="energy budget per inference (nJ)")
+    parser.add_argument("--max_latency", type=float, default=None, help="latency budget per inference (us)")
+    parser.add_argument("--reduction", choices=REDUCTIONS, default="model_average", help="NIPA over layers")
+    parser.add_argument("--tile_factor", choices=TILE_FACTORS, default="tiles", help="k_T of NIPA's ADC term")
+    parser.add_argument("--device_model", choices=DEVICE_MODELS, default="published", help="NIPA's device term")
+    parser.add_argument("--tokens", type=int, default=1,
+                        help="language models: tokens per inference for the cost (default 1: cost per token)")
+    parser.add_argument("--random_init", action="store_true", help="untrained weights (tests and benchmarks)")
+    parser.add_argument("--out_dir", default=None, help="output folder (default results/{model})")
+    parser.add_argument("--log_file", default=None, help="readable progress lines are appended here")
+    verify = parser.add_argument_group("verification against the ground truth")
+    verify.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="simulate N points (fronts first, then stratified over NIPA); 0: no verification")
+    verify.add_argument("--cycle", type=int, default=3, help="minimum chips per verified point")
+    verify.add_argument("--target_se", type=float, default=0.25,
+                        help="add chips until the standard error of a point's mean is below this (accuracy points)")
+    verify.add_argument("--max_cycle", type=int, default=20, help="at most this many chips per point")
+    verify.add_argument("--fast_draws", type=int, default=3, help="draws of the fast estimate per point")
+    verify.add_argument("--fast_method", choices=tuple(METHODS), default="calibrated",
+                        help="wrap_error.py's method for the fast estimate")
+    verify.add_argument("--records", default=None,
+                        help="ground-truth records (default results/{model}/{dataset}_explore_accsim.jsonl)")
+    verify.add_argument("--memory_mb", type=float, default=256, help="memory budget of one crossbar product")
+    add_layer_args(parser)
+    add_runtime_args(parser)
+    args = resolve_model_args(parser, parser.parse_args(argv))
+    for name in ("max_area", "max_energy", "max_latency", "target_se"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} {value}: must be positive")
+    if args.verify < 0 or args.cycle < 1 or args.max_cycle < args.cycle or args.fast_draws < 1 or args.tokens < 1:
+        parser.error("need --verify >= 0, --cycle >= 1, --max_cycle >= --cycle, --fast_draws >= 1, --tokens >= 1")
+    if args.verify and args.random_init:
+        parser.error("--verify simulates a trained model: leave out --random_init")
+    return args
+
+
+def settings_from_args(args: argparse.Namespace) -> ExploreSettings:
+    verify = None
+    if args.verify:
+        verify = VerifySettings(points=args.verify, cycle=args.cycle, target_se=args.target_se,
+                                max_cycle=args.max_cycle, fast_draws=args.fast_draws, fast_method=args.fast_method,
+                                memory_mb=args.memory_mb)
+    return ExploreSettings(
+        model_name=args.model_name, dataset=args.dataset, hw_file=args.HWdes, ckpt_dir=args.ckpt_dir,
+        ckpt=args.ckpt, data_root=args.data_root, batch_size=args.batch_size, limit=args.limit,
+        num_workers=args.num_workers, exclude=args.exclude_layer, include=args.include_layer, block=args.block,
+        tokens=args.tokens, random_init=args.random_init, seed=args.seed, device=args.device, gpu_id=args.gpu_id,
+        budgets={"area_mm2": args.max_area, "energy_nj": args.max_energy, "latency_us": args.max_latency},
+        metric=MetricOptions(args.reduction, args.tile_factor, args.device_model), out_dir=args.out_dir,
+        verify=verify, records=args.records)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    log = open_log(args.log_file)
+    try:
+        result = run_explore(settings_from_args(args), log)
+    except (ValueError, FileNotFoundError, LLMError, TaskFileError) as exc:  # the message says what to do
+        print(f"explore.py: error: {exc}", file=sys.stderr)
+        return 2
+    summary = result.get("verify")
+    if summary:
+        def fmt(value):
+            return "n/a" if value is None else f"{value:.3f}"
+        log(f"verified {summary['points']} points ({summary['chips_total']} chips): Kendall tau NIPA "
+            f"{fmt(summary['kendall_nipa'])} (noise ceiling {fmt(summary['kendall_noise_ceiling'])}), fast "
+            f"estimate {fmt(summary['kendall_fast'])} with mean |error| {fmt(summary['fast_mean_abs_error'])}; "
+            f"regret of NIPA's choice: max {fmt(summary['regret_nipa_max'])}, mean {fmt(summary['regret_nipa_mean'])}"
+            f" accuracy points -> {result['summary']}")
+    log(f"done in {result['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
