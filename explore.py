@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args
+from nipa.cli import add_debug_arg, add_layer_args, add_model_args, add_runtime_args, resolve_model_args, run_main
 from nipa.explore import ExploreSettings, MetricOptions, VerifySettings, run_explore
 from nipa.inject import METHODS
-from nipa.llm import LLMError
-from nipa.lm_tasks import TaskFileError
 from nipa.logs import open_log
 from nipa.metric import DEVICE_MODELS, REDUCTIONS, TILE_FACTORS
 
@@ -56,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     verify.add_argument("--memory_mb", type=float, default=256, help="memory budget of one crossbar product")
     add_layer_args(parser)
     add_runtime_args(parser)
+    add_debug_arg(parser)
     args = resolve_model_args(parser, parser.parse_args(argv))
     for name in ("max_area", "max_energy", "max_latency", "target_se"):
         value = getattr(args, name)
@@ -85,13 +84,12 @@ def settings_from_args(args: argparse.Namespace) -> ExploreSettings:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_main("explore.py", parse_args, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     log = open_log(args.log_file)
-    try:
-        result = run_explore(settings_from_args(args), log)
-    except (ValueError, FileNotFoundError, LLMError, TaskFileError) as exc:  # the message says what to do
-        print(f"explore.py: error: {exc}", file=sys.stderr)
-        return 2
+    result = run_explore(settings_from_args(args), log)
     summary = result.get("verify")
     if summary:
         def fmt(value):

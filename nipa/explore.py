@@ -34,6 +34,7 @@ import numpy as np
 
 from nipa.config import COST_KNOBS, HWConfig, SearchSpace
 from nipa.cost import CostCoefficients, LayerShape, hardware_cost, layer_shapes
+from nipa.errors import UserError
 from nipa.metric import nipa_metric
 from nipa.stats import ModelStats
 
@@ -81,7 +82,7 @@ def explore_grid(space: SearchSpace) -> ExploreGrid:
         configs[HWConfig(**values).canonical()] = None
     config_list = list(configs)
     if not config_list:
-        raise ValueError(f"{space.source}: no point is left once the unsliceable (wl_weight, cellBit) pairs "
+        raise UserError(f"{space.source}: no point is left once the unsliceable (wl_weight, cellBit) pairs "
                          f"{sorted(skipped)} are skipped")
     knob_names = list(COST_KNOBS)
     knob_combos = list(itertools.product(*(space.cost_choices[k] for k in knob_names)))
@@ -338,6 +339,7 @@ class VerifyContext:
     include: Sequence[str] | None
     records_path: Path
     fast_records_path: Path
+    weights: str | None = None  # sha256 of the weights (nipa.zoo.weights_sha256), in the sweep's settings
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -367,7 +369,7 @@ def simulate_adaptively(points: Sequence[HWConfig], ctx: VerifyContext, settings
             sweep = SweepSettings(model_name=ctx.model_name, dataset=ctx.dataset, hw_file=ctx.hw_file,
                                   sample_num=0, cycle=chips, seed=ctx.seed, batch_size=ctx.batch_size,
                                   limit=ctx.limit, exclude=ctx.exclude, include=ctx.include,
-                                  memory_mb=settings.memory_mb, points=subset,
+                                  memory_mb=settings.memory_mb, points=subset, weights=ctx.weights,
                                   extra={"explore": True, **ctx.extra})
             log(f"ground truth: {len(subset)} point(s) up to {chips} chips")
             run_sweep(sweep, ctx.model, ctx.test_data, ctx.calib_inputs, ctx.device, ctx.records_path, writer,
@@ -699,7 +701,7 @@ def run_explore(settings: ExploreSettings, log: Callable[[str], None] = print) -
     log(f"wrote {csv_path} and {plot_path}")
 
     if settings.verify is not None:
-        from nipa.zoo import calibration_inputs, default_batch_size
+        from nipa.zoo import calibration_inputs, default_batch_size, weights_file, weights_sha256
 
         batch_size = settings.batch_size or default_batch_size(settings.model_name)
         calib = calibration_inputs(settings.model_name, settings.dataset, test_data, settings.verify.calib_batches,
@@ -710,6 +712,8 @@ def run_explore(settings: ExploreSettings, log: Callable[[str], None] = print) -
                             seed=settings.seed, batch_size=batch_size, limit=settings.limit, exclude=exclude,
                             include=include, records_path=records,
                             fast_records_path=records.with_name(f"{stem}_explore_wrap.jsonl"),
+                            weights=weights_sha256(weights_file(settings.model_name, settings.dataset,
+                                                                settings.ckpt_dir, settings.ckpt, meta)),
                             extra={"checkpoint_top1": meta.get("test_top1"),
                                    "model_id": model_id(settings.model_name), "dataset_id": stem})
         summary = verify(table, grid, stats, ctx, settings.verify, settings.budgets,
