@@ -3,7 +3,7 @@ shards that merge, seeds that reproduce, and bad input rejected before any work.
 
 from __future__ import annotations
 
-import json
+import math
 import re
 
 import pytest
@@ -135,7 +135,67 @@ def test_calibrated_adc_mode_runs(digits_ckpt_dir, space, tmp_path):
                     "--calib_batches", "1") == 0
     records = [r for r in read_records(out) if r["method"] == "sliced"]
     assert records and all(r["config"]["adc_mode"] == "calibrated" for r in records)
-    json.dumps(records)  # records stay plain JSON
+    dynamic = tmp_path / "dynamic.jsonl"
+    assert run_main(digits_ckpt_dir, space, dynamic, "--adc_mode", "dynamic", "--limit", "64") == 0
+    ideal = next(r["top1"] for r in read_records(out) if r["method"] == "ideal")
+    # calibrated ranges work: finite losses, the noise-free 6-bit point near the float model ...
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert all(abs(r["top1"] - ideal) < 10 for r in records if r["config"]["wl_weight"] == 6
+               and r["config"]["vari"] == 0)
+    # ... and they are not the per-batch dynamic ranges under another name
+    loss = {(r["config"]["wl_weight"], r["config"]["vari"], r["chip"]): r["loss"] for r in records}
+    other = {(r["config"]["wl_weight"], r["config"]["vari"], r["chip"]): r["loss"]
+             for r in read_records(dynamic) if r["method"] == "sliced"}
+    assert loss.keys() == other.keys() and loss != other
+
+
+def test_chips_of_a_noisy_point_differ_and_each_is_that_chip_converted_directly(digits_ckpt_dir, space, tmp_path):
+    """The sweep programs chip c as convert(..., chip=c): not every chip as chip 0, not another seed."""
+    from nipa.config import HWConfig
+    from nipa.crossbar import convert
+    from nipa.evaluate import evaluate
+    from nipa.zoo import load_trained_model, test_loader
+
+    out = tmp_path / "r.jsonl"
+    assert run_main(digits_ckpt_dir, space, out, "--limit", "64", "--cycle", "3", "--seed", "5") == 0
+    noisy = [r for r in read_records(out) if r["method"] == "sliced" and r["config"]["vari"] > 0
+             and r["config"]["wl_weight"] == 6]
+    assert sorted(r["chip"] for r in noisy) == [0, 1, 2]
+    assert len({r["loss"] for r in noisy}) == 3  # three chips, three different draws
+    model, _ = load_trained_model("smallcnn", "digits", digits_ckpt_dir)
+    loader = test_loader("digits", batch_size=128, limit=64)
+    for record in noisy:
+        chip = convert(model, HWConfig.from_dict(record["config"]), seed=5, chip=record["chip"]).eval()
+        direct = evaluate(chip, loader)
+        assert (direct["top1"], direct["loss"]) == pytest.approx((record["top1"], record["loss"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--seed", "1"], "'seed'"),
+    (["--per_read"], "'per_read'"),
+    (["--calib_batches", "2"], "'calib_batches'"),
+    (["--ckpt", "OTHER"], "'weights'"),
+])
+def test_resuming_with_settings_that_change_numbers_is_refused(digits_ckpt_dir, space, tmp_path, capsys,
+                                                               extra, field):
+    import torch
+
+    out = tmp_path / "r.jsonl"
+    assert run_main(digits_ckpt_dir, space, out, "--limit", "32") == 0
+    before = out.read_bytes()
+    if "OTHER" in extra:  # the same model with other weights
+        payload = torch.load(digits_ckpt_dir / "smallcnn_digits.pt", weights_only=True)
+        payload["state_dict"] = {k: v * 1.01 if v.is_floating_point() else v
+                                 for k, v in payload["state_dict"].items()}
+        torch.save(payload, tmp_path / "other.pt")
+        extra = ["--ckpt", str(tmp_path / "other.pt")]
+    capsys.readouterr()
+    assert run_main(digits_ckpt_dir, space, out, "--limit", "32", *extra) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and field in err
+    assert out.read_bytes() == before
+    assert run_main(digits_ckpt_dir, space, out, "--limit", "32") == 0  # the same settings resume
+    assert out.read_bytes() == before  # (nothing left to do)
 
 
 def test_chips_of_points_without_device_error_are_copies_that_simulation_confirms(digits_ckpt_dir, space, tmp_path):
