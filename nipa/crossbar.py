@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import time
+import warnings
 import zlib
 from collections.abc import Sequence
 
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nipa.compat import NO_COMPAT, Compat
 from nipa.config import HWConfig
 from nipa.device_errors import chip_generator, program_pairs
 from nipa.mapping import as_linear, is_mappable, select_layers, set_submodule
@@ -34,6 +38,14 @@ from nipa.quant import (
 )
 
 DEFAULT_MEMORY_MB = 1024
+
+# ADC modes whose range spans every tile of a layer: splitting the tiles into chunks then needs a first
+# pass over the partial sums to find the range (the other modes can split tiles freely).
+_RANGE_ACROSS_TILES = ("dynamic",)
+# Products run in bfloat16 when that is exact: cells and input bit planes are small integers, the
+# backends accumulate in float32, and a bfloat16 result holds every integer up to 2^8 exactly.
+_BF16_EXACT_LIMIT = 256
+_FAULT_STREAM = 2**31 - 1  # the per-read stream index that holds a chip's stuck-at masks
 
 
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
@@ -57,15 +69,73 @@ def release_workspaces() -> None:
     _WORKSPACES.clear()
 
 
+def _quantize_reads(partial: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, coefficient: torch.Tensor,
+                    constant: torch.Tensor, levels: int, clamp: bool) -> torch.Tensor:
+    """ADC reads of partial sums [t, z, n, K, out] weighted and summed over the slices:
+    V[t, z, n, out] = sum_k coefficient[., z, ., k] * index + constant[t, z], with
+    index = round((P - lo) / step), clamped to [0, levels] when `clamp`. A division, not a product with
+    1/step: a read exactly halfway between two levels must round half to even, and a float32 reciprocal
+    that is not exact (a step of 14 or 28) would push such a tie up. Pure (no in-place), so that
+    `torch.compile` can fuse it into one pass over the partial sums."""
+    index = torch.round((partial.float() - lo) / step)
+    if clamp:
+        index = index.clamp(0, levels)
+    return (index * coefficient).sum(dim=3) + constant
+
+
+def _quantize_reads_eager(partial: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
+                          coefficient: torch.Tensor, constant: torch.Tensor, levels: int,
+                          clamp: bool) -> torch.Tensor:
+    """`_quantize_reads` in place on one temporary (fresh large tensors cost page faults on CPU)."""
+    index = partial.float().sub_(lo) if partial.dtype == torch.float32 else partial.float() - lo
+    index.div_(step).round_()
+    if clamp:
+        index.clamp_(0, levels)
+    return index.mul_(coefficient).sum(dim=3).add_(constant)
+
+
+class _AdcChain:
+    """Chooses between the eager and the compiled ADC chain. NIPA_COMPILE=1 compiles it with
+    torch.compile (inductor: C++/OpenMP on CPU, Triton on GPU), 0 keeps it eager (the default); a
+    failed compilation falls back to eager with a warning. `mode` says which ran."""
+
+    def __init__(self) -> None:
+        self._compiled = None
+        self.mode = "eager"
+
+    def wanted(self) -> bool:
+        return os.environ.get("NIPA_COMPILE", "0") == "1"
+
+    def __call__(self, *args) -> torch.Tensor:
+        if self.wanted() and self.mode != "eager-fallback":
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(_quantize_reads, dynamic=True)
+                result = self._compiled(*args)
+                self.mode = "compiled"
+                return result
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
+                warnings.warn(f"torch.compile of the ADC chain failed ({type(exc).__name__}: {exc}); "
+                              "running it eagerly", stacklevel=2)
+                self.mode = "eager-fallback"
+        elif self.mode != "eager-fallback":
+            self.mode = "eager"
+        return _quantize_reads_eager(*args)
+
+
+ADC_CHAIN = _AdcChain()
+
+
 class CrossbarCore(nn.Module):
     """One weight matrix W [out, fan_in] programmed on crossbar tiles of `hw.subArray` rows."""
 
     def __init__(self, weight: torch.Tensor, hw: HWConfig, name: str = "", per_read: bool = False,
-                 memory_mb: float = DEFAULT_MEMORY_MB) -> None:
+                 memory_mb: float = DEFAULT_MEMORY_MB, compat: Compat = NO_COMPAT) -> None:
         super().__init__()
         self.hw = hw
         self.name = name
-        self.per_read = per_read
+        self.compat = compat
+        self.per_read = per_read or compat.per_read
         self.memory_mb = memory_mb
         matrix = weight.detach().reshape(weight.shape[0], -1).float()
         self.out_features, self.fan_in = matrix.shape
@@ -74,10 +144,11 @@ class CrossbarCore(nn.Module):
         # no input, so leaving them out changes no read and saves the padding work.
         self.rows = min(hw.subArray, self.fan_in)
         self.num_tiles = math.ceil(self.fan_in / self.rows)
-        self.num_slices = hw.num_slices
+        self.num_slices = compat.num_slices(hw.wl_weight, hw.cellBit)
         q, scale = quantize_weight_tiles(tile_columns(matrix, self.rows), hw.wl_weight)
         self.register_buffer("weight_scale", scale)  # [out, T]
-        self.register_buffer("slices", slice_magnitude(q, hw.wl_weight, hw.cellBit))  # [K, out, T, rows]
+        slices = slice_magnitude(q, hw.wl_weight, hw.cellBit, self.num_slices)  # [K, out, T, rows]
+        self.register_buffer("slices", slices)
         self.register_buffer("conductance", self._as_columns(self.slices))  # [T, rows, K*out]
         significance = [[2.0 ** z * 2.0 ** (hw.cellBit * k) for k in range(self.num_slices)]
                         for z in range(hw.wl_input - 1)]
@@ -86,7 +157,9 @@ class CrossbarCore(nn.Module):
         self.register_buffer("adc_range", torch.full((self.num_slices, 2), float("nan")))
         self.calibrating = False
         self.calibrated = False
-        self.read_generator: torch.Generator | None = None
+        self.chip_seed: tuple[int, int] | None = None
+        self.read_calls = 0  # forward calls since programming: the per-read error stream of each call
+        self.exact_integer_cells = True  # cells hold the integer slices: low-precision products are exact
 
     @staticmethod
     def _as_columns(pairs: torch.Tensor) -> torch.Tensor:
@@ -96,36 +169,115 @@ class CrossbarCore(nn.Module):
         moved = pairs.movedim(-2, -4).movedim(-1, -3)  # [..., T, rows, K, out]
         return moved.reshape(*lead, t, rows, k * out)
 
+    def _layer_id(self) -> int:
+        return zlib.crc32(self.name.encode())
+
     def program(self, seed: int, chip: int) -> None:
         """Draw this layer's device errors for one chip (fixed until the next call)."""
-        generator = chip_generator(seed, chip, zlib.crc32(self.name.encode()))
+        self.chip_seed = (seed, chip)
+        self.read_calls = 0
         if self.per_read:
-            # Errors are redrawn on every read from this stream; the stored pairs stay ideal.
-            device = self.slices.device
-            self.read_generator = chip_generator(seed, chip, zlib.crc32(self.name.encode()), device)
+            # Errors are redrawn on every read (see _read_columns); the stored pairs stay ideal.
             self.conductance = self._as_columns(self.slices)
+            self.exact_integer_cells = not self.hw.has_device_error
             return
-        pairs = program_pairs(self.slices.cpu(), self.hw, generator).to(self.slices.device)
+        generator = chip_generator(seed, chip, self._layer_id())
+        pairs = program_pairs(self.slices.cpu(), self.hw, generator, self.compat).to(self.slices.device)
         self.conductance = self._as_columns(pairs)
+        self.exact_integer_cells = not self.hw.has_device_error
 
     # ---- the analog product -------------------------------------------------------------------
 
+    def _read_columns(self, call: int, tiles: slice, bits: range) -> torch.Tensor:
+        """Per-read device error: fresh cells for every (forward call, input bit), drawn for the whole
+        layer from a stream of their own, so that chunking the product never changes a draw:
+        [t, z, rows, K*out]."""
+        seed, chip = self.chip_seed if self.chip_seed is not None else (0, 0)
+        device = self.slices.device
+        per_bit = []
+        for bit in bits:
+            generator = chip_generator(seed, chip, self._layer_id(), device, call, bit)
+            # Stuck-at faults are permanent: the same masks on every read (the chip's own stream).
+            faults = chip_generator(seed, chip, self._layer_id(), device, _FAULT_STREAM)
+            pairs = program_pairs(self.slices, self.hw, generator, self.compat, faults)
+            per_bit.append(self._as_columns(pairs)[tiles])
+        return torch.stack(per_bit, dim=1)
+
+    def _product_dtype(self) -> torch.dtype:
+        """bfloat16 where it is exact and faster (integer cells, every partial sum within 2^8), else
+        float32. Measured on the CPU this was developed on (AVX-512 BF16 / AMX): 2.8x faster products."""
+        largest = self.rows * (2**self.hw.cellBit - 1)
+        device = self.slices.device
+        if (self.exact_integer_cells and not self.per_read and largest <= _BF16_EXACT_LIMIT
+                and os.environ.get("NIPA_BF16", "1") == "1" and _bf16_products_fast(device)):
+            return torch.bfloat16
+        return torch.float32
+
+    def _partial_sums(self, magnitude: torch.Tensor, sign: torch.Tensor, tiles: slice, bits: range,
+                      rows: slice, call: int) -> torch.Tensor:
+        """P[t, z, n, k, out] = sum_r x_z[n, t, r] * (G_pos - G_neg)[k, out, t, r]."""
+        mag = magnitude[rows, tiles].permute(1, 0, 2)  # [t, n, S]
+        sgn = sign[rows, tiles].permute(1, 0, 2)
+        t, n, s = mag.shape
+        z = len(bits)
+        dtype = self._product_dtype()
+        planes = _workspace("planes", (t, z, n, s), dtype, sgn.device)
+        bit_buffer = _workspace("bit", (t, n, s), mag.dtype, mag.device)
+        for index, bit in enumerate(bits):
+            torch.bitwise_right_shift(mag, bit, out=bit_buffer).bitwise_and_(1)
+            torch.mul(bit_buffer, sgn, out=planes[:, index])
+        if self.per_read:
+            columns = self._read_columns(call, tiles, bits)  # [t, z, S, K*out]
+            partial = torch.matmul(planes, columns)  # [t, z, n, K*out]
+        else:
+            columns = self.conductance[tiles]
+            if dtype != columns.dtype:
+                columns = columns.to(dtype)
+            partial = _workspace("partial", (t, z * n, self.num_slices * self.out_features), dtype, planes.device)
+            torch.bmm(planes.view(t, z * n, s), columns, out=partial)  # [t, z*n, K*out]
+        return partial.view(t, z, n, self.num_slices, self.out_features)
+
+    def _chunking(self, n: int) -> tuple[int, int, int]:
+        """Tiles, bits and rows per product so that the live tensors (partial sums, their ADC indices
+        and the input bit planes, float32) stay within the memory budget. Input bits split first (every
+        mode ranges each bit on its own); then tiles where the ADC range allows it, then the rows (a
+        range that spans them then costs a first pass)."""
+        budget = max(1, int(self.memory_mb * 2**20 / 4))
+        per_row = 2 * self.num_slices * self.out_features + 2 * self.rows
+        bits, tiles = self.hw.wl_input - 1, self.num_tiles
+        if tiles * n * per_row <= budget:
+            return tiles, max(1, min(bits, budget // (tiles * n * per_row))), n
+        if self.hw.adc_mode in _RANGE_ACROSS_TILES and not self.calibrating:
+            tile_chunk = tiles if tiles * per_row <= budget else max(1, budget // per_row)
+        else:
+            tile_chunk = max(1, min(tiles, budget // (n * per_row)))
+        row_chunk = max(1, min(n, budget // (tile_chunk * per_row)))
+        return tile_chunk, 1, row_chunk
+
+    def _range(self, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range (lo, hi) that this mode takes over one chunk of partial sums [t, z, n, K, out]:
+        dynamic [1, z, 1, K, 1] (all tiles, rows and columns), dynamic_tile [t, z, 1, K, 1]."""
+        # Reduce the contiguous column axis first: much faster than one strided reduction.
+        lo = partial.amin(dim=-1, keepdim=True).amin(dim=2, keepdim=True)
+        hi = partial.amax(dim=-1, keepdim=True).amax(dim=2, keepdim=True)
+        if self.hw.adc_mode == "dynamic":
+            lo, hi = lo.amin(dim=0, keepdim=True), hi.amax(dim=0, keepdim=True)
+        return lo.float(), hi.float()
+
     def adc_range_of(self, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ADC range (lo, hi) for partial sums [t, z, n, K, out], broadcastable to [t, z, 1, K, 1]."""
+        """The ADC range (lo, hi) of partial sums [t, z, n, K, out] that hold every tile and row of the
+        layer's reads, broadcastable to [t, z, 1, K, 1]."""
         hw = self.hw
         t, z = partial.shape[:2]
-        if hw.adc_mode == "dynamic":
-            # The original: the range of each (tile, bit, slice) read over the batch and columns.
-            # Reduce the contiguous column axis first: much faster than one strided reduction.
-            lo = partial.amin(dim=-1, keepdim=True).amin(dim=2, keepdim=True)
-            hi = partial.amax(dim=-1, keepdim=True).amax(dim=2, keepdim=True)
-            return lo, hi
+        if hw.adc_mode in ("dynamic", "dynamic_tile"):
+            return self._range(partial)
         if hw.adc_mode == "calibrated":
             lo = self.adc_range[:, 0].view(1, 1, 1, -1, 1).expand(t, z, 1, -1, 1)
             hi = self.adc_range[:, 1].view(1, 1, 1, -1, 1).expand(t, z, 1, -1, 1)
             return lo, hi
         # full: the physical full scale of a column, every row at the top level, inputs of either sign
-        full = partial.new_full((t, z, 1, self.num_slices, 1), float(self.subarray_rows * (2**hw.cellBit - 1)))
+        full = partial.new_full((t, z, 1, self.num_slices, 1), float(self.subarray_rows * (2**hw.cellBit - 1)),
+                                dtype=torch.float32)
         return -full, full
 
     def adc(self, partial: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -133,86 +285,47 @@ class CrossbarCore(nn.Module):
         step = (hi - lo) / 2^a_r; a read whose range is a single value returns it unchanged."""
         levels = 2**self.hw.ADCprecision
         step = (hi - lo) / levels
-        inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+        divisor = torch.where(step > 0, step, torch.ones_like(step))
         # The same operations, in the same order, as the fast path in _read_shift_add.
-        index = (partial - lo).mul_(inverse).round_().clamp_(0, levels)
-        return torch.where(step > 0, lo + index * step, partial)
+        index = (partial.float() - lo).div_(divisor).round_().clamp_(0, levels)
+        return torch.where(step > 0, lo + index * step, partial.float())
 
     def _adc(self, partial: torch.Tensor) -> torch.Tensor:
-        """One full ADC read of partial sums [t, z, n, K, out] (used by the reference and tests)."""
-        if self.calibrating:
-            self._record_range(partial)
-            return partial
+        """One full ADC read of partial sums [t, z, n, K, out] holding every tile and row of the layer
+        (used by tests)."""
         return self.adc(partial, *self.adc_range_of(partial))
 
     def _read_shift_add(self, partial: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None,
-                        tiles: slice, bits: range) -> torch.Tensor:
-        """sum_t scale_w[:, t] sum_z 2^z sum_k 2^(ck) ADC(P_{t,z,k}) -> [n, out]. Overwrites `partial`.
+                        bits: range) -> torch.Tensor:
+        """sum_k 2^z 2^(ck) ADC(P_{t,z,k}) -> V[t, z, n, out] (the per-tile scale is applied by the caller).
 
-        ADC(P) = lo + step * index, so the sum splits into the indices weighted by 2^z 2^(ck) step
-        and a constant per tile. Everything runs in place on the partial sums (fresh large tensors
-        cost page faults that dominate on CPU). Without a range (lo is None: calibration) the partial
-        sums pass unquantized.
+        ADC(P) = lo + step * index, so the sum splits into the indices weighted by 2^z 2^(ck) step and a
+        constant per (tile, bit). Without a range (lo is None: calibration) the partial sums pass
+        unquantized.
         """
-        t, z, n = partial.shape[:3]
+        t, z = partial.shape[:2]
         weights = self.significance[bits.start:bits.stop].view(1, z, 1, -1, 1)  # [1, z, 1, K, 1]
         if lo is None:
-            coefficient, constant = weights.expand(t, -1, -1, -1, -1), None
-        else:
-            levels = 2**self.hw.ADCprecision
-            step = (hi - lo) / levels
-            # A constant read (step 0) has P == lo everywhere: index 0 gives it back exactly.
-            inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
-            partial.sub_(lo).mul_(inverse).round_()
-            if self.hw.adc_mode != "dynamic":  # a dynamic range holds every read by construction
-                partial.clamp_(0, levels)
-            coefficient = weights * step
-            constant = (weights * lo).sum(dim=(1, 3))  # [t, 1, 1]
-        per_tile = partial.mul_(coefficient).sum(dim=3).sum(dim=1)  # [t, n, out]
-        if constant is not None:
-            per_tile += constant
-        return torch.einsum("tno,ot->no", per_tile, self.weight_scale[:, tiles])
-
-    def _chunking(self, n: int) -> tuple[int, int, int]:
-        """Tiles, bits and rows per product so that the live tensors (partial sums, their ADC indices
-        and the input bit planes, float32) stay within the memory budget. Whole rows are kept as long
-        as possible: splitting them costs the dynamic ADC a second pass."""
-        budget = max(1, int(self.memory_mb * 2**20 / 4))
-        per_row = self.num_slices * self.out_features + 2 * self.rows + self.out_features
-        bits = self.hw.wl_input - 1
-        row_chunk = max(1, min(n, budget // per_row))
-        bit_chunk = max(1, min(bits, budget // (per_row * row_chunk)))
-        tile_chunk = max(1, min(self.num_tiles, budget // (per_row * row_chunk * bit_chunk)))
-        return tile_chunk, bit_chunk, row_chunk
-
-    def _partial_sums(self, magnitude: torch.Tensor, sign: torch.Tensor, tiles: slice, bits: range,
-                      rows: slice) -> torch.Tensor:
-        """P[t, z, n, k, out] = sum_r x_z[n, t, r] * (G_pos - G_neg)[k, out, t, r]."""
-        mag = magnitude[rows, tiles].permute(1, 0, 2)  # [t, n, S]
-        sgn = sign[rows, tiles].permute(1, 0, 2)
-        t, n, s = mag.shape
-        z = len(bits)
-        planes = _workspace("planes", (t, z, n, s), sgn.dtype, sgn.device)
-        bit_buffer = _workspace("bit", (t, n, s), mag.dtype, mag.device)
-        for index, bit in enumerate(bits):
-            torch.bitwise_right_shift(mag, bit, out=bit_buffer).bitwise_and_(1)
-            torch.mul(bit_buffer, sgn, out=planes[:, index])
-        if self.per_read:
-            # Fresh device error for every read: one draw per (input bit, tile chunk).
-            pairs = program_pairs(self.slices[:, :, tiles].unsqueeze(0).expand(z, -1, -1, -1, -1),
-                                  self.hw, self.read_generator)
-            columns = self._as_columns(pairs).transpose(0, 1)  # [t, z, S, K*out]
-            partial = torch.matmul(planes, columns)  # [t, z, n, K*out]
-        else:
-            partial = _workspace("partial", (t, z * n, self.num_slices * self.out_features),
-                                 planes.dtype, planes.device)
-            torch.bmm(planes.view(t, z * n, s), self.conductance[tiles], out=partial)  # [t, z*n, K*out]
-        return partial.view(t, z, n, self.num_slices, self.out_features)
+            return (partial.float() * weights).sum(dim=3)
+        levels = 2**self.hw.ADCprecision
+        lo = lo.expand(t, z, 1, -1, 1)
+        step = (hi.expand(t, z, 1, -1, 1) - lo) / levels
+        # A constant read (step 0) has P == lo everywhere: index 0 gives it back exactly.
+        divisor = torch.where(step > 0, step, torch.ones_like(step))
+        coefficient = weights * step
+        constant = (weights * lo).sum(dim=3)  # [t, z, 1, 1]
+        # A dynamic range holds every read by construction: no clamp needed.
+        clamp = self.hw.adc_mode not in ("dynamic", "dynamic_tile")
+        return ADC_CHAIN(partial, lo, divisor, coefficient, constant, levels, clamp)
 
     @torch.no_grad()  # rounding at every step: nothing to differentiate, and no graph to keep
     def forward(self, x: torch.Tensor, scale_in: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, fan_in] -> y [n, out] as the chip computes it (bias not included). `scale_in`: the
-        per-tensor input scale when x is not the whole layer input (a convolution's im2col rows)."""
+        per-tensor input scale when x is not the whole layer input (a convolution's im2col rows).
+
+        The result does not depend on the memory budget: the rows are independent, ranges are exact
+        minima and maxima, and the per-(tile, bit) sums are added to the output in one fixed order
+        (bits outer, tiles inner) whatever the chunks."""
         hw = self.hw
         if hw.adc_mode == "calibrated" and not (self.calibrated or self.calibrating):
             raise RuntimeError(f"layer {self.name}: ADC mode 'calibrated' needs "
@@ -226,39 +339,78 @@ class CrossbarCore(nn.Module):
         sign = torch.sign(x_tiles)
         del x_tiles
         n = x.shape[0]
+        call = self.read_calls
+        self.read_calls += 1
         tile_chunk, bit_chunk, row_chunk = self._chunking(n)
         num_bits = hw.wl_input - 1
-        # Dynamic ranges span the whole batch: with the rows split, a first pass finds each read's range.
-        two_pass = hw.adc_mode == "dynamic" and row_chunk < n and not self.calibrating
-        if two_pass and self.per_read:
-            raise NotImplementedError("per-read device error with the rows split in dynamic ADC mode: "
-                                      "raise --memory_mb or lower --batch_size")
+        tile_slices = [slice(t0, min(self.num_tiles, t0 + tile_chunk)) for t0 in range(0, self.num_tiles, tile_chunk)]
         row_slices = [slice(r0, r0 + row_chunk) for r0 in range(0, n, row_chunk)]
+        dynamic = hw.adc_mode in ("dynamic", "dynamic_tile") and not self.calibrating
+        # A dynamic range spans chunks that are computed apart: find it in a first pass.
+        first_pass = dynamic and (len(row_slices) > 1 or (hw.adc_mode == "dynamic" and len(tile_slices) > 1))
+        scale_rows = self.weight_scale.t().contiguous()  # [T, out]
         out = x.new_zeros(n, self.out_features)
-        for t0 in range(0, self.num_tiles, tile_chunk):
-            tiles = slice(t0, t0 + tile_chunk)
-            for z0 in range(0, num_bits, bit_chunk):
-                bits = range(z0, min(num_bits, z0 + bit_chunk))
-                if two_pass:
-                    ranges = [self.adc_range_of(self._partial_sums(magnitude, sign, tiles, bits, rows))
-                              for rows in row_slices]
-                    lo = torch.stack([r[0] for r in ranges]).amin(dim=0)
-                    hi = torch.stack([r[1] for r in ranges]).amax(dim=0)
+        for z0 in range(0, num_bits, bit_chunk):
+            bits = range(z0, min(num_bits, z0 + bit_chunk))
+            ranges: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            if first_pass:
+                for tiles in tile_slices:
+                    for rows in row_slices:
+                        lo, hi = self._range(self._partial_sums(magnitude, sign, tiles, bits, rows, call))
+                        key = 0 if hw.adc_mode == "dynamic" else tiles.start
+                        if key in ranges:
+                            lo, hi = torch.minimum(ranges[key][0], lo), torch.maximum(ranges[key][1], hi)
+                        ranges[key] = (lo, hi)
+            for tiles in tile_slices:
                 for rows in row_slices:
-                    partial = self._partial_sums(magnitude, sign, tiles, bits, rows)
+                    partial = self._partial_sums(magnitude, sign, tiles, bits, rows, call)
                     if self.calibrating:
                         self._record_range(partial)
                         lo = hi = None
-                    elif not two_pass:
+                    elif first_pass:
+                        lo, hi = ranges[0 if hw.adc_mode == "dynamic" else tiles.start]
+                    else:
                         lo, hi = self.adc_range_of(partial)
-                    out[rows] += self._read_shift_add(partial, lo, hi, tiles, bits)
+                    per_read = self._read_shift_add(partial, lo, hi, bits)  # [t, z, n, out]
+                    del partial
+                    for index in range(len(bits)):
+                        for offset, tile in enumerate(range(tiles.start, tiles.stop)):
+                            out[rows].addcmul_(per_read[offset, index], scale_rows[tile])
+            if len(tile_slices) > 1:
+                # Keep the order bits outer, tiles inner with tiles split: one bit per chunk (see _chunking).
+                assert len(bits) == 1
         return out * scale_in
 
     def _record_range(self, partial: torch.Tensor) -> None:
-        lo = partial.amin(dim=(0, 1, 2, 4))
-        hi = partial.amax(dim=(0, 1, 2, 4))
+        lo = partial.amin(dim=(0, 1, 2, 4)).float()
+        hi = partial.amax(dim=(0, 1, 2, 4)).float()
         current = self.adc_range
         self.adc_range = torch.stack([torch.fmin(current[:, 0], lo), torch.fmax(current[:, 1], hi)], 1)
+
+
+_BF16_FAST: dict[str, bool] = {}
+
+
+def _bf16_products_fast(device: torch.device) -> bool:
+    """bfloat16 products pay on CUDA and on CPUs with native bfloat16 matrix units (AVX-512 BF16 / AMX);
+    elsewhere they are emulated and slower. Decided once per device by timing one product of each kind."""
+    key = str(device)
+    if key not in _BF16_FAST:
+        if device.type == "cuda":
+            _BF16_FAST[key] = True
+        else:
+            a = torch.ones(4, 512, 256, device=device)
+            b = torch.ones(4, 256, 256, device=device)
+            timings = {}
+            for dtype in (torch.float32, torch.bfloat16):
+                x, y = a.to(dtype), b.to(dtype)
+                torch.bmm(x, y)
+                started = time.perf_counter()
+                for _ in range(3):
+                    torch.bmm(x, y)
+                timings[dtype] = time.perf_counter() - started
+            _BF16_FAST[key] = timings[torch.bfloat16] < 0.8 * timings[torch.float32]
+    return _BF16_FAST[key]
 
 
 class CrossbarLinear(nn.Module):
@@ -342,19 +494,30 @@ def convert(
     chip: int = 0,
     per_read: bool = False,
     memory_mb: float = DEFAULT_MEMORY_MB,
+    compat: Compat = NO_COMPAT,
 ) -> nn.Module:
     """A copy of `model` whose mapped layers run on crossbars configured by `hw`, programmed as chip
-    number `chip` of seed `seed`. The input model is left untouched."""
-    options = {"per_read": per_read, "memory_mb": memory_mb}
+    number `chip` of seed `seed`. The input model is left untouched. `compat` switches on choices of
+    the original tool (`nipa.compat`)."""
+    options = {"per_read": per_read, "memory_mb": memory_mb, "compat": compat}
     if is_mappable(model):  # a bare layer converts to its crossbar twin
         converted = _crossbar_layer(as_linear(copy.deepcopy(model)), hw, "", options)
     else:
         converted = copy.deepcopy(model)
-        for name in select_layers(model, exclude=exclude, include=include):
+        names = select_layers(model, exclude=exclude, include=include)
+        if compat.digital_classifier:
+            names = [name for name in names if name != final_classifier(model)]
+        for name in names:
             layer = as_linear(converted.get_submodule(name))  # a transformers Conv1D: its nn.Linear twin
             set_submodule(converted, name, _crossbar_layer(layer, hw, name, options))
     program_chip(converted, seed, chip)
     return converted
+
+
+def final_classifier(model: nn.Module) -> str | None:
+    """The name of the last nn.Linear of a model (a CNN's classifier), None when it has none."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
 
 
 def _crossbar_layer(layer: nn.Module, hw: HWConfig, name: str, options: dict) -> nn.Module:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nipa.compat import NO_COMPAT, Compat
 from nipa.config import HWConfig
 
 
@@ -29,9 +30,11 @@ def leak_level(cell_bits: int, onoffratio: float) -> float:
     return (2**cell_bits - 1) / (onoffratio - 1)
 
 
-def chip_generator(seed: int, chip: int, layer_index: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """An independent, reproducible random stream for one layer of one chip."""
-    mixed = np.random.SeedSequence([seed, chip, layer_index]).generate_state(1, dtype=np.uint64)[0]
+def chip_generator(seed: int, chip: int, layer_index: int, device: str | torch.device = "cpu",
+                   *stream: int) -> torch.Generator:
+    """An independent, reproducible random stream for one layer of one chip (and, for per-read device
+    error, one `stream` such as (forward call, input bit))."""
+    mixed = np.random.SeedSequence([seed, chip, layer_index, *stream]).generate_state(1, dtype=np.uint64)[0]
     generator = torch.Generator(device=device)
     generator.manual_seed(int(mixed) & 0x7FFF_FFFF_FFFF_FFFF)
     return generator
@@ -44,9 +47,14 @@ def _laplace(shape: torch.Size, generator: torch.Generator, device, dtype) -> to
 
 
 def perturb_conductance(
-    conductance: torch.Tensor, hw: HWConfig, generator: torch.Generator
+    conductance: torch.Tensor, hw: HWConfig, generator: torch.Generator, compat: Compat = NO_COMPAT,
+    fault_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Apply variation and stuck-at faults of `hw` to cell conductances (level units)."""
+    """Apply variation and stuck-at faults of `hw` to cell conductances (level units). With
+    `compat.original_faults` a stuck-at-1 cell reads sign(value) and a stuck-at-0 cell 1/onoffratio (the
+    original's rule); with `compat.signed_cells` the cells are signed and have no leak, so stuck-at-0 reads
+    0 and stuck-at-1 reads sign(value) * (2^c - 1). The fault masks come from `fault_generator` when
+    given (per-read variation: faults are permanent, so their masks stay those of the chip)."""
     device, dtype = conductance.device, conductance.dtype
     shape = conductance.shape
     spread = hw.device_spread
@@ -60,23 +68,34 @@ def perturb_conductance(
             noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
             conductance = conductance + spread * noise
     if hw.SAF_prop > 0:
-        g_min = leak_level(hw.cellBit, hw.onoffratio)
-        g_max = (2**hw.cellBit - 1) + g_min
-        uniform = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-        conductance = torch.where(uniform < hw.SAF_prop, torch.full_like(conductance, g_min), conductance)
+        ideal_sign = torch.sign(conductance)  # after variation, as the original
+        if compat.original_faults:
+            stuck_low, stuck_high_value = torch.full_like(conductance, 1 / hw.onoffratio), ideal_sign
+        elif compat.signed_cells:
+            stuck_low, stuck_high_value = torch.zeros_like(conductance), ideal_sign * (2**hw.cellBit - 1)
+        else:
+            g_min = leak_level(hw.cellBit, hw.onoffratio)
+            stuck_low = torch.full_like(conductance, g_min)
+            stuck_high_value = torch.full_like(conductance, (2**hw.cellBit - 1) + g_min)
+        uniform = torch.rand(shape, generator=fault_generator or generator, device=device, dtype=dtype)
+        conductance = torch.where(uniform < hw.SAF_prop, stuck_low, conductance)
         stuck_high = (uniform >= hw.SAF_prop) & (uniform < 2 * hw.SAF_prop)
-        conductance = torch.where(stuck_high, torch.full_like(conductance, g_max), conductance)
+        conductance = torch.where(stuck_high, stuck_high_value, conductance)
     return conductance
 
 
-def program_pairs(slices: torch.Tensor, hw: HWConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Signed slice values -> the differential read G_pos - G_neg of each cell pair.
+def program_pairs(slices: torch.Tensor, hw: HWConfig, generator: torch.Generator | None,
+                  compat: Compat = NO_COMPAT, fault_generator: torch.Generator | None = None) -> torch.Tensor:
+    """Signed slice values -> the differential read G_pos - G_neg of each cell pair (or, with
+    `compat.signed_cells`, the read of one signed cell per slice, as the original tool modelled it).
 
     Without device error this returns the slices themselves (the leaks cancel exactly).
     """
     if not hw.has_device_error or generator is None:
         return slices
-    g0 = leak_level(hw.cellBit, hw.onoffratio)
-    positive = perturb_conductance(slices.clamp(min=0) + g0, hw, generator)
-    negative = perturb_conductance((-slices).clamp(min=0) + g0, hw, generator)
+    if compat.signed_cells:
+        return perturb_conductance(slices, hw, generator, compat, fault_generator)
+    g0 = 0.0 if compat.original_faults else leak_level(hw.cellBit, hw.onoffratio)
+    positive = perturb_conductance(slices.clamp(min=0) + g0, hw, generator, compat, fault_generator)
+    negative = perturb_conductance((-slices).clamp(min=0) + g0, hw, generator, compat, fault_generator)
     return positive - negative

@@ -385,8 +385,8 @@ class _Reads:
                     levels = 2**a
                     step = span / levels
                     # A constant read (step 0) equals lo: index 0 gives it back, error 0.
-                    inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
-                    index = (reads - lo_t).mul_(inverse).round_().clamp_(0, levels)
+                    divisor = torch.where(step > 0, step, torch.ones_like(step))
+                    index = (reads - lo_t).div_(divisor).round_().clamp_(0, levels)
                     error = index.mul_(step).add_(lo_t).sub_(reads)
                     total = error.mul_(significance).sum(dim=(0, 2))  # [c, out]
                     power[a][:, t] += (total.double().square_() * w).sum(0)
@@ -503,7 +503,10 @@ class AdcCalibration:
         input_power: dict[str, torch.Tensor] = {}
 
         def measure(_i, name, layer, reads):
-            if hw.adc_mode == "dynamic":
+            if hw.adc_mode == "dynamic":  # one range over every tile (SPEC section 4, step 6)
+                lo, hi = reads.bounds()
+                lo, hi = lo.amin(dim=0, keepdim=True).expand_as(lo), hi.amax(dim=0, keepdim=True).expand_as(hi)
+            elif hw.adc_mode == "dynamic_tile":
                 lo, hi = reads.bounds()
             elif hw.adc_mode == "calibrated":
                 shape = (reads.num_tiles, reads.z, reads.k)

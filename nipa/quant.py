@@ -50,13 +50,15 @@ def quantize_weight_tiles(weight_tiles: torch.Tensor, bits: int) -> tuple[torch.
     return q, scale
 
 
-def slice_magnitude(q: torch.Tensor, bits: int, cell_bits: int) -> torch.Tensor:
+def slice_magnitude(q: torch.Tensor, bits: int, cell_bits: int, num_slices: int | None = None) -> torch.Tensor:
     """Sign-magnitude slices s_k = sign(q) * d_k, d_k the k-th `cell_bits`-wide digit of |q|.
 
     q [...] integer-valued -> [K, ...] with K = ceil((bits - 1) / cell_bits); slice 0 is the least
-    significant. sum_k 2^(cell_bits*k) s_k == q exactly.
+    significant. sum_k 2^(cell_bits*k) s_k == q exactly. A smaller `num_slices` keeps only the low
+    digits (the original tool's slice count, `--compat original_slices`).
     """
-    num_slices = math.ceil((bits - 1) / cell_bits)
+    if num_slices is None:
+        num_slices = math.ceil((bits - 1) / cell_bits)
     magnitude = q.abs().to(torch.int64)
     base = 2**cell_bits
     digits = [(magnitude // base**k) % base for k in range(num_slices)]

@@ -248,7 +248,26 @@ def test_fast_equals_naive_unsnapped_device_error() -> None:
     hw = HWConfig(wl_weight=8, subArray=32, ADCprecision=5, vari=0.1)
     x = torch.randn(4, 3, 8, 8)
     fast, naive = fast_and_naive(net, hw, x, seed=1)
-    assert layerwise_rel_err(fast, naive, x) < 1e-4
+    # The products sum in another order (the thread count changes it too), so a partial sum that lies
+    # within float rounding of an ADC rounding boundary may read one level apart: allow a few such
+    # flips, no more.
+    outputs = {}
+
+    def recorder(name):
+        return lambda _m, args, out: outputs.__setitem__(name, (args[0], out))
+
+    hooks = [m.register_forward_hook(recorder(name)) for name, m in fast.named_modules()
+             if isinstance(m, (CrossbarLinear, CrossbarConv2d))]
+    with torch.no_grad():
+        fast(x)
+    for hook in hooks:
+        hook.remove()
+    naive_layers = dict(naive.named_modules())
+    for name, (layer_in, expected) in outputs.items():
+        with torch.no_grad():
+            got = naive_layers[name](layer_in)
+        far = (got - expected).abs() > 1e-4 * expected.abs().max()
+        assert far.float().mean() < 0.01, name
 
 
 def test_smallcnn_fast_equals_naive() -> None:
@@ -288,20 +307,30 @@ def grid_check(read: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels:
     assert index.min() >= -1e-3 and index.max() <= levels + 1e-3
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic_tile"])
 @pytest.mark.parametrize("adc_bits", [3, 5, 8])
-def test_adc_dynamic_error_within_half_step(adc_bits: int) -> None:
+def test_adc_dynamic_error_within_half_step(adc_bits: int, mode: str) -> None:
     torch.manual_seed(adc_bits)
-    core = CrossbarCore(torch.randn(6, 40), HWConfig(subArray=16, ADCprecision=adc_bits, cellBit=2))
+    core = CrossbarCore(torch.randn(6, 40), HWConfig(subArray=16, ADCprecision=adc_bits, cellBit=2,
+                                                     adc_mode=mode))
     partial = torch.randn(3, 7, 10, core.num_slices, 6) * 20  # [t, z, n, K, out]
-    partial[0, 0, :, 0, :] = 4.0  # a constant read (zero range) passes through unchanged
+    partial[:, 0, :, 0, :] = 4.0  # a constant read (zero range) passes through unchanged
+    partial[1] *= 3  # tile 1 spans a wider range than the others
     read = core._adc(partial.clone())
-    lo = partial.amin(dim=(2, 4), keepdim=True)
-    hi = partial.amax(dim=(2, 4), keepdim=True)
+    # dynamic: one range per (input bit, slice) over every tile, row and column (SPEC section 4,
+    # step 6); dynamic_tile: one per (tile, input bit, slice).
+    dims = (0, 2, 4) if mode == "dynamic" else (2, 4)
+    lo = partial.amin(dim=dims, keepdim=True)
+    hi = partial.amax(dim=dims, keepdim=True)
     step = (hi - lo) / 2**adc_bits
     assert torch.all((read - partial).abs() <= step / 2 + 1e-4)
-    assert torch.equal(read[0, 0, :, 0, :], partial[0, 0, :, 0, :])
-    grid_check(read[1:], lo[1:], step[1:], 2**adc_bits)
+    assert torch.equal(read[:, 0, :, 0, :], partial[:, 0, :, 0, :])
+    grid_check(read[:, 1:], lo[:, 1:], step[:, 1:], 2**adc_bits)
     assert (read - partial).abs().max() > 0.05 * step.max()  # it does quantize
+    # The shared range is the wide tile's: the narrow tiles read with its (coarser) step.
+    if mode == "dynamic":
+        assert torch.all(step[0, 1:] == ((partial[:, 1:].amax(dim=(0, 2, 4)) - partial[:, 1:].amin(dim=(0, 2, 4)))
+                                         / 2**adc_bits).unsqueeze(1).unsqueeze(-1))
 
 
 @pytest.mark.parametrize("adc_bits", [3, 5, 8])
@@ -534,13 +563,20 @@ def test_leak_increases_error_under_state_dependent_variation() -> None:
     assert errors[2.0] > errors[5.0] > errors[1e8] > 0
 
 
-def test_leak_cancels_without_device_error() -> None:
+def test_leak_cancels_in_the_differential_pair() -> None:
+    """Both cells of a pair carry the leak g0 = (2^c - 1)/(R - 1) (3 at R = 2 for 2-bit cells): their
+    difference reads the slice. A tiny variation (1e-5) makes the simulator program the real cells,
+    leak included, so a leak missing from one cell would show as an error of g0 per weight."""
     net = small_net_seeded(6)
     x = torch.randn(8, 3, 8, 8)
-    base = dict(wl_weight=6, subArray=32, ADCprecision=5, cellBit=2)
-    low = outputs(convert(net, HWConfig(**base, onoffratio=2.0)), x)
-    high = outputs(convert(net, HWConfig(**base, onoffratio=1e8)), x)
-    assert torch.equal(low, high)
+    base = dict(wl_weight=6, subArray=32, ADCprecision=5, cellBit=2, vari=1e-5)
+    low_ratio = convert(net, HWConfig(**base, onoffratio=2.0))
+    high_ratio = convert(net, HWConfig(**base, onoffratio=1e8))
+    for core in crossbar_cores(low_ratio):
+        ideal = core._as_columns(core.slices)
+        assert not torch.equal(core.conductance, ideal)  # the cells were really programmed
+        assert (core.conductance - ideal).abs().max() < 1e-3
+    assert rel_err(outputs(low_ratio, x), outputs(high_ratio, x)) < 1e-3
 
 
 # ---- calibration and batch size -----------------------------------------------------------------
