@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nipa.cli import add_debug_arg, add_layer_args, add_model_args, add_runtime_args, resolve_model_args, run_main
+from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args, run_main
 from nipa.explore import ExploreSettings, MetricOptions, VerifySettings, run_explore
 from nipa.inject import METHODS
 from nipa.logs import open_log
@@ -54,7 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     verify.add_argument("--memory_mb", type=float, default=256, help="memory budget of one crossbar product")
     add_layer_args(parser)
     add_runtime_args(parser)
-    add_debug_arg(parser)
     args = resolve_model_args(parser, parser.parse_args(argv))
     for name in ("max_area", "max_energy", "max_latency", "target_se"):
         value = getattr(args, name)
