@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from nipa.cli import add_layer_args, add_model_args, add_runtime_args, parse_shard, resolve_model_args, run_main
+from nipa.compat import SWITCHES, Compat
 from nipa.config import ADC_MODES, SearchSpace
 from nipa.errors import UserError
 from nipa.llm import is_llm_name, mapping_report
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ADC range mode for every point (default: the INI's ADCmode, else dynamic)")
     parser.add_argument("--per_read", action="store_true",
                         help="redraw device error on every read, as the original did (default: once per chip)")
+    parser.add_argument("--compat", default=None, metavar="NAMES",
+                        help="reproduce the original tool's choices: 'original' (its ground truth), or switches "
+                             f"among {', '.join(SWITCHES)} (comma-separated; README, What each fix changes)")
     parser.add_argument("--simulate_identical_chips", action="store_true",
                         help="simulate every chip of a point without device error (default: chips after the "
                              "first, which cannot differ, are recorded as copies of chip 0, marked so)")
@@ -86,13 +90,14 @@ def sweep_settings(args: argparse.Namespace, exclude, include, weights: str | No
         exclude=exclude, include=include, adc_mode=args.adc_mode,
         per_read=args.per_read, calib_batches=args.calib_batches, memory_mb=args.memory_mb,
         shard=args.shard, copy_identical_chips=not args.simulate_identical_chips, weights=weights,
-        extra=extra or {})
+        compat=Compat.parse(args.compat), extra=extra or {})
 
 
 def run(args: argparse.Namespace) -> int:
     # Every check the inputs allow comes before the model loads: the INI, the options, the device, the
     # results file (and, for a CNN, whether the file's sweep is this one).
     args.batch_size = args.batch_size or default_batch_size(args.model_name)
+    Compat.parse(args.compat)  # an unknown name is reported before any work
     space = SearchSpace.from_ini(args.HWdes)  # every bad value is reported before any work starts
     modes = [args.adc_mode] if args.adc_mode else space.choices.get("adc_mode", [])
     calibrated = "calibrated" in modes

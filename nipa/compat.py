@@ -22,13 +22,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from nipa.errors import UserError
+
 SWITCHES = ("per_read", "signed_cells", "original_slices", "original_faults", "digital_classifier")
 # The original's ground truth (its main.py) maps the classifier too; only its stat.py and wrap_error.py
 # keep it digital. So the preset that reproduces its ground truth leaves `digital_classifier` off.
 PRESETS = {"none": (), "original": SWITCHES[:4]}
 
 
-class CompatError(ValueError):
+class CompatError(UserError):
     """An unknown --compat name."""
 
 

@@ -13,12 +13,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nipa.compat import NO_COMPAT, Compat
 from nipa.config import HWConfig, SearchSpace
 from nipa.crossbar import calibrate_adc, convert, mapped_layer_names, program_chip
 from nipa.errors import UserError
 from nipa.evaluate import describe_metrics, evaluate
 from nipa.records import RecordWriter, environment, read_records, timestamp
 from nipa.zoo import dataset_id, model_id
+
+# The simulator's numeric semantics: 1 = an ADC range per tile in `dynamic` mode (before 2026-12),
+# 2 = one range per layer, input bit and slice over every tile (SPEC section 4, step 6).
+SIMULATOR_VERSION = 2
 
 
 @dataclass
@@ -48,6 +53,8 @@ class SweepSettings:
     copy_identical_chips: bool = True
     # sha256 of the weights (nipa.zoo.weights_sha256): records of other weights never join a sweep.
     weights: str | None = None
+    # The original tool's choices the simulator reproduces (--compat; nipa.compat).
+    compat: Compat = NO_COMPAT
     extra: dict[str, Any] = field(default_factory=dict)
 
     def signature(self) -> dict[str, Any]:
@@ -56,8 +63,10 @@ class SweepSettings:
                 "seed": self.seed,
                 "batch_size": self.batch_size, "limit": self.limit, "exclude": list(self.exclude),
                 "include": None if self.include is None else list(self.include),
-                "per_read": self.per_read, "calib_batches": self.calib_batches,
-                "weights": self.weights}
+                "per_read": self.per_read or self.compat.per_read, "calib_batches": self.calib_batches,
+                "weights": self.weights, "compat": self.compat.switches,
+                # Records of a simulator whose numbers differ for the same settings never mix.
+                "simulator": SIMULATOR_VERSION}
 
 
 def sweep_points(settings: SweepSettings) -> list[HWConfig]:
@@ -83,6 +92,10 @@ def check_compatible(existing: list[dict], settings: SweepSettings, path: Path) 
         if not isinstance(have, dict) or "method" not in record:
             raise UserError(f"{path}: record {number} is not a record of main.py (no 'run' settings or "
                             "'method'); give main.py its own results file with --out")
+        if have.get("simulator") != wanted["simulator"]:
+            raise UserError(f"{path}: record {number} comes from an earlier simulator (before the dynamic ADC "
+                            "range spanned every tile of a layer, SPEC section 4); its numbers differ from "
+                            "today's: pass --out for a new results file")
         if have != wanted:
             diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
             raise UserError(f"{path} already holds records of a sweep with other settings "
@@ -144,7 +157,7 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
         if point != converted_point:
             converted = convert(model, point, exclude=settings.exclude, include=settings.include,
                                 seed=settings.seed, chip=chip, per_read=settings.per_read,
-                                memory_mb=settings.memory_mb).to(device).eval()
+                                memory_mb=settings.memory_mb, compat=settings.compat).to(device).eval()
             converted_point = point
         else:
             program_chip(converted, settings.seed, chip)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nipa.compat import Compat
 from nipa.config import HWConfig
 from nipa.crossbar import calibrate_adc, convert, release_workspaces
 from nipa.errors import UserError
@@ -344,7 +345,8 @@ def time_methods(points: Sequence[PointTruth], fast: FastMethod, model: nn.Modul
         for chip in range(cycle):
             converted = convert(model, point.config, exclude=run.get("exclude", ()),
                                 include=run.get("include"), seed=run.get("seed", 0), chip=chip,
-                                per_read=run.get("per_read", False), memory_mb=memory_mb).to(device).eval()
+                                per_read=run.get("per_read", False), memory_mb=memory_mb,
+                                compat=Compat(**{name: True for name in run.get("compat", [])})).to(device).eval()
             if point.config.adc_mode == "calibrated":
                 calibrate_adc(converted, (x.to(device) for x in calib_data))
             sim_top1.append(evaluate(converted, data, device)["top1"])
