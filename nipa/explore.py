@@ -226,6 +226,7 @@ def plot_fronts(table: dict[str, np.ndarray], path: Path, title: str, max_dots: 
         ax.step(table[name][on], table["log2_nipa"][on], where="post", color="C3", lw=1.2)
         ax.scatter(table[name][on], table["log2_nipa"][on], s=10, color="C3", label=f"front ({on.size})")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         ax.set_xlabel(COST_LABELS[name])
         ax.legend(loc="lower right", fontsize=8)
     axes[0].set_ylabel("log2 NIPA (higher = more robust)")
@@ -301,8 +302,12 @@ def chips_wanted(values: Sequence[float], has_device_error: bool, min_chips: int
     have = len(values)
     if have < min_chips or not has_device_error:
         return min_chips
+    if have >= max_chips:
+        return have
+    if have < 2:  # one chip says nothing about the spread: a second one does
+        return have + 1
     se = standard_error(values)
-    if se <= target_se or have >= max_chips:
+    if se <= target_se:
         return have
     spread = float(np.std(values, ddof=1))
     return int(min(max_chips, max(have + 1, math.ceil((spread / target_se) ** 2))))

@@ -202,6 +202,8 @@ def test_verification_points_fronts_first_then_strata(small_ranking):
 
 def test_chips_wanted_adds_chips_until_the_standard_error_is_small():
     assert chips_wanted([], True, 3, 20, 0.25) == 3
+    assert chips_wanted([90.0], True, 1, 20, 0.25) == 2  # one chip: its spread is unknown
+    assert chips_wanted([90.0], True, 1, 1, 0.25) == 1
     assert chips_wanted([90.0, 90.0, 90.0], False, 3, 20, 0.25) == 3  # no device error: identical chips
     assert chips_wanted([90.0, 90.1, 90.05], True, 3, 20, 0.25) == 3  # se 0.03
     # std 1.0: (1.0 / 0.25)^2 = 16 chips
