@@ -171,10 +171,13 @@ class LayerShape:
     positions: int  # output positions per inference (output pixels of a convolution, tokens, ...)
 
 
-def layer_shapes(model: nn.Module, layers: Sequence[str], example_input: Any) -> list[LayerShape]:
-    """The shapes of the mapped `layers` from one forward pass of `example_input` (a batch of one
-    inference: one image, or one token sequence) with hooks: positions = the layer's output elements per
-    out feature. Conv1D of transformers (weight [in, out]) is recognised like everywhere else."""
+def layer_shapes(model: nn.Module, layers: Sequence[str], example_input: Any,
+                 inferences: int = 1) -> list[LayerShape]:
+    """The shapes of the mapped `layers` from one forward pass of `example_input` (`inferences` images or
+    token sequences, 1 by default) with hooks: positions = the layer's output elements per out feature
+    and inference. The batch dimension is not read from the output, since some models (OPT's fc1/fc2)
+    flatten batch and tokens into one. Conv1D of transformers (weight [in, out]) is recognised like
+    everywhere else."""
     from nipa.stats import weight_matrix  # its [out, fan_in] convention is the simulator's
 
     modules = dict(model.named_modules())
@@ -202,8 +205,7 @@ def layer_shapes(model: nn.Module, layers: Sequence[str], example_input: Any) ->
             raise RuntimeError(f"layer {name} was not called by the example forward pass; its positions per "
                                "inference are unknown")
         out_features, fan_in = weight_matrix(modules[name]).shape
-        batch = outputs[name][0]
-        positions = math.prod(outputs[name]) // (batch * out_features)
+        positions = math.prod(outputs[name]) // (inferences * out_features)
         shapes.append(LayerShape(name, int(fan_in), int(out_features), int(positions)))
     return shapes
 

@@ -93,6 +93,8 @@ def test_layer_shapes_from_hooks():
         (27, 8, 256), (72, 4, 49), (196, 10, 1)]
     tokens = nn.Linear(16, 32)
     assert layer_shapes(nn.Sequential(tokens), ["0"], torch.zeros(1, 5, 16))[0].positions == 5
+    assert layer_shapes(nn.Sequential(tokens), ["0"], torch.zeros(5, 16))[0].positions == 5  # tokens flattened
+    assert layer_shapes(model, ["0"], torch.zeros(2, 3, 16, 16), inferences=2)[0].positions == 256
 
 
 def test_isaac_tile_breakdown():

@@ -289,3 +289,26 @@ def test_script_rejects_a_bad_space_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "explore.py: error:" in err and "[Hardware_Level] ADC_share = '0'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_language_model_is_ranked_like_a_cnn(tmp_path):
+    """A tiny OPT saved as a local checkpoint folder: the preset block is mapped, every linear layer sees
+    --tokens positions, and the ranking is written as for a CNN."""
+    transformers = pytest.importorskip("transformers")
+    from nipa.explore import ExploreSettings, run_explore
+
+    config = transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                                    max_position_embeddings=64, word_embed_proj_dim=32, vocab_size=50,
+                                    dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    folder = tmp_path / "Tiny-OPT"
+    transformers.OPTForCausalLM(config).eval().save_pretrained(folder)
+    ini = write_ini(tmp_path, TINY_SPACE, "tiny.ini")
+    result = run_explore(ExploreSettings(model_name=str(folder), dataset="piqa", hw_file=str(ini), tokens=8,
+                                         out_dir=str(tmp_path / "out"), device="cpu"), log=lambda line: None)
+    layers = result["layers"]
+    assert layers and all(layer["positions"] == 8 for layer in layers)
+    assert all(".layers.1." in layer["name"] for layer in layers)  # OPT's preset block
+    assert {(layer["fan_in"], layer["out_features"]) for layer in layers} >= {(32, 32), (32, 64), (64, 32)}
+    frame = pd.read_csv(result["csv"])
+    assert len(frame) == 16 and frame["front_energy_nj"].any() and np.isfinite(frame["nipa"]).all()
