@@ -302,8 +302,9 @@ def _load_pickle(path: Path) -> dict:
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:  # a damaged or foreign file: pickle, EOF, value and attribute errors
-        raise UserError(f"{path}: not a readable CIFAR batch ({type(exc).__name__}: {exc}); the file is "
-                        "damaged: delete it (and the archive) and download the dataset again") from None
+        raise UserError(f"{path}: not a readable CIFAR batch ({type(exc).__name__}: {exc}); the file "
+                        "is damaged or not a CIFAR batch: delete it (and the archive) and download the dataset "
+                        "again") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} is not a CIFAR batch (expected a dict, got {type(obj).__name__})")
     return obj

@@ -480,7 +480,7 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
 
     def check_weights(weights: str) -> None:
         """The ground truth and the statistics must come from the weights this run loads."""
-        if run.get("weights") not in (None, weights):
+        if weights is not None and run.get("weights") not in (None, weights):
             raise UserError(f"{truth.source} was simulated with other weights (sha256 {run['weights'][:12]}) "
                             f"than {weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt)} "
                             f"(sha256 {weights[:12]}); give the ground truth's --ckpt, or simulate these weights")

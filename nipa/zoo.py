@@ -70,11 +70,14 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def weights_sha256(path: str | Path) -> str:
+def weights_sha256(path: str | Path) -> str | None:
     """sha256 of a checkpoint file, or of the weight files of a model folder (names and contents, in
     name order): what ties records and statistics to the weights they came from. Computed once per
-    file and process (keyed by size and modification time)."""
+    file and process (keyed by size and modification time). None when there is no such file or folder
+    (an LLM given by a model id of the transformers cache): the weights are then not checked."""
     path = Path(path)
+    if not path.exists():
+        return None
     files = [path] if path.is_file() else sorted(
         f for pattern in ("*.safetensors", "*.bin", "*.gguf", "*.pt") for f in path.glob(pattern))
     if len(files) == 1 and files[0] == path:

@@ -17,6 +17,7 @@ import torch
 
 from nipa import data
 from nipa import transforms as T
+from nipa.errors import UserError
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -288,7 +289,7 @@ def test_unsafe_pickle_and_tar_refused(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     _make_fake_cifar10(folder)
     _dump({b"data": os.getcwd, b"labels": []}, folder / "test_batch")  # a global outside numpy
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(UserError, match=r"test_batch: not a readable CIFAR batch \(UnpicklingError: refusing"):
         data.get_dataset("cifar10", "test", data_root=str(tmp_path))
 
     evil = tmp_path / "evil.tar.gz"
