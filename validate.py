@@ -58,10 +58,12 @@ from nipa.correlation import (
 from nipa.data import DATASET_NAMES
 from nipa.errors import UserError
 from nipa.metric import (
+    ADC_TERMS,
     DEVICE_MODELS,
     REDUCTIONS,
     TILE_FACTORS,
     VARI_CODE,
+    adc_step,
     combo_device_variance,
     nipa_metric,
     per_layer_nipa,
@@ -72,7 +74,11 @@ from nipa.records import read_records, sibling_files
 from nipa.stats import ModelStats, check_stats_weights, combo_key, load_statistics
 from nipa.zoo import dataset_id, model_id, results_path, statistics_path
 
-PUBLISHED = {"reduction": "model_average", "tile_factor": "tiles", "device_model": "published"}
+# The metric's default form: the published one, except that the ADC term follows the ground truth's ADC
+# mode (a range shared by the tiles in dynamic mode; nipa.metric.adc_step). Other values name the files.
+DEFAULTS = {"reduction": "model_average", "tile_factor": "tiles", "device_model": "published",
+            "adc_term": "ground_truth"}
+PUBLISHED = {**DEFAULTS, "adc_term": "published"}
 COLOR_FIELDS = ("wl_weight", "vari_type", "cellBit", "subArray", "ADCprecision", "device_spread")
 GROUP_FIELDS = ("vari_type", "cellBit", "wl_weight", "subArray", "ADCprecision", "device_spread")
 DEFAULT_GROUPS = ("vari_type", "cellBit", "wl_weight")
@@ -108,12 +114,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stats", default=None,
                         help="statistics JSON of stat.py (default results/stats/{model}_{dataset}.json)")
     parser.add_argument("--out_dir", default=None, help="where the CSV/PNG/JSON go (default results/{model}/)")
-    parser.add_argument("--reduction", choices=REDUCTIONS, default=PUBLISHED["reduction"],
+    parser.add_argument("--reduction", choices=REDUCTIONS, default=DEFAULTS["reduction"],
                         help="model_average (published: layer-averaged statistics in one formula) or "
                              "layer_sum (sum of per-layer signals over sum of per-layer noises)")
-    parser.add_argument("--tile_factor", choices=TILE_FACTORS, default=PUBLISHED["tile_factor"],
+    parser.add_argument("--adc_term", choices=ADC_TERMS, default=DEFAULTS["adc_term"],
+                        help="ADC step of the metric: ground_truth (default: as each point's ADC mode reads, "
+                             "one range shared by a layer's tiles in dynamic mode) or published (S density_k "
+                             "/ 2^a_r, a range per tile)")
+    parser.add_argument("--tile_factor", choices=TILE_FACTORS, default=DEFAULTS["tile_factor"],
                         help="k_T of the ADC term: tiles (published, k_T = T) or one (k_T = 1)")
-    parser.add_argument("--device_model", choices=DEVICE_MODELS, default=PUBLISHED["device_model"],
+    parser.add_argument("--device_model", choices=DEVICE_MODELS, default=DEFAULTS["device_model"],
                         help="device term: published (sigma_dev,k^2 as the paper writes it) or cells (the "
                              "expected read error of the slice's differential pair under the simulator's "
                              "cell model; exact stuck-at faults, both cells' noise; see nipa/metric.py)")
@@ -241,7 +251,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[GroupedRecords, ModelStats, P
 
 
 def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model_average",
-                    tile_factor: str = "tiles", device_model: str = "published") -> dict[str, float]:
+                    tile_factor: str = "tiles", device_model: str = "published",
+                    adc_term: str = "ground_truth") -> dict[str, float]:
     """Signal and the three noise terms (weight rounding Q, ADC, device) of one point, in LSB^2, summed
     over slices with their 4^(c k) weights (and over layers for layer_sum), so NIPA = signal / (q + adc
     + device). For diagnosis: which term decides a point's NIPA."""
@@ -250,14 +261,19 @@ def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model
         avg = combo.model_average()
         var, density = np.asarray(avg["var"])[None], np.asarray(avg["density"])[None]
         tiles, weight_var = np.array([avg["tiles"]]), np.array([avg["weight_var"]])
+        ratio = None if avg["tile_range_ratio"] is None else np.asarray(avg["tile_range_ratio"])[None]
     else:
         var, density, tiles, weight_var = combo.var, combo.density, combo.tiles.astype(float), combo.weight_var
+        ratio = combo.tile_range_ratio
     if tile_factor == "one":
         tiles = np.ones_like(tiles)
     sigma2 = combo_device_variance(combo, config, device_model, model_average=reduction == "model_average")
     significance = 4.0 ** (config.cellBit * np.arange(var.shape[1]))
+    delta = None if adc_term == "published" else adc_step(density, config.subArray, config.ADCprecision,
+                                                          config.cellBit, config.adc_mode, ratio)
     adc, device = slice_noise_terms(var, density, tiles, config.subArray, config.ADCprecision,
-                                    VARI_CODE[config.vari_type], config.device_spread, config.SAF_prop, sigma2)
+                                    VARI_CODE[config.vari_type], config.device_spread, config.SAF_prop, sigma2,
+                                    delta)
     return {"signal": float((significance * var).sum()),
             "noise_q": float(weight_rounding_noise(weight_var, config.wl_weight).sum()),
             "noise_adc": float((significance * adc).sum()),
@@ -270,14 +286,15 @@ def chip_accuracies(point: PointResult, accuracy: str) -> list[float]:
 
 
 def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile_factor: str,
-                accuracy: str = "top1", device_model: str = "published") -> list[dict[str, Any]]:
+                accuracy: str = "top1", device_model: str = "published",
+                adc_term: str = "ground_truth") -> list[dict[str, Any]]:
     """One row per point: parameters, accuracy over chips, NIPA, log2 NIPA and its terms."""
     configs = [p.config for p in grouped.points]
     values = np.atleast_1d(nipa_metric(stats, configs, reduction=reduction, tile_factor=tile_factor,
-                                       device_model=device_model))
+                                       device_model=device_model, adc_term=adc_term))
     rows = []
     for index, (point, value) in enumerate(zip(grouped.points, values, strict=True)):
-        terms = noise_breakdown(stats, point.config, reduction, tile_factor, device_model)
+        terms = noise_breakdown(stats, point.config, reduction, tile_factor, device_model, adc_term)
         recombined = terms["signal"] / (terms["noise_q"] + terms["noise_adc"] + terms["noise_device"])
         if not math.isclose(recombined, value, rel_tol=1e-9):  # the breakdown must describe the metric
             raise AssertionError(f"noise breakdown {recombined} != NIPA {value} at {point.config.describe()}")
@@ -407,10 +424,12 @@ def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: st
 
 
 def layer_ranking(stats: ModelStats, rows: list[dict[str, Any]], configs: list[HWConfig], index: int,
-                  tile_factor: str, device_model: str = "published") -> list[dict[str, Any]]:
+                  tile_factor: str, device_model: str = "published",
+                  adc_term: str = "ground_truth") -> list[dict[str, Any]]:
     """Layers at point `index`, most sensitive (lowest per-layer NIPA) first, with each layer's mean
     rank over all points (1 = most sensitive) and how often it is the most sensitive."""
-    every = np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=tile_factor, device_model=device_model))
+    every = np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=tile_factor, device_model=device_model,
+                                         adc_term=adc_term))
     ranks = every.argsort(axis=1).argsort(axis=1) + 1
     at = every[index]
     order = np.argsort(at, kind="stable")
@@ -460,7 +479,7 @@ def layer_noise_check(args: argparse.Namespace, grouped: GroupedRecords, stats: 
         row["measured_log2_snr"] = float(overall)
         row.update({f"measured_log2_snr_{name}": float(v) for name, v in zip(layers, values, strict=True)})
     predicted = np.log2(np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=args.tile_factor,
-                                                     device_model=args.device_model)))
+                                                     device_model=args.device_model, adc_term=args.adc_term)))
     x = np.array([r["log2_nipa"] for r in rows])
     y = np.array([r["accuracy_mean"] for r in rows])
     options = {"bootstrap": args.bootstrap, "seed": args.seed, "confidence": args.confidence}
@@ -492,10 +511,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything validate.py does; returns the summary that is also written as JSON."""
     grouped, stats, records_path, stats_path = load_inputs(args)
     published = all(getattr(args, name) == value for name, value in PUBLISHED.items())
-    variant = "" if published else "_" + "_".join(
-        part for part in (args.reduction if args.reduction != PUBLISHED["reduction"] else "",
-                          f"tile-{args.tile_factor}" if args.tile_factor != PUBLISHED["tile_factor"] else "",
-                          f"device-{args.device_model}" if args.device_model != PUBLISHED["device_model"] else "")
+    default = all(getattr(args, name) == value for name, value in DEFAULTS.items())
+    variant = "" if default else "_" + "_".join(
+        part for part in (args.reduction if args.reduction != DEFAULTS["reduction"] else "",
+                          f"tile-{args.tile_factor}" if args.tile_factor != DEFAULTS["tile_factor"] else "",
+                          f"device-{args.device_model}" if args.device_model != DEFAULTS["device_model"] else "",
+                          f"adc-{args.adc_term}" if args.adc_term != DEFAULTS["adc_term"] else "")
         if part)
     out_dir = Path(args.out_dir) if args.out_dir else Path("results") / model_id(args.model_name)
     stem = out_dir / f"{dataset_id(args.model_name, args.dataset)}_nipa{variant}"
@@ -505,7 +526,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     source = str(stats.meta.get("source", ""))
     if source.startswith("random_init"):
         warnings.warn(f"{stats_path}: statistics of untrained weights ({source})", stacklevel=1)
-    rows = point_table(grouped, stats, args.reduction, args.tile_factor, args.accuracy, args.device_model)
+    rows = point_table(grouped, stats, args.reduction, args.tile_factor, args.accuracy, args.device_model,
+                       args.adc_term)
     groups = group_agreements(rows, grouped, args.group_by, args.bootstrap, args.seed, args.confidence)
     x = np.array([r["log2_nipa"] for r in rows])
     y = np.array([r["accuracy_mean"] for r in rows])
@@ -515,8 +537,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reliability = chip_agreement(grouped.points)
     ceiling = noise_ceiling(grouped.points, seed=args.seed) if args.accuracy == "top1" else None
     curve = chip_count_curve(x, [chip_accuracies(p, args.accuracy) for p in grouped.points], seed=args.seed)
-    metric_name = (f"NIPA {args.reduction}/k_T={args.tile_factor}/device={args.device_model}"
-                   + (" (published)" if published else " (variant)"))
+    metric_name = (f"NIPA {args.reduction}/k_T={args.tile_factor}/device={args.device_model}/adc={args.adc_term}"
+                   + (" (published)" if published else " (default)" if default else " (variant)"))
     print(f"{args.model_name} on {args.dataset}: {grouped.describe_chips()} from {records_path}"
           + (f" ({grouped.duplicates} repeated chip records counted once)" if grouped.duplicates else ""))
     if grouped.ideal_top1 is not None:
@@ -558,7 +580,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.per_layer:
         index = representative_index(rows, args.point_index)
         layers = layer_ranking(stats, rows, [p.config for p in grouped.points], index, args.tile_factor,
-                               args.device_model)
+                               args.device_model, args.adc_term)
         paths["layers_csv"] = Path(f"{stem}_layers.csv")
         write_csv(layers, paths["layers_csv"])
         print(f"layers by sensitivity at point {index} ({describe_row(rows[index])}, log2 NIPA "
@@ -574,7 +596,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "model": model_id(args.model_name), "dataset": dataset_id(args.model_name, args.dataset),
         "metric": {"reduction": args.reduction, "tile_factor": args.tile_factor,
-                   "device_model": args.device_model, "published": published},
+                   "device_model": args.device_model, "adc_term": args.adc_term, "published": published},
         "accuracy": args.accuracy, "x": "log2(NIPA)", "y": f"mean {args.accuracy} over chips (%)",
         "points": len(rows), "chips_per_point": {str(k): v for k, v in grouped.chip_counts().items()},
         "chips_total": int(sum(r["chips"] for r in rows)), "repeated_chip_records": grouped.duplicates,

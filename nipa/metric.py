@@ -79,9 +79,15 @@ import numpy as np
 from scipy.special import erfc
 
 from nipa.config import VARI_TYPES, HWConfig
+from nipa.errors import UserError
 from nipa.stats import ComboStats, ModelStats, combo_key, parse_combo_key
 
 REDUCTIONS = ("model_average", "layer_sum")
+# "ground_truth": the ADC step of each point's ADC mode as the simulator reads it; "published": S density_k
+# / 2^a_r for every point (the paper's form, which assumed a range per read of one tile).
+ADC_TERMS = ("ground_truth", "published")
+# ADC modes whose range is shared by all tiles of a layer: the step widens by the tile range ratio.
+_SHARED_RANGE_MODES = ("dynamic", "calibrated")
 TILE_FACTORS = ("tiles", "one")
 DEVICE_MODELS = ("published", "cells")
 # Integer codes of the variation types in the vectorized arrays (index into config.VARI_TYPES).
@@ -174,12 +180,15 @@ def slice_noise_terms(var: np.ndarray, density: np.ndarray, tiles: np.ndarray | 
                       subArray: np.ndarray | int, adc_bits: np.ndarray | int, vari_code: np.ndarray | int,
                       spread: np.ndarray | float,
                       saf_prop: np.ndarray | float,
-                      sigma2: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      sigma2: np.ndarray | None = None,
+                      delta: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ADC_k, sigma_dev,k^2 A_k): the two noise terms of every slice, in LSB^2 of that slice.
 
     var, density: [..., K]; the other arguments broadcast against [...]. Also what the error-injection
     method (SPEC section 7) adds to each slice value, from one layer's own statistics. sigma2 [..., K]:
     the device variance to use instead of the published sigma_dev,k^2 (e.g. `pair_device_variance`).
+    delta [..., K]: the ADC step in level units instead of the published S density_k / 2^a_r
+    (`adc_step`); ADC_k = k_T delta^2 / (12 S) either way.
     """
     var = np.asarray(var, dtype=np.float64)
     density = np.asarray(density, dtype=np.float64)
@@ -190,25 +199,61 @@ def slice_noise_terms(var: np.ndarray, density: np.ndarray, tiles: np.ndarray | 
 
     subarray_ = per_point(subArray).astype(np.float64)
     adc_ = per_point(adc_bits).astype(np.float64)
-    adc = adc_noise(density, subarray_, adc_, per_point(tiles))
+    if delta is None:
+        adc = adc_noise(density, subarray_, adc_, per_point(tiles))
+        delta = subarray_ * density / 2.0**adc_  # the ADC step of the column, in level units
+    else:
+        delta = np.asarray(delta, dtype=np.float64)
+        adc = per_point(tiles) * delta**2 / (12.0 * subarray_)  # = adc_noise at the published step
     if sigma2 is None:
         sigma2 = device_variance(var, per_point(vari_code), per_point(spread), per_point(saf_prop))
-    delta = subarray_ * density / 2.0**adc_  # the ADC step of the column, in level units
     device = sigma2 * unabsorbed_share(subarray_, sigma2, delta)
     return adc, device
+
+
+def adc_step(density: np.ndarray, subArray: np.ndarray | int, adc_bits: np.ndarray | int,
+             cellBit: np.ndarray | int, adc_mode: np.ndarray | str,
+             tile_range_ratio: np.ndarray | None) -> np.ndarray:
+    """The ADC step of slice k in level units as the simulator's ADC mode sets it (adc_term "ground_truth"):
+
+    - dynamic_tile (a range per tile and read): the published S density_k / 2^a_r;
+    - dynamic and calibrated (one range shared by every tile of the layer): the published step times
+      the tile range ratio of the statistics (max over tiles of a tile's column range over their RMS);
+    - full: the physical full scale 2 S (2^c - 1) / 2^a_r, whatever the weights.
+
+    density, tile_range_ratio: [..., K]; the others broadcast against [..., 1].
+    """
+    density = np.asarray(density, dtype=np.float64)
+    rows = np.asarray(subArray, dtype=np.float64)
+    levels = 2.0 ** np.asarray(adc_bits, dtype=np.float64)
+    published = rows * density / levels
+    mode = np.asarray(adc_mode)
+    shared = np.isin(mode, _SHARED_RANGE_MODES)
+    if np.any(shared):
+        if tile_range_ratio is None:
+            raise UserError("these statistics predate tile_range_ratio (format 3), which the ADC term of a "
+                            "dynamic or calibrated ADC needs: recompute them with stat.py --overwrite, or "
+                            "use the published ADC term (--adc_term published)")
+        ratio = np.asarray(tile_range_ratio, dtype=np.float64)
+    else:
+        ratio = np.ones_like(density)
+    full = 2.0 * rows * (2.0 ** np.asarray(cellBit, dtype=np.float64) - 1.0) / levels
+    return np.where(mode == "full", full + 0.0 * density, np.where(shared, published * ratio, published))
 
 
 def nipa_terms(var: np.ndarray, density: np.ndarray, tiles: np.ndarray | float, subArray: np.ndarray | int,
                cellBit: np.ndarray | int, adc_bits: np.ndarray | int, vari_code: np.ndarray | int,
                spread: np.ndarray | float, saf_prop: np.ndarray | float,
                valid: np.ndarray | None = None, weight_var: np.ndarray | float = 1.0,
-               wl_weight: np.ndarray | int = 8, sigma2: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               wl_weight: np.ndarray | int = 8, sigma2: np.ndarray | None = None,
+               delta: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The vectorized core: (signal, noise) of the NIPA formula; NIPA = signal / noise.
 
     var, density: [..., K] per-slice statistics; every other argument broadcasts against [...]
     (one value per hardware point and/or layer). valid [..., K] marks real slices where K varies
     (padding slices must not add state-independent noise); default: all valid. sigma2 [..., K]: the
-    device variance instead of the published sigma_dev,k^2 (``device_model="cells"``).
+    device variance instead of the published sigma_dev,k^2 (``device_model="cells"``); delta [..., K]:
+    the ADC step instead of the published one (`adc_step`).
     """
     var = np.asarray(var, dtype=np.float64)
     lead = var.shape[:-1]
@@ -217,7 +262,8 @@ def nipa_terms(var: np.ndarray, density: np.ndarray, tiles: np.ndarray | float, 
     significance = 4.0 ** (cellbit_ * k)  # 4^(c k) = (2^(c k))^2: the slice's weight, squared
     if valid is not None:
         significance = np.where(valid, significance, 0.0)
-    adc, device = slice_noise_terms(var, density, tiles, subArray, adc_bits, vari_code, spread, saf_prop, sigma2)
+    adc, device = slice_noise_terms(var, density, tiles, subArray, adc_bits, vari_code, spread, saf_prop, sigma2,
+                                    delta)
     signal = (significance * var).sum(axis=-1)
     q = weight_rounding_noise(np.broadcast_to(np.asarray(weight_var), lead), np.broadcast_to(wl_weight, lead))
     noise = q + (significance * (adc + device)).sum(axis=-1)
@@ -242,6 +288,7 @@ def point_arrays(points: Sequence[HWConfig | Mapping[str, Any]]) -> dict[str, np
         "spread": np.array([p.device_spread for p in configs], dtype=np.float64),
         "saf_prop": np.array([p.SAF_prop for p in configs], dtype=np.float64),
         "onoffratio": np.array([p.onoffratio for p in configs], dtype=np.float64),
+        "adc_mode": np.array([p.adc_mode for p in configs]),
     }
 
 
@@ -293,7 +340,8 @@ def _gather(stats: ModelStats | ComboStats, keys: Sequence[str], per_layer: bool
     def pad(x: np.ndarray) -> np.ndarray:
         return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, k_max - x.shape[-1])])
 
-    fields = ("var", "density", "valid", "tiles", "weight_var") + (("mean_sq", "mean_abs") if cell_levels else ())
+    fields = ("var", "density", "valid", "tiles", "weight_var", "tile_range_ratio") + (
+        ("mean_sq", "mean_abs") if cell_levels else ())
     table: dict[str, list[np.ndarray]] = {name: [] for name in fields}
     for combo in combos:
         if per_layer:
@@ -306,6 +354,10 @@ def _gather(stats: ModelStats | ComboStats, keys: Sequence[str], per_layer: bool
             table["mean_sq"].append(pad(combo.mean_sq if per_layer else combo.mean_sq.mean(axis=0)))
             table["mean_abs"].append(pad(mean_abs if per_layer else mean_abs.mean(axis=0)))
         var = np.asarray(var, dtype=np.float64)
+        ratio = combo.tile_range_ratio
+        if ratio is None:  # statistics before format 3: NaN, an error only where the ADC term needs it
+            ratio = np.full(combo.var.shape, np.nan)
+        table["tile_range_ratio"].append(pad(ratio if per_layer else ratio.mean(axis=0)))
         table["var"].append(pad(var))
         table["density"].append(pad(np.asarray(density, dtype=np.float64)))
         table["valid"].append(pad(np.ones(var.shape, dtype=bool)))
@@ -317,18 +369,19 @@ def _gather(stats: ModelStats | ComboStats, keys: Sequence[str], per_layer: bool
 
 
 def check_options(tile_factor: str = "tiles", device_model: str = "published",
-                  reduction: str = "model_average") -> None:
+                  reduction: str = "model_average", adc_term: str = "ground_truth") -> None:
     """ValueError naming the allowed values of a metric option."""
     for name, value, allowed in (("tile_factor", tile_factor, TILE_FACTORS),
                                  ("device_model", device_model, DEVICE_MODELS),
-                                 ("reduction", reduction, REDUCTIONS)):
+                                 ("reduction", reduction, REDUCTIONS),
+                                 ("adc_term", adc_term, ADC_TERMS)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
 
 
 def _terms_for_points(stats: ModelStats | ComboStats, points, per_layer: bool, tile_factor: str,
-                      device_model: str = "published"):
-    check_options(tile_factor, device_model)
+                      device_model: str = "published", adc_term: str = "ground_truth"):
+    check_options(tile_factor, device_model, adc_term=adc_term)
     hw = point_arrays(points)
     gathered = _gather(stats, hw["key"].tolist(), per_layer, cell_levels=device_model == "cells")
     extra = (slice(None), None) if per_layer else (slice(None),)  # hardware arrays [N] -> [N, 1]
@@ -339,70 +392,86 @@ def _terms_for_points(stats: ModelStats | ComboStats, points, per_layer: bool, t
         sigma2 = pair_device_variance(gathered["mean_sq"], gathered["mean_abs"], hw["vari_code"][per_slice],
                                       hw["spread"][per_slice], hw["saf_prop"][per_slice], hw["cellBit"][per_slice],
                                       hw["onoffratio"][per_slice])
+    delta = None
+    if adc_term == "ground_truth":
+        per_slice = extra + (None,)
+        ratio = gathered["tile_range_ratio"]
+        shared = np.isin(hw["adc_mode"], _SHARED_RANGE_MODES)
+        delta = adc_step(gathered["density"], hw["subArray"][per_slice], hw["adc_bits"][per_slice],
+                         hw["cellBit"][per_slice], hw["adc_mode"][per_slice],
+                         None if np.isnan(ratio[shared]).any() else np.nan_to_num(ratio, nan=1.0))
     return nipa_terms(
         gathered["var"], gathered["density"], tiles, hw["subArray"][extra], hw["cellBit"][extra],
         hw["adc_bits"][extra], hw["vari_code"][extra], hw["spread"][extra], hw["saf_prop"][extra],
         valid=gathered["valid"], weight_var=gathered["weight_var"], wl_weight=hw["wl_weight"][extra],
-        sigma2=sigma2)
+        sigma2=sigma2, delta=delta)
 
 
 def nipa_metric(stats: ModelStats | ComboStats, points: HWConfig | Mapping[str, Any] | Sequence,
                 reduction: str = "model_average", tile_factor: str = "tiles",
-                device_model: str = "published") -> np.ndarray | float:
+                device_model: str = "published", adc_term: str = "ground_truth") -> np.ndarray | float:
     """Model-level NIPA of hardware points: an array [N] (a float for a single point).
 
     reduction: "model_average" (default, published: layer-averaged statistics in one formula) or
     "layer_sum" (sum of the layers' signals over the sum of their noises). device_model: "published"
-    (default) or "cells" (see the module docstring). Higher NIPA = more robust.
+    (default) or "cells" (see the module docstring). adc_term: "ground_truth" (default: the step of
+    each point's ADC mode, `adc_step`) or "published" (S density_k / 2^a_r). Higher NIPA = more robust.
     """
-    check_options(tile_factor, device_model, reduction)
+    check_options(tile_factor, device_model, reduction, adc_term)
     point_list, single = _as_points(points)
     if not point_list:
         return np.zeros(0)
     if reduction == "model_average":
-        signal, noise = _terms_for_points(stats, point_list, False, tile_factor, device_model)
+        signal, noise = _terms_for_points(stats, point_list, False, tile_factor, device_model, adc_term)
     else:
-        signal, noise = _terms_for_points(stats, point_list, True, tile_factor, device_model)
+        signal, noise = _terms_for_points(stats, point_list, True, tile_factor, device_model, adc_term)
         signal, noise = signal.sum(axis=-1), noise.sum(axis=-1)
     value = signal / noise
     return float(value[0]) if single else value
 
 
 def per_layer_nipa(stats: ModelStats | ComboStats, points: HWConfig | Mapping[str, Any] | Sequence,
-                   tile_factor: str = "tiles", device_model: str = "published") -> np.ndarray:
+                   tile_factor: str = "tiles", device_model: str = "published",
+                   adc_term: str = "ground_truth") -> np.ndarray:
     """NIPA of every mapped layer from its own statistics: [N, L] ([L] for a single point).
 
     Layers are in the order of ``stats.layers``. Lower NIPA = more sensitive layer.
     """
     point_list, single = _as_points(points)
-    signal, noise = _terms_for_points(stats, point_list, True, tile_factor, device_model)
+    signal, noise = _terms_for_points(stats, point_list, True, tile_factor, device_model, adc_term)
     value = signal / noise
     return value[0] if single else value
 
 
 def rank_layers(stats: ModelStats | ComboStats, point: HWConfig | Mapping[str, Any],
-                tile_factor: str = "tiles", device_model: str = "published") -> list[tuple[str, float]]:
+                tile_factor: str = "tiles", device_model: str = "published",
+                adc_term: str = "ground_truth") -> list[tuple[str, float]]:
     """(layer, NIPA) pairs for one hardware point, most sensitive (lowest NIPA) first."""
-    values = per_layer_nipa(stats, point, tile_factor=tile_factor, device_model=device_model)
+    values = per_layer_nipa(stats, point, tile_factor=tile_factor, device_model=device_model, adc_term=adc_term)
     layers = stats.layers
     return sorted(zip(layers, values.tolist(), strict=True), key=lambda pair: pair[1])
 
 
 def layer_slice_noise(stats: ModelStats | ComboStats, point: HWConfig | Mapping[str, Any],
-                      tile_factor: str = "tiles", device_model: str = "published") -> dict[str, np.ndarray]:
+                      tile_factor: str = "tiles", device_model: str = "published",
+                      adc_term: str = "published") -> dict[str, np.ndarray]:
     """Per layer and slice, the noise terms of one hardware point from each layer's own statistics.
 
     Returns {"adc": [L, K], "device": [L, K], "total": [L, K]} in LSB^2 of each slice (device is
     sigma_dev,k^2 A_k, or sigma_pair,k^2 A_k with device_model "cells"); layers in the order of
-    ``stats.layers``.
+    ``stats.layers``. adc_term: "published" by default here, the estimate's form as the paper gives it
+    (SPEC section 7); "ground_truth" takes the step of the point's ADC mode (`adc_step`).
     """
-    check_options(tile_factor, device_model)
+    check_options(tile_factor, device_model, adc_term=adc_term)
     hw = point if isinstance(point, HWConfig) else HWConfig.from_dict(dict(point))
     combo = stats if isinstance(stats, ComboStats) else stats.for_point(hw)
     if combo.key != combo_key(hw.wl_weight, hw.subArray, hw.cellBit):
         raise KeyError(f"these statistics are for {combo.key} only, not {hw.describe()}")
     tiles = combo.tiles if tile_factor == "tiles" else np.ones_like(combo.tiles)
     sigma2 = combo_device_variance(combo, hw, device_model)
+    delta = None
+    if adc_term == "ground_truth":
+        delta = adc_step(combo.density, hw.subArray, hw.ADCprecision, hw.cellBit, hw.adc_mode, combo.tile_range_ratio)
     adc, device = slice_noise_terms(combo.var, combo.density, tiles, hw.subArray, hw.ADCprecision,
-                                    VARI_CODE[hw.vari_type], hw.device_spread, hw.SAF_prop, sigma2)
+                                    VARI_CODE[hw.vari_type], hw.device_spread, hw.SAF_prop, sigma2, delta)
     return {"adc": adc, "device": device, "total": adc + device}

@@ -13,6 +13,11 @@ one crossbar column that one ADC read sums. Per slice k we record
 - ``mean_abs[k]``: the mean of |s_k| the same way (the mean level of the cell that holds the slice; a
   stuck-at-1 cell's error depends on it; used by the metric's ``device_model="cells"``; for 1-bit
   cells it equals density[k]). Files of format version 1 lack it (loaded as None);
+- ``tile_range_ratio[k]``: how much an ADC range shared by the layer's tiles widens the read step over a
+  range per tile. A tile's own range scales with its largest column magnitude R_t = max over output
+  channels of sum_rows |s_k| (what a column reads when every input bit is on); a range over all tiles
+  scales with max_t R_t. The ratio is max_t R_t / sqrt(mean_t R_t^2): 1 for one tile, larger when tiles
+  differ (a short last tile, channels of unequal weight). Files before format version 3 lack it (None);
 
 plus the tile count T, the fan-in and the float weight variance sigma_w^2 of the layer.
 
@@ -55,7 +60,7 @@ from nipa.mapping import select_layers
 from nipa.quant import max_level, num_tiles, quantize_weight_tiles, slice_magnitude, tile_columns
 
 STATS_FORMAT = "nipa-bit-statistics"
-STATS_FORMAT_VERSION = 2  # 2: adds mean_abs
+STATS_FORMAT_VERSION = 3  # 2: adds mean_abs; 3: adds tile_range_ratio
 
 Combo = tuple[int, int, int]  # (wl_weight, subArray, cellBit)
 
@@ -185,6 +190,7 @@ class ComboStats:
     fan_in: np.ndarray  # [L] int
     weight_var: np.ndarray  # [L]
     mean_abs: np.ndarray | None = None  # [L, K]; None in files of format version 1
+    tile_range_ratio: np.ndarray | None = None  # [L, K]; None in files before format version 3
 
     @property
     def key(self) -> str:
@@ -204,6 +210,7 @@ class ComboStats:
             "density": self.density.mean(axis=0),
             "mean_sq": self.mean_sq.mean(axis=0),
             "mean_abs": None if self.mean_abs is None else self.mean_abs.mean(axis=0),
+            "tile_range_ratio": None if self.tile_range_ratio is None else self.tile_range_ratio.mean(axis=0),
             "tiles": float(self.tiles.mean()),
             "fan_in": float(self.fan_in.mean()),
             "weight_var": float(self.weight_var.mean()),
@@ -306,6 +313,7 @@ def _layer_all_combos(matrix: torch.Tensor, wanted: dict[int, dict[int, list[int
     tables = {(bits, cell_bits): _level_table(bits, cell_bits)
               for by_bits in wanted.values() for bits, cells in by_bits.items() for cell_bits in cells}
     totals: dict[Combo, torch.Tensor] = {}
+    column_max: dict[Combo, torch.Tensor] = {}  # [T, K]: max over channels of sum_rows |s_k| per tile
     chunk = max(1, (chunk_cells or CHUNK_CELLS) // fan_in)  # output channels per chunk
     for first in range(0, out_features, chunk):
         part = matrix[first:first + chunk]
@@ -332,12 +340,18 @@ def _layer_all_combos(matrix: torch.Tensor, wanted: dict[int, dict[int, list[int
                     partial = _row_stat_sums(piece, counts, piece.shape[-1] // 4)
                     key = (bits, rows, cell_bits)
                     totals[key] = totals[key] + partial if key in totals else partial
+                    magnitude = piece[..., 3 * (piece.shape[-1] // 4):].amax(dim=0)  # [T, K]
+                    column_max[key] = torch.maximum(column_max[key], magnitude) if key in column_max else magnitude
     results: dict[Combo, dict[str, Any]] = {}
     for (bits, rows, cell_bits), total in totals.items():
         tiles = num_tiles(fan_in, rows)
         var, density, mean_sq, mean_abs = (total / (out_features * tiles)).numpy()  # mean over channels, tiles
+        ranges = column_max[(bits, rows, cell_bits)].double()
+        rms = ranges.square().mean(dim=0).sqrt()
+        ratio = torch.where(rms > 0, ranges.amax(dim=0) / rms.clamp_min(1e-300), torch.ones_like(rms)).numpy()
         results[(bits, rows, cell_bits)] = {
             "var": var, "density": density, "mean_sq": mean_sq, "mean_abs": mean_abs, "tiles": tiles,
+            "tile_range_ratio": ratio,
         }
     return results
 
@@ -409,6 +423,7 @@ def model_statistics(model: nn.Module, combos: Iterable[Sequence[int]], exclude:
             fan_in=np.array(fan_ins, dtype=np.int64),
             weight_var=np.array(weight_vars, dtype=np.float64),
             mean_abs=np.stack([r["mean_abs"] for r in rows]),
+            tile_range_ratio=np.stack([r["tile_range_ratio"] for r in rows]),
         )
     return stats
 
@@ -431,6 +446,7 @@ def _combo_to_json(combo: ComboStats) -> dict[str, Any]:
             "density": combo.density.tolist(),
             "mean_sq": combo.mean_sq.tolist(),
             **({} if combo.mean_abs is None else {"mean_abs": combo.mean_abs.tolist()}),
+            **({} if combo.tile_range_ratio is None else {"tile_range_ratio": combo.tile_range_ratio.tolist()}),
             "tiles": combo.tiles.tolist(),
         },
         # Plain averages over the layers (what the published metric uses).
@@ -478,6 +494,8 @@ def load_statistics(path: str | Path) -> ModelStats:
                 fan_in=fan_in, weight_var=weight_var,
                 mean_abs=(np.array(per_layer["mean_abs"], dtype=np.float64).reshape(len(layers), -1)
                           if "mean_abs" in per_layer else None),
+                tile_range_ratio=(np.array(per_layer["tile_range_ratio"], dtype=np.float64).reshape(len(layers), -1)
+                                  if "tile_range_ratio" in per_layer else None),
             )
             if combo.key != key:
                 raise ValueError(f"combination {key!r} holds statistics of {combo.key}")

@@ -45,8 +45,11 @@ def make_combo(wl_weight: int, subArray: int, cellBit: int, seed: int = 0) -> Co
     density = np.sort(rng.uniform(0.05, 0.6, size=(len(LAYERS), k)), axis=1)[:, ::-1].copy()
     var = density * rng.uniform(0.3, 0.9, size=(len(LAYERS), k)) * (1 + top) / 2
     fan_in = np.array([27, 576, 512])
+    # A tile range ratio of 1 (tiles alike): the ground-truth ADC term of a dynamic ADC then equals the
+    # published one, which these tests check (tests/test_metric_adc_term.py checks the ratio's effect).
     return ComboStats(wl_weight, subArray, cellBit, LAYERS, var, density, var * 1.05,
-                      tiles=-(-fan_in // subArray), fan_in=fan_in, weight_var=np.array([0.02, 0.003, 0.004]))
+                      tiles=-(-fan_in // subArray), fan_in=fan_in, weight_var=np.array([0.02, 0.003, 0.004]),
+                      tile_range_ratio=np.ones_like(density))
 
 
 COMBOS = ((8, 128, 1), (8, 256, 1), (6, 128, 1), (9, 128, 2), (7, 256, 2), (5, 128, 1))
@@ -271,7 +274,8 @@ def test_model_average_is_the_default_and_layer_sum_differs() -> None:
     assert nipa_metric(stats, hw, reduction="layer_sum") != pytest.approx(nipa_metric(stats, hw), rel=1e-6)
     one_layer = stats.for_point(hw)
     single = ComboStats(8, 128, 1, ("fc",), one_layer.var[2:], one_layer.density[2:], one_layer.mean_sq[2:],
-                        one_layer.tiles[2:], one_layer.fan_in[2:], one_layer.weight_var[2:])
+                        one_layer.tiles[2:], one_layer.fan_in[2:], one_layer.weight_var[2:],
+                        tile_range_ratio=one_layer.tile_range_ratio[2:])
     assert nipa_metric(single, hw, reduction="layer_sum") == pytest.approx(nipa_metric(single, hw), rel=1e-12)
     assert per_layer_nipa(single, hw)[0] == pytest.approx(nipa_metric(single, hw), rel=1e-12)
 

@@ -1,0 +1,93 @@
+"""The metric's ADC term that follows the ground truth's ADC mode (nipa.metric.adc_step) and the tile
+range ratio of the statistics it uses (nipa.stats)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nipa.config import HWConfig
+from nipa.errors import UserError
+from nipa.metric import adc_step, nipa_metric, per_layer_nipa
+from nipa.stats import model_statistics
+
+
+def stats_of(*layers: nn.Module, combos=((8, 128, 1),)):
+    return model_statistics(nn.Sequential(*layers), combos)
+
+
+def test_tile_range_ratio_by_hand() -> None:
+    """Two tiles of 2 rows, 3-bit weights (magnitudes 0..3, 2 slices of 1 bit). Per tile and slice the
+    largest column sum of |s_k| over the output channels: tile 0 (rows 0-1) and tile 1 (rows 2-3)."""
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        # per (channel, tile) scales are max|w| / 3, so the levels are exactly these integers
+        layer.weight.copy_(torch.tensor([[3.0, 1.0, 3.0, 0.0], [-2.0, 3.0, 1.0, 1.0]]))
+    combo = stats_of(layer, combos=((3, 2, 1),)).get(3, 2, 1)
+    # levels: channel 0: tile 0 (3, 1), tile 1 (3, 0); channel 1: tile 0 (-2, 3), tile 1 (3, 3) after
+    # rescaling tile 1 of channel 1 by its max 1 -> levels (3, 3).
+    # slice 0 (bit 0): |s0| sums per (channel, tile): ch0 t0: 1+1 = 2, ch0 t1: 1+0 = 1, ch1 t0: 0+1 = 1, ch1 t1: 2
+    # slice 1 (bit 1): ch0 t0: 1+0 = 1, ch0 t1: 1+0 = 1, ch1 t0: 1+1 = 2, ch1 t1: 1+1 = 2
+    # max over channels R_t: slice 0: (2, 2) -> ratio 1; slice 1: (2, 2) -> ratio 1
+    np.testing.assert_allclose(combo.tile_range_ratio[0], [1.0, 1.0])
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 3.0, 3.0, 0.0], [3.0, 3.0, 0.0, 3.0]]))
+    combo = stats_of(layer, combos=((3, 2, 1),)).get(3, 2, 1)
+    # R_t (both slices): tile 0 max(2, 2) = 2, tile 1 max(1, 1) = 1: max 2 / sqrt((4 + 1) / 2)
+    np.testing.assert_allclose(combo.tile_range_ratio[0], [2 / np.sqrt(2.5)] * 2)
+
+
+def test_tile_range_ratio_is_one_for_one_tile_and_above_for_a_short_last_tile() -> None:
+    torch.manual_seed(0)
+    stats = stats_of(nn.Linear(100, 32), nn.Linear(300, 32))
+    ratio = stats.get(8, 128, 1).tile_range_ratio
+    np.testing.assert_allclose(ratio[0], 1.0)
+    assert (ratio[1] > 1.05).all()  # 3 tiles: 128, 128 and 44 rows
+
+
+def test_adc_step_follows_the_adc_mode() -> None:
+    density = np.array([0.5, 0.25])
+    ratio = np.array([1.3, 1.1])
+    published = 128 * density / 2**5
+    np.testing.assert_allclose(adc_step(density, 128, 5, 1, "dynamic_tile", ratio), published)
+    np.testing.assert_allclose(adc_step(density, 128, 5, 1, "dynamic", ratio), published * ratio)
+    np.testing.assert_allclose(adc_step(density, 128, 5, 1, "calibrated", ratio), published * ratio)
+    np.testing.assert_allclose(adc_step(density, 128, 5, 2, "full", ratio), [2 * 128 * 3 / 32] * 2)
+    with pytest.raises(UserError, match="stat.py --overwrite"):
+        adc_step(density, 128, 5, 1, "dynamic", None)
+    np.testing.assert_allclose(adc_step(density, 128, 5, 1, "full", None), [2 * 128 / 32] * 2)
+
+
+def test_shared_range_lowers_nipa_of_multi_tile_points_only() -> None:
+    torch.manual_seed(1)
+    stats = stats_of(nn.Linear(100, 32), nn.Linear(300, 32), combos=((8, 128, 1), (8, 512, 1)))
+    for mode in ("dynamic", "calibrated"):
+        hw = HWConfig(wl_weight=8, subArray=128, ADCprecision=4, vari=0.1, adc_mode=mode)
+        shared = per_layer_nipa(stats, hw)
+        published = per_layer_nipa(stats, hw, adc_term="published")
+        assert shared[0] == pytest.approx(published[0], rel=1e-12)  # one tile: nothing shared
+        assert shared[1] < published[1]
+        assert nipa_metric(stats, hw) < nipa_metric(stats, hw, adc_term="published")
+    tile = HWConfig(wl_weight=8, subArray=128, ADCprecision=4, vari=0.1, adc_mode="dynamic_tile")
+    assert nipa_metric(stats, tile) == pytest.approx(nipa_metric(stats, tile, adc_term="published"), rel=1e-12)
+    one_tile = HWConfig(wl_weight=8, subArray=512, ADCprecision=4, vari=0.1)
+    assert nipa_metric(stats, one_tile) == pytest.approx(nipa_metric(stats, one_tile, adc_term="published"),
+                                                         rel=1e-12)
+    # full scale: a coarser step than the data's own range, so more ADC noise than the published term
+    full = dataclasses.replace(tile, adc_mode="full")
+    assert nipa_metric(stats, full) < nipa_metric(stats, full, adc_term="published")
+
+
+def test_statistics_without_the_ratio_are_refused_only_where_needed() -> None:
+    torch.manual_seed(2)
+    stats = stats_of(nn.Linear(300, 32))
+    combo = stats.get(8, 128, 1)
+    combo.tile_range_ratio = None  # a file of format 2
+    with pytest.raises(UserError, match="tile_range_ratio"):
+        nipa_metric(stats, HWConfig(subArray=128))
+    assert nipa_metric(stats, HWConfig(subArray=128), adc_term="published") > 0
+    assert nipa_metric(stats, HWConfig(subArray=128, adc_mode="dynamic_tile")) > 0
