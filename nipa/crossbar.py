@@ -70,60 +70,84 @@ def release_workspaces() -> None:
 
 
 def _quantize_reads(partial: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, coefficient: torch.Tensor,
-                    constant: torch.Tensor, levels: int, clamp: bool) -> torch.Tensor:
+                    constant: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """ADC reads of partial sums [t, z, n, K, out] weighted and summed over the slices:
     V[t, z, n, out] = sum_k coefficient[., z, ., k] * index + constant[t, z], with
-    index = round((P - lo) / step), clamped to [0, levels] when `clamp`. A division, not a product with
-    1/step: a read exactly halfway between two levels must round half to even, and a float32 reciprocal
-    that is not exact (a step of 14 or 28) would push such a tie up. Pure (no in-place), so that
-    `torch.compile` can fuse it into one pass over the partial sums."""
-    index = torch.round((partial.float() - lo) / step)
-    if clamp:
-        index = index.clamp(0, levels)
+    index = clamp(round((P - lo) / step), 0, levels) (a no-op clamp for a dynamic range, which holds
+    every read). A division, not a product with 1/step: a read exactly halfway between two levels must
+    round half to even, and a float32 reciprocal that is not exact (a step of 14 or 28) would push such
+    a tie up. Pure (no in-place), and `levels` a tensor, so that `torch.compile` fuses it into one pass
+    over the partial sums with one compiled kernel for every ADC resolution."""
+    index = torch.minimum(torch.round((partial.float() - lo) / step).clamp_min(0), levels)
     return (index * coefficient).sum(dim=3) + constant
 
 
 def _quantize_reads_eager(partial: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
-                          coefficient: torch.Tensor, constant: torch.Tensor, levels: int,
-                          clamp: bool) -> torch.Tensor:
+                          coefficient: torch.Tensor, constant: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """`_quantize_reads` in place on one temporary (fresh large tensors cost page faults on CPU)."""
     index = partial.float().sub_(lo) if partial.dtype == torch.float32 else partial.float() - lo
-    index.div_(step).round_()
-    if clamp:
-        index.clamp_(0, levels)
+    index.div_(step).round_().clamp_(0, float(levels))
     return index.mul_(coefficient).sum(dim=3).add_(constant)
 
 
-class _AdcChain:
-    """Chooses between the eager and the compiled ADC chain. NIPA_COMPILE=1 compiles it with
-    torch.compile (inductor: C++/OpenMP on CPU, Triton on GPU), 0 keeps it eager (the default); a
-    failed compilation falls back to eager with a warning. `mode` says which ran."""
+def _read_range(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of partial sums [t, z, n, K, out] over the rows and columns: [t, z, 1, K, 1] (float32)."""
+    return (partial.amin(dim=(2, 4), keepdim=True).float(), partial.amax(dim=(2, 4), keepdim=True).float())
 
-    def __init__(self) -> None:
+
+def _read_range_eager(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Reduce the contiguous column axis first: measured faster here than one strided reduction or
+    # torch.aminmax over the rows.
+    lo = partial.amin(dim=-1, keepdim=True).amin(dim=2, keepdim=True)
+    hi = partial.amax(dim=-1, keepdim=True).amax(dim=2, keepdim=True)
+    return lo.float(), hi.float()
+
+
+def _bit_planes(magnitude: torch.Tensor, sign: torch.Tensor, shifts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x_z = sign * bit_z(|x|) for the bits `shifts` [z]: magnitude, sign [t, n, S] -> [t, z, n, S]."""
+    bits = torch.bitwise_and(torch.bitwise_right_shift(magnitude.unsqueeze(1), shifts.view(1, -1, 1, 1)), 1)
+    return (bits * sign.unsqueeze(1)).to(dtype).contiguous()
+
+
+class _Kernel:
+    """A pure tensor function run eagerly (the default) or compiled: NIPA_COMPILE=1 compiles it with
+    torch.compile (inductor: C++/OpenMP on CPU, Triton on GPU), which fuses its passes over the partial
+    sums. A failed compilation falls back to eager with a warning. `mode` says which ran last."""
+
+    def __init__(self, name: str, pure, eager) -> None:
+        self.name, self.pure, self.eager = name, pure, eager
         self._compiled = None
         self.mode = "eager"
 
-    def wanted(self) -> bool:
+    @staticmethod
+    def wanted() -> bool:
         return os.environ.get("NIPA_COMPILE", "0") == "1"
 
-    def __call__(self, *args) -> torch.Tensor:
+    def __call__(self, *args):
         if self.wanted() and self.mode != "eager-fallback":
             try:
                 if self._compiled is None:
-                    self._compiled = torch.compile(_quantize_reads, dynamic=True)
+                    self._compiled = torch.compile(self.pure, dynamic=True)
                 result = self._compiled(*args)
                 self.mode = "compiled"
                 return result
             except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
-                warnings.warn(f"torch.compile of the ADC chain failed ({type(exc).__name__}: {exc}); "
+                warnings.warn(f"torch.compile of {self.name} failed ({type(exc).__name__}: {exc}); "
                               "running it eagerly", stacklevel=2)
                 self.mode = "eager-fallback"
         elif self.mode != "eager-fallback":
             self.mode = "eager"
-        return _quantize_reads_eager(*args)
+        return self.eager(*args)
 
 
-ADC_CHAIN = _AdcChain()
+ADC_CHAIN = _Kernel("the ADC chain", _quantize_reads, _quantize_reads_eager)
+READ_RANGE = _Kernel("the ADC range", _read_range, _read_range_eager)
+BIT_PLANES = _Kernel("the input bit planes", _bit_planes, _bit_planes)
+
+
+def compile_mode() -> str:
+    """'compiled', 'eager' or 'eager-fallback': how the ADC chain ran last (recorded with results)."""
+    return ADC_CHAIN.mode
 
 
 class CrossbarCore(nn.Module):
@@ -155,6 +179,7 @@ class CrossbarCore(nn.Module):
         self.register_buffer("significance", torch.tensor(significance))  # [Z, K]
         # ADC range for the `calibrated` mode, per slice: [K, 2] (min, max); NaN until calibrated.
         self.register_buffer("adc_range", torch.full((self.num_slices, 2), float("nan")))
+        self.register_buffer("levels_tensor", torch.tensor(float(2**hw.ADCprecision)), persistent=False)
         self.calibrating = False
         self.calibrated = False
         self.chip_seed: tuple[int, int] | None = None
@@ -221,11 +246,15 @@ class CrossbarCore(nn.Module):
         t, n, s = mag.shape
         z = len(bits)
         dtype = self._product_dtype()
-        planes = _workspace("planes", (t, z, n, s), dtype, sgn.device)
-        bit_buffer = _workspace("bit", (t, n, s), mag.dtype, mag.device)
-        for index, bit in enumerate(bits):
-            torch.bitwise_right_shift(mag, bit, out=bit_buffer).bitwise_and_(1)
-            torch.mul(bit_buffer, sgn, out=planes[:, index])
+        if _Kernel.wanted():
+            planes = BIT_PLANES(mag, sgn, torch.arange(bits.start, bits.stop, device=mag.device, dtype=mag.dtype),
+                                 dtype)
+        else:
+            planes = _workspace("planes", (t, z, n, s), dtype, sgn.device)
+            bit_buffer = _workspace("bit", (t, n, s), mag.dtype, mag.device)
+            for index, bit in enumerate(bits):
+                torch.bitwise_right_shift(mag, bit, out=bit_buffer).bitwise_and_(1)
+                torch.mul(bit_buffer, sgn, out=planes[:, index])
         if self.per_read:
             columns = self._read_columns(call, tiles, bits)  # [t, z, S, K*out]
             partial = torch.matmul(planes, columns)  # [t, z, n, K*out]
@@ -235,6 +264,10 @@ class CrossbarCore(nn.Module):
                 columns = columns.to(dtype)
             partial = _workspace("partial", (t, z * n, self.num_slices * self.out_features), dtype, planes.device)
             torch.bmm(planes.view(t, z * n, s), columns, out=partial)  # [t, z*n, K*out]
+            if dtype != torch.float32 and not _Kernel.wanted():
+                # Eager element-wise passes are slow on bfloat16 (each converts): widen once (exact).
+                widened = _workspace("partial_float", partial.shape, torch.float32, partial.device)
+                partial = widened.copy_(partial)
         return partial.view(t, z, n, self.num_slices, self.out_features)
 
     def _chunking(self, n: int) -> tuple[int, int, int]:
@@ -257,12 +290,10 @@ class CrossbarCore(nn.Module):
     def _range(self, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The range (lo, hi) that this mode takes over one chunk of partial sums [t, z, n, K, out]:
         dynamic [1, z, 1, K, 1] (all tiles, rows and columns), dynamic_tile [t, z, 1, K, 1]."""
-        # Reduce the contiguous column axis first: much faster than one strided reduction.
-        lo = partial.amin(dim=-1, keepdim=True).amin(dim=2, keepdim=True)
-        hi = partial.amax(dim=-1, keepdim=True).amax(dim=2, keepdim=True)
+        lo, hi = READ_RANGE(partial)
         if self.hw.adc_mode == "dynamic":
             lo, hi = lo.amin(dim=0, keepdim=True), hi.amax(dim=0, keepdim=True)
-        return lo.float(), hi.float()
+        return lo, hi
 
     def adc_range_of(self, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ADC range (lo, hi) of partial sums [t, z, n, K, out] that hold every tile and row of the
@@ -314,9 +345,7 @@ class CrossbarCore(nn.Module):
         divisor = torch.where(step > 0, step, torch.ones_like(step))
         coefficient = weights * step
         constant = (weights * lo).sum(dim=3)  # [t, z, 1, 1]
-        # A dynamic range holds every read by construction: no clamp needed.
-        clamp = self.hw.adc_mode not in ("dynamic", "dynamic_tile")
-        return ADC_CHAIN(partial, lo, divisor, coefficient, constant, levels, clamp)
+        return ADC_CHAIN(partial, lo, divisor, coefficient, constant, self.levels_tensor)
 
     @torch.no_grad()  # rounding at every step: nothing to differentiate, and no graph to keep
     def forward(self, x: torch.Tensor, scale_in: torch.Tensor | None = None) -> torch.Tensor:
