@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from nipa.compat import NO_COMPAT, Compat
 from nipa.config import HWConfig, SearchSpace
-from nipa.crossbar import calibrate_adc, convert, mapped_layer_names, program_chip
+from nipa.crossbar import calibrate_adc, compile_mode, convert, mapped_layer_names, program_chip
 from nipa.errors import UserError
 from nipa.evaluate import describe_metrics, evaluate
 from nipa.records import RecordWriter, environment, read_records, timestamp
@@ -122,13 +122,17 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
               "run": settings.signature(), "hw_file": settings.hw_file, **settings.extra}
     written: list[dict] = []
     bookkeeping = set(common) | set(environment()) | {"method", "config", "config_key", "chip", "mapped_layers",
-                                                      "copied_from_chip", "wall_s", "device", "time"}
+                                                      "copied_from_chip", "wall_s", "device", "time", "kernels",
+                                                      "memory_mb"}
     # Chip 0 of every point, to copy for the chips of points without device error.
     first_chips = {r["config_key"]: r for r in existing if r.get("method") == "sliced" and r.get("chip") == 0}
 
     def record(method: str, metrics: dict, seconds: float, **fields) -> None:
+        # How the simulator ran (compiled kernels or eager, the memory budget): bookkeeping, not settings,
+        # since either gives the same numbers up to float rounding.
         entry = {**common, "method": method, **fields, **metrics, "wall_s": round(seconds, 4),
-                 "device": str(device), "time": timestamp(), **environment()}
+                 "device": str(device), "time": timestamp(), "kernels": compile_mode(),
+                 "memory_mb": settings.memory_mb, **environment()}
         writer.append(entry)
         written.append(entry)
 
