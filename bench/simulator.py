@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Speed of the batched crossbar simulator (`nipa.crossbar.convert`) against the naive loop baseline
-(`nipa.reference.naive_convert`: one small product per tile, input bit and slice, as the original)
+"""Speed of the batched crossbar simulator (`nipa.crossbar.convert`) against two baselines,
+`nipa.reference.naive_convert` with structure "original" (one product over all tiles per input bit and
+slice, as the original tool computed) and "naive" (one small product per tile, input bit and slice),
 and against plain float inference of the same model, in one run on one machine.
 
     python bench/simulator.py [--quick] [--device cpu|cuda] [--out results/bench/simulator.json]
@@ -17,6 +18,9 @@ of ru_maxrss; CUDA: torch.cuda peak allocation over the allocation before them).
 warmed up once on 2 samples, then timed `--repeats` times (median), with fewer repeats when one forward
 exceeds `--budget` seconds (the JSON says how many ran). Wall and process CPU time are both recorded:
 on a machine shared with other jobs the CPU-time ratio is the steadier figure.
+
+The fast simulator runs with its element-wise kernels compiled (`--compile on`, as main.py with
+NIPA_COMPILE=1; each record's "kernels" says what ran) or eager (`--compile off`).
 
 Correctness check: the timed fast and naive runs use the real cells, so their end-to-end outputs agree
 only up to rare ADC level flips (a partial sum that float rounding puts on the other side of a rounding
@@ -52,8 +56,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from workloads import HW_POINT, RESNET_SUBSET, LayerSubset, build_workload, first_samples  # noqa: E402
 
-METHODS = ("plain", "fast", "naive")
+METHODS = ("plain", "fast", "original", "naive")
 SNAP_BITS = 10
+HW_OVERRIDES: dict[str, Any] = {}  # --vari
 
 
 # ---- workloads ----------------------------------------------------------------------------------
@@ -74,12 +79,24 @@ def prepare(method: str, model: nn.Module, snap: bool) -> nn.Module:
 
     if method == "plain":
         return model
-    hw = HWConfig(**HW_POINT)
-    converted = (convert if method == "fast" else naive_convert)(model, hw, seed=0, chip=0).eval()
+    hw = HWConfig(**{**HW_POINT, **HW_OVERRIDES})
+    if method == "fast":
+        converted = convert(model, hw, seed=0, chip=0).eval()
+    else:  # the baselines: the original's structure, or the naive per-(tile, bit, slice) loop
+        converted = naive_convert(model, hw, seed=0, chip=0, structure=method).eval()
     if snap:
         for core in crossbar_cores(converted):
             core.conductance = torch.round(core.conductance * 2**SNAP_BITS) / 2**SNAP_BITS
     return converted
+
+
+def kernel_mode(method: str) -> str | None:
+    """How the fast simulator's element-wise kernels ran: 'compiled', 'eager' or 'eager-fallback'."""
+    if method != "fast":
+        return None
+    from nipa.crossbar import compile_mode
+
+    return compile_mode()
 
 
 def max_rel_diff(actual: Any, expected: Any) -> float:
@@ -200,6 +217,7 @@ def measure(
         "cpu_seconds": statistics.median(cpu_times),
         "repeats": len(times),
         "convert_seconds": convert_s,
+        "kernels": kernel_mode(method),
     }
     if layer_times:
         result["layer_seconds"] = {name: statistics.median(ts) for name, ts in layer_times.items()}
@@ -236,6 +254,41 @@ def exactness_check(workload: str, batch: int, device: torch.device) -> dict[str
     fast = prepare("fast", model, snap=True)
     naive = prepare("naive", model, snap=True)
     return compare_layerwise(fast, naive, inputs)
+
+
+@torch.no_grad()
+def oracle_check(workload: str, batch: int, device: torch.device) -> dict[str, float]:
+    """Fast vs the independent float64 oracle of the tests (tests/helpers/oracle.py, written from SPEC
+    section 4 alone), layer by layer on the same programmed cells (snapped as above): each mapped
+    layer's output, fed the input its fast twin saw, relative to max |y|."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import oracle
+
+    from nipa.crossbar import CrossbarConv2d, CrossbarLinear
+
+    model, inputs, _ = build_workload(workload, batch, device)
+    fast = prepare("fast", model, snap=True)
+    seen: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
+
+    def recorder(name: str):
+        return lambda module, args, out: seen.__setitem__(name, (module, args[0].detach(), out.detach()))
+
+    hooks = [m.register_forward_hook(recorder(n)) for n, m in fast.named_modules()
+             if isinstance(m, (CrossbarLinear, CrossbarConv2d))]
+    try:
+        fast(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    originals = dict(model.named_modules())  # the converted copy keeps the module names
+    result = {}
+    for name, (module, x, y) in seen.items():
+        original = originals[name]
+        expected = oracle.layer_forward(original.cpu(), x.cpu(), module.core.hw,
+                                        columns=module.core.conductance.cpu()).y
+        expected_t = torch.as_tensor(expected, dtype=torch.float64)
+        result[name] = ((y.cpu().double() - expected_t).abs().max() / expected_t.abs().max()).item()
+    return result
 
 
 def profile_fast(workload: str, batch: int, device: torch.device, rows: int = 12) -> list[dict[str, Any]]:
@@ -322,8 +375,11 @@ def run_worker(
         str(batch),
         "--save",
         str(save),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+        "--compile",
+        args.compile,
+    ] + (["--vari", str(args.vari)] if args.vari is not None else [])
+    env = {**os.environ, "NIPA_COMPILE": "1" if args.compile == "on" else "0"}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"worker {workload}/{method} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -331,13 +387,15 @@ def run_worker(
 
 def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    if "fast" in runs and "naive" in runs:
-        summary["speedup_naive_over_fast"] = runs["naive"]["seconds"] / runs["fast"]["seconds"]
-        summary["speedup_naive_over_fast_cpu_time"] = (
-            runs["naive"]["cpu_seconds"] / runs["fast"]["cpu_seconds"]
-        )
+    for baseline in ("naive", "original"):
+        if "fast" in runs and baseline in runs:
+            summary[f"speedup_{baseline}_over_fast"] = runs[baseline]["seconds"] / runs["fast"]["seconds"]
+            summary[f"speedup_{baseline}_over_fast_cpu_time"] = (
+                runs[baseline]["cpu_seconds"] / runs["fast"]["cpu_seconds"]
+            )
     if "plain" in runs:
-        for method in ("fast", "naive"):
+        summary["peak_memory_bound_mb"] = 4 * runs["plain"]["peak_memory_delta_mb"] + 256
+        for method in ("fast", "original", "naive"):
             if method in runs:
                 summary[f"slowdown_{method}_vs_plain"] = runs[method]["seconds"] / runs["plain"]["seconds"]
     if "fast" in runs and "naive" in runs and "layer_seconds" in runs["fast"]:
@@ -369,34 +427,39 @@ def print_table(results: dict[str, Any]) -> None:
         "batch",
         "plain s",
         "fast s",
+        "orig s",
         "naive s",
         "naive/fast",
-        "(cpu time)",
+        "orig/fast",
         "fast/plain",
+        "plain MB",
         "fast MB",
-        "naive MB",
         "exact diff",
+        "oracle diff",
     ]
-    widths = [18, 5, 9, 9, 9, 10, 10, 10, 8, 9, 10]
+    widths = [18, 5, 9, 9, 9, 9, 10, 9, 10, 8, 8, 10, 11]
     print("\n" + _row(header, widths))
     for name, entry in results["workloads"].items():
         runs, summary = entry["runs"], entry["summary"]
         ratio = summary.get("speedup_naive_over_fast")
-        cpu_ratio = summary.get("speedup_naive_over_fast_cpu_time")
+        original_ratio = summary.get("speedup_original_over_fast")
         slowdown = summary.get("slowdown_fast_vs_plain")
         diff = entry.get("max_rel_diff")
+        oracle_diff = entry.get("oracle_max_rel_diff")
         row = [
             name,
             str(entry["batch"]),
             _cell(runs, "plain", "seconds", ".3f"),
             _cell(runs, "fast", "seconds", ".3f"),
+            _cell(runs, "original", "seconds", ".3f"),
             _cell(runs, "naive", "seconds", ".3f"),
             f"{ratio:.2f}" if ratio else "-",
-            f"{cpu_ratio:.2f}" if cpu_ratio else "-",
+            f"{original_ratio:.2f}" if original_ratio else "-",
             f"{slowdown:.1f}" if slowdown else "-",
+            _cell(runs, "plain", "peak_memory_delta_mb", ".0f"),
             _cell(runs, "fast", "peak_memory_delta_mb", ".0f"),
-            _cell(runs, "naive", "peak_memory_delta_mb", ".0f"),
             f"{diff:.1e}" if diff is not None else "-",
+            f"{oracle_diff:.1e}" if oracle_diff is not None else "-",
         ]
         print(_row(row, widths))
         for note in entry.get("notes", []):
@@ -426,6 +489,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset of smallcnn,resnet18,resnet18_subset",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the profile of one fast forward")
+    parser.add_argument("--compile", choices=("on", "off"), default="on",
+                        help="the fast simulator's element-wise kernels compiled with torch.compile (on, what "
+                             "NIPA_COMPILE=1 gives main.py) or eager (off)")
+    parser.add_argument("--vari", type=float, default=None,
+                        help="state-dependent variation of the hardware point (default 0.1, the original's "
+                             "point; 0 gives integer cells and the exact bfloat16 products)")
     parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
@@ -434,6 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.vari is not None:
+        HW_OVERRIDES["vari"] = args.vari
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA requested but not available", file=sys.stderr)
@@ -457,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench/simulator.py",
         "quick": args.quick,
         "machine": machine_info(device),
-        "hw_point": HW_POINT,
+        "hw_point": {**HW_POINT, **HW_OVERRIDES},
+        "fast_kernels_requested": args.compile,
         "repeats_requested": args.repeats,
         "repeat_budget_s": args.budget,
         "warm_up": "one forward on 2 samples per method before timing",
@@ -507,6 +579,16 @@ def main(argv: list[str] | None = None) -> int:
                 entry["exactness_check"] = (
                     f"same chip, cells snapped to a 2^-{SNAP_BITS} grid, batch {check_batch}, layer by layer "
                     "(each naive layer fed the input its fast twin saw): must agree to float rounding"
+                )
+            if "fast" in runs:
+                oracle_batch = min(batch, {"smallcnn": 4, "resnet18": 1}.get(workload, 2))
+                print(f"[{time.perf_counter() - started:7.1f}s] {workload}: oracle check ...", flush=True)
+                per_layer = oracle_check(workload, oracle_batch, device)
+                entry["oracle_max_rel_diff"] = max(per_layer.values())
+                entry["oracle_max_rel_diff_per_layer"] = per_layer
+                entry["oracle_check"] = (
+                    f"the float64 oracle of tests/helpers/oracle.py (SPEC section 4 from its text alone) on "
+                    f"the same snapped cells, batch {oracle_batch}, layer by layer"
                 )
             results["workloads"][workload] = entry
         if not args.no_profile:
