@@ -66,8 +66,9 @@ def _smollm2_path() -> Path | None:
 def is_llm_name(model_name: str) -> bool:
     """True when `model_name` names a language model rather than one of the project's CNNs."""
     import models
+    from nipa.usermodel import is_user_model_name
 
-    if models.is_model_name(model_name):
+    if models.is_model_name(model_name) or is_user_model_name(model_name):  # a user's file.py:Class, .pt, .pt2
         return False
     return model_name.lower() == SMOLLM2_ALIAS or Path(model_name).exists() or "/" in model_name
 

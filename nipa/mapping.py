@@ -75,3 +75,34 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def digital_layers(model: nn.Module, mapped: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(name, type, why) of every module holding its own weights that stays digital."""
+    chosen = set(mapped)
+    kept = []
+    for name, module in model.named_modules():
+        if not name or name in chosen or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        kind = type(module).__name__
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            why = f"grouped/depthwise convolution (groups={module.groups}): not mapped to crossbars"
+        elif is_mappable(module):
+            why = "left out by --exclude_layer / --include_layer"
+        else:
+            why = "not an nn.Linear or nn.Conv2d"
+        kept.append((name, kind, why))
+    return kept
+
+
+def digital_report(model: nn.Module, mapped: Sequence[str], shown: int = 20) -> str:
+    """The modules with weights that stay digital and why, for the log after the mapping report."""
+    kept = digital_layers(model, mapped)
+    lines = [f"{len(kept)} module(s) with weights stay digital" + (":" if kept else "")
+             + ("" if kept else " (besides activations, pooling and every other operation)")]
+    lines += [f"  {name:<48} {kind:<12} {why}" for name, kind, why in kept[:shown]]
+    if len(kept) > shown:
+        lines.append(f"  ... and {len(kept) - shown} more")
+    if kept:
+        lines.append("  activations, pooling, residual additions and every other operation run digitally too")
+    return "\n".join(lines)
