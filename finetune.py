@@ -23,7 +23,6 @@ import torch
 
 from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args, run_main
 from nipa.config import VARI_TYPES
-from nipa.data import get_dataset
 from nipa.finetune import (
     METHODS,
     Experiment,
@@ -38,7 +37,7 @@ from nipa.logs import open_log
 from nipa.mlc import ChipOptions, mlc_hw
 from nipa.records import RecordWriter, check_results_path, environment, read_records, timestamp
 from nipa.runtime import resolve_device, seed_everything
-from nipa.zoo import load_model_and_data
+from nipa.workload import Workload
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,15 +102,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, args.gpu_id)
-    out = Path(args.out) if args.out else Path("results") / args.model_name.lower() / f"{args.dataset}_finetune.jsonl"
+    workload = Workload.from_args(args)  # the model and data, resolved once
+    out = Path(args.out) if args.out else workload.results_path("finetune")
     check_results_path(out)  # before the model loads: a file that is not records is refused, never touched
     previous = [r for r in read_records(out) if r.get("kind") == "finetune"] if out.is_file() else []
     seed_everything(args.seed)
     log = open_log(args.log_file)
-    model, meta, test_loader = load_model_and_data(
-        args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt, data_root=args.data_root,
-        batch_size=args.batch_size, device=device, num_workers=args.num_workers, limit=args.limit)
-    train_set = get_dataset(args.dataset, "train", args.data_root, augment=False)
+    model, meta, test_loader = workload.load(device=device, batch_size=args.batch_size,
+                                             num_workers=args.num_workers, limit=args.limit)
+    train_set = workload.dataset_split("train")  # calibration and fine-tuning data: never the test split
     settings = FinetuneSettings(**{f.name: getattr(args, f"ft_{f.name}")
                                    for f in dataclasses.fields(FinetuneSettings)})
     if settings.calib_samples > len(train_set):
@@ -125,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
                      exclude=args.exclude_layer, include=args.include_layer, seed=args.seed)
     done = {(r["run_key"], r["method"], r["chip"]) for r in previous}
     writer = RecordWriter(out)
-    extra = {"checkpoint_top1": meta.get("test_top1"), "device": str(device), "timestamp": timestamp(),
+    description = workload.describe()
+    extra = {"checkpoint_top1": meta.get("test_top1"), **({"workload": description} if description else {}),
+             "device": str(device), "timestamp": timestamp(),
              **environment()}
     started = time.perf_counter()
     records = run_experiment(exp, model, test_loader, train_set, device, writer.append, done, log, extra)

@@ -22,16 +22,15 @@ from nipa.config import ADC_MODES, SearchSpace
 from nipa.errors import UserError
 from nipa.llm import is_llm_name, mapping_report
 from nipa.logs import open_log
-from nipa.mapping import select_layers
+from nipa.mapping import digital_report, select_layers
 from nipa.records import RecordWriter, check_results_path, read_records, shard_path
 from nipa.runtime import resolve_device, seed_everything
 from nipa.sweep import SweepSettings, check_compatible, run_sweep
+from nipa.workload import Workload, check_workload
 from nipa.zoo import (
-    calibration_inputs,
     dataset_id,
     default_batch_size,
     layer_selection,
-    load_model_and_data,
     model_id,
     weights_file,
     weights_sha256,
@@ -109,10 +108,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_results_path(args.model_name, args.dataset)
     check_results_path(shard_path(out, args.shard))
     existing = read_records(out)  # every shard: a damaged one is reported now, not after the model loads
-    weights = None
-    checkpoint = weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt)
-    if not is_llm_name(args.model_name) and checkpoint.is_file():  # a CNN's layer selection is as given
-        weights = weights_sha256(checkpoint)
+    workload = Workload.from_args(args)  # the model and data, resolved once
+    description = workload.describe()
+    check_workload(existing, description, out)
+    weights = workload.weights_sha256()
+    if weights is not None:  # a CNN's layer selection is as given
         include = None if args.include_layer is None else list(args.include_layer)
         check_compatible(existing, sweep_settings(args, list(args.exclude_layer), include, weights), out)
     log = open_log(args.log_file)
@@ -120,18 +120,20 @@ def run(args: argparse.Namespace) -> int:
     log(f"{args.HWdes}: a grid of {size} distinct points; "
         + (f"sampling {args.sample_num}" if 0 < args.sample_num < size else "running all of them"))
     seed_everything(args.seed)
-    model, meta, test_loader = load_model_and_data(
-        args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt, data_root=args.data_root,
-        batch_size=args.batch_size, device=device, num_workers=args.num_workers, limit=args.limit)
+    model, meta, test_loader = workload.load(device=device, batch_size=args.batch_size,
+                                             num_workers=args.num_workers, limit=args.limit)
     if weights is None:
         weights = weights_sha256(weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt, meta))
     include, exclude = layer_selection(args.model_name, model, args.include_layer, args.exclude_layer, args.block)
-    log(mapping_report(model, select_layers(model, exclude=exclude, include=include)))
-    settings = sweep_settings(args, exclude, include, weights, {"checkpoint_top1": meta.get("test_top1")})
+    mapped = select_layers(model, exclude=exclude, include=include)
+    log(mapping_report(model, mapped))
+    if not is_llm_name(args.model_name):
+        log(digital_report(model, mapped))
+    settings = sweep_settings(args, exclude, include, weights, {"checkpoint_top1": meta.get("test_top1"),
+                                                                **({"workload": description} if description else {})})
     check_compatible(existing, settings, out)  # before the calibration data are read
-    calib_inputs = calibration_inputs(args.model_name, args.dataset, test_loader,
-                                      args.calib_batches if calibrated else 0, data_root=args.data_root,
-                                      batch_size=args.batch_size, seed=args.seed)
+    calib_inputs = workload.calibration_inputs(test_loader, args.calib_batches if calibrated else 0,
+                                               batch_size=args.batch_size, seed=args.seed)
     writer = RecordWriter(shard_path(out, args.shard))
     run_sweep(settings, model, test_loader, calib_inputs, device, out, writer, log)
     log(f"records in {writer.path}")

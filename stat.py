@@ -22,12 +22,19 @@ from pathlib import Path
 
 import torch
 
-from nipa.cli import add_debug_arg, add_layer_args, resolve_model_args, run_main
+from nipa.cli import (
+    add_debug_arg,
+    add_layer_args,
+    add_user_data_args,
+    add_user_model_args,
+    resolve_model_args,
+    run_main,
+)
 from nipa.config import ConfigError, SearchSpace
 from nipa.data import DATASET_NAMES
 from nipa.errors import UserError
 from nipa.llm import is_llm_name, load_causal_lm, mapping_report
-from nipa.mapping import select_layers
+from nipa.mapping import digital_report, select_layers
 from nipa.stats import (
     ComboStats,
     ModelStats,
@@ -40,6 +47,9 @@ from nipa.stats import (
     save_statistics,
     weight_matrix,
 )
+from nipa.userdata import is_user_dataset
+from nipa.usermodel import is_user_model_name
+from nipa.workload import Workload
 from nipa.zoo import (
     CHECKPOINT_DIR,
     build_model,
@@ -90,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show", default=None, metavar="KEY",
                         help="combination whose per-layer table is printed, e.g. w8_s128_c1 "
                              "(default: the first)")
+    add_user_model_args(parser)
+    add_user_data_args(parser)
     add_debug_arg(parser)
     return resolve_model_args(parser, parser.parse_args(argv))
 
@@ -118,6 +130,14 @@ def requested_combos(args: argparse.Namespace) -> list[tuple[int, int, int]]:
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str, str | None]:
     """The model, a description of where its weights came from and their sha256 (nipa.zoo.weights_sha256;
     None for --random_init)."""
+    if is_user_model_name(args.model_name) or is_user_dataset(args.dataset):  # the user's model or data
+        workload = Workload.from_args(args)
+        torch.manual_seed(args.seed)  # of --random_init
+        model, meta = workload.load_model(random_init=args.random_init)
+        if args.random_init and workload.ckpt is None:
+            return model, f"random_init(seed={args.seed})", None
+        source = meta.get("checkpoint") or meta.get("file") or args.model_name
+        return model, str(source), workload.weights_sha256()
     if is_llm_name(args.model_name):
         if args.random_init:
             raise UserError("--random_init is for the project's CNNs; an LLM's weights come from its files")
@@ -208,12 +228,17 @@ def run(args: argparse.Namespace) -> int:
     layers = select_layers(model, exclude, include)  # bad patterns fail here
     if is_llm_name(args.model_name):
         log(mapping_report(model, layers))
+    elif is_user_model_name(args.model_name):
+        log(mapping_report(model, layers))
+        log(digital_report(model, layers))
+    description = None if is_llm_name(args.model_name) else Workload.from_args(args).describe()
 
     start = time.perf_counter()
     stats = model_statistics(
         model, combos, exclude, include, model_name=model_id(args.model_name),
         dataset=dataset_id(args.model_name, args.dataset), count_padding=args.count_padding,
-        metadata={"source": source, "weights_sha1": weights_digest(model, layers), "weights_sha256": weights})
+        metadata={"source": source, "weights_sha1": weights_digest(model, layers), "weights_sha256": weights,
+                  **({"workload": description} if description else {})})
     seconds = time.perf_counter() - start
     log(f"{args.model_name} on {args.dataset} ({source}): {len(layers)} mapped layers, "
         f"{len(combos)} combinations in {seconds:.2f} s")

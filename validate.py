@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from nipa import __version__
-from nipa.cli import add_debug_arg, resolve_model_args, run_main
+from nipa.cli import add_debug_arg, add_user_data_args, add_user_model_args, resolve_model_args, run_main
 from nipa.config import HWConfig
 from nipa.correlation import (
     COEFFICIENTS,
@@ -152,6 +152,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     noise.add_argument("--ckpt_dir", default="ckpts")
     noise.add_argument("--ckpt", default=None, help="checkpoint (default: ckpts/{model}_{dataset}.pt)")
     noise.add_argument("--data_root", default="data", help="where cifar10/cifar100/imagenet files are")
+    add_user_model_args(parser)
+    add_user_data_args(parser)
     add_debug_arg(parser)
     args = resolve_model_args(parser, parser.parse_args(argv))
     if args.bootstrap < 0:
@@ -460,13 +462,13 @@ def layer_noise_check(args: argparse.Namespace, grouped: GroupedRecords, stats: 
     and compare: per-layer NIPA with the measured per-layer SNR, model-level NIPA with the measured SNR
     averaged over layers, and that measured SNR with the accuracy."""
     from nipa.layer_noise import measure_layer_noise
-    from nipa.zoo import calibration_inputs, load_model_and_data
+    from nipa.workload import Workload
 
     run = grouped.run or {}
-    model, _, data = load_model_and_data(args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt,
-                                         data_root=args.data_root, batch_size=args.layer_noise_batch)
-    batch = calibration_inputs(args.model_name, args.dataset, data, 1, data_root=args.data_root,
-                               batch_size=args.layer_noise_batch, seed=int(run.get("seed", 0)))[0]
+    workload = Workload.from_args(args)
+    workload.seed = int(run.get("seed", 0))  # a --split permutation is the ground truth's
+    model, _, data = workload.load(batch_size=args.layer_noise_batch)
+    batch = workload.calibration_inputs(data, 1, batch_size=args.layer_noise_batch, seed=int(run.get("seed", 0)))[0]
     configs = [p.config for p in grouped.points]
     layers, noise = measure_layer_noise(model, configs, batch, chips=args.layer_noise_chips,
                                         seed=int(run.get("seed", 0)), exclude=run.get("exclude") or (),

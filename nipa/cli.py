@@ -60,6 +60,28 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=None, help="default: 256 images (CNN), 16 sequences (LLM)")
     parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test samples only")
+    add_user_model_args(parser)
+    add_user_data_args(parser)
+
+
+def add_user_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options of a user's own model (--model_name file.py:ClassName, model.pt, model.pt2; nipa/usermodel.py)."""
+    group = parser.add_argument_group("your own model (--model_name file.py:ClassName | model.pt | model.pt2)")
+    group.add_argument("--model_kwargs", default=None, metavar="JSON",
+                       help="keyword arguments of ClassName, e.g. '{\"num_classes\": 10}'")
+    group.add_argument("--allow_pickle", action="store_true",
+                       help="allow --model_name to be a full pickled module (loading a pickle runs its code)")
+
+
+def add_user_data_args(parser: argparse.ArgumentParser) -> None:
+    """Options of a user's own data (--dataset folder | data.pt | data.npz; nipa/userdata.py)."""
+    group = parser.add_argument_group("your own data (--dataset image folder | data.pt | data.npz)")
+    group.add_argument("--input_size", default=None, metavar="N|HxW",
+                       help="image folder: resize and centre-crop every image to this size")
+    group.add_argument("--mean", type=float, nargs="+", default=None, help="image folder: per-channel mean")
+    group.add_argument("--std", type=float, nargs="+", default=None, help="image folder: per-channel std")
+    group.add_argument("--split", type=float, default=None, metavar="FRACTION",
+                       help="tensor file holding one set (x, y): train share of a permutation seeded by --seed")
 
 
 def add_layer_args(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +119,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """--tasks into --dataset; a CNN's dataset must be one of the project's (checked before any work)."""
     from nipa.llm import is_llm_name
+    from nipa.userdata import is_user_dataset
 
     if getattr(args, "tasks", None):
         args.dataset = args.tasks
@@ -107,7 +130,12 @@ def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             parser.error(f"--{option} {value}: must be a positive whole number (leave it out for the default)")
     if getattr(args, "num_workers", 0) < 0:
         parser.error(f"--num_workers {args.num_workers}: cannot be negative (0 loads data in this process)")
-    if not is_llm_name(args.model_name) and args.dataset not in DATASET_NAMES:
+    split = getattr(args, "split", None)
+    if split is not None and not 0 < split < 1:
+        parser.error(f"--split {split}: the train share must lie strictly between 0 and 1, e.g. 0.8")
+    if not is_llm_name(args.model_name) and args.dataset not in DATASET_NAMES \
+            and not is_user_dataset(args.dataset):
         parser.error(f"--dataset {args.dataset!r}: for the CNN {args.model_name!r} choose one of "
-                     f"{', '.join(DATASET_NAMES)} (or give an LLM with --model_name)")
+                     f"{', '.join(DATASET_NAMES)}, an image folder or a tensor file (.pt, .npz) "
+                     "(or give an LLM with --model_name)")
     return args

@@ -149,7 +149,8 @@ class Workload:
         if self.user_data:
             entry.update({"dataset_path": str(Path(self.dataset).resolve()),
                           "dataset_sha256": user_dataset_sha256(self.dataset),
-                          "image": dataclasses.asdict(self.image), "split": self.split})
+                          "image": dataclasses.asdict(self.image), "split": self.split,
+                          "split_seed": None if self.split is None else self.seed})
         return entry
 
     # -- data --------------------------------------------------------------------------------------
@@ -296,10 +297,11 @@ def check_inputs(model: nn.Module, dataset, model_name: str, dataset_name: str) 
 
 # What must agree for records of a user's model or data to join one results file (paths may move).
 _IDENTITY_KEYS = ("kind", "class", "model_file_sha256", "model_kwargs", "checkpoint_sha256", "dataset_sha256",
-                  "image", "split")
+                  "image", "split", "split_seed")
 
 
-def check_workload(existing: list[dict], description: dict[str, Any] | None, path: str | Path) -> None:
+def check_workload(existing: list[dict], description: dict[str, Any] | None, path: str | Path,
+                   hint: str = "pass --out for a new results file") -> None:
     """Refuse to add records of one model or dataset to a results file holding another's."""
     wanted = {k: (description or {}).get(k) for k in _IDENTITY_KEYS}
     for number, record in enumerate(existing, 1):
@@ -307,4 +309,4 @@ def check_workload(existing: list[dict], description: dict[str, Any] | None, pat
         if have != wanted:
             diff = {k: (have[k], wanted[k]) for k in _IDENTITY_KEYS if have[k] != wanted[k]}
             raise UserError(f"{path}: record {number} is of another model or dataset (field: (in file, now) "
-                            f"{diff}); pass --out for a new results file")
+                            f"{diff}); {hint}")

@@ -126,6 +126,8 @@ class WrapSettings:
     batch_size: int = 256
     limit: int | None = None
     paired: bool = False  # diagnostic: draw d carries the simulator's chip d cells
+    # A user's model or data (nipa.workload.Workload.describe), stored with each record; None otherwise.
+    workload: dict[str, Any] | None = None
 
     def signature(self) -> dict[str, Any]:
         """What two fast records must share to be averaged together (besides point and draw)."""
@@ -229,7 +231,7 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
                       # draw that needed it.
                       "calibration_s": round(calib_s if i == 0 else 0.0, 4), "run": signature,
                       "ground_truth": truth.source, "device": str(fast.device), "time": timestamp(),
-                      **environment()}
+                      **({"workload": settings.workload} if settings.workload else {}), **environment()}
             writer.append(record)
             records.append(record)
         accs = ", ".join(f"{m['top1']:.2f}" for _, m, _ in results)
@@ -455,12 +457,17 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
     from nipa.mapping import select_layers
     from nipa.runtime import resolve_device, seed_everything
     from nipa.stats import check_stats_weights, load_statistics
-    from nipa.zoo import calibration_inputs, load_model_and_data, statistics_path, weights_file, weights_sha256
+    from nipa.workload import Workload, check_workload
+    from nipa.zoo import statistics_path, weights_file, weights_sha256
 
     errors = InjectionModel.of(args.method, args.device_error, args.adc_error, args.tile_factor,
                                args.adc_form)
     truth_path = Path(args.ground_truth or results_path(args.model_name, args.dataset, "accsim"))
     truth = load_ground_truth(truth_path, args.model_name, args.dataset)  # says which main.py run makes it
+    workload = Workload.from_args(args)  # the model and data, resolved once
+    description = workload.describe()
+    check_workload([r for r in read_records(truth_path) if r.get("method") == "sliced"], description, truth_path,
+                   "give the ground truth of this model and data with --ground_truth")
     run = truth.run
     # The ground truth's data: its batch size (which sets the dynamic ADC ranges) and test subset.
     batch_size = args.batch_size or run.get("batch_size", 256)
@@ -487,13 +494,13 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
         if stats is not None:
             check_stats_weights(stats, weights, stats_path, log)
 
+    check_workload([r for r in read_records(out) if r.get("method") == "fast"], description, out)
     if not is_llm_name(args.model_name):  # a CNN's checkpoint is checked before anything is loaded
-        check_weights(weights_sha256(weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt)))
+        check_weights(workload.weights_sha256())
     device = resolve_device(args.device, args.gpu_id)
     seed_everything(args.seed)
-    model, meta, loader = load_model_and_data(
-        args.model_name, args.dataset, ckpt_dir=args.ckpt_dir, ckpt=args.ckpt, data_root=args.data_root,
-        batch_size=batch_size, device=device, num_workers=args.num_workers, limit=limit)
+    model, meta, loader = workload.load(device=device, batch_size=batch_size, num_workers=args.num_workers,
+                                        limit=limit)
     if is_llm_name(args.model_name):
         check_weights(weights_sha256(weights_file(args.model_name, args.dataset, metadata=meta)))
     if stats is not None:
@@ -505,8 +512,7 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
     if errors.adc == "measured" or any(p.config.adc_mode == "calibrated" for p in truth.points):
         # A CNN's training data, never its test set: the ADC error is a property of the layer inputs'
         # statistics. An LLM's task items (its only data).
-        calib_data = calibration_inputs(args.model_name, args.dataset, loader, args.calib_batches,
-                                        data_root=args.data_root, batch_size=batch_size, seed=args.seed)
+        calib_data = workload.calibration_inputs(loader, args.calib_batches, batch_size=batch_size, seed=args.seed)
 
     def new_calibration() -> AdcCalibration:
         return AdcCalibration(model, calib_data, exclude=exclude, include=include, memory_mb=args.memory_mb,
@@ -514,7 +520,8 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
 
     settings = WrapSettings(model_name=args.model_name, dataset=args.dataset, cycle=args.cycle,
                             seed=args.seed, errors=errors, calib_batches=args.calib_batches, exclude=exclude,
-                            include=include, batch_size=batch_size, limit=limit, paired=args.paired_chips)
+                            include=include, batch_size=batch_size, limit=limit, paired=args.paired_chips,
+                            workload=description)
     fast = FastMethod(model, settings, stats, new_calibration() if errors.adc == "measured" else None, device)
     label = errors.label() + (", paired chips (diagnostic)" if args.paired_chips else "")
     log(f"{len(truth.points)} hardware points from {truth.source}; injection {label}, "

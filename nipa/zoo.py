@@ -137,13 +137,23 @@ def test_loader(dataset: str, data_root: str | Path = "data", batch_size: int = 
 
 
 def model_id(model_name: str) -> str:
-    """The model's name in result paths and records: a CNN's name, or an LLM's folder/file name."""
+    """The model's name in result paths and records: a CNN's name, an LLM's folder/file name, or a user
+    model's file stem and class (nipa.usermodel)."""
+    from nipa.usermodel import is_user_model_name, user_model_id
+
+    if is_user_model_name(model_name):
+        return user_model_id(model_name)
     return llm_id(model_name) if is_llm_name(model_name) else model_name.lower()
 
 
 def dataset_id(model_name: str, dataset: str) -> str:
-    """The dataset's name in result paths and records (an LLM task file's stem)."""
-    return lm_dataset_id(dataset) if is_llm_name(model_name) else dataset
+    """The dataset's name in result paths and records (an LLM task file's stem, a user dataset's file or
+    folder stem: nipa.userdata)."""
+    from nipa.userdata import is_user_dataset, user_dataset_id
+
+    if is_llm_name(model_name):
+        return lm_dataset_id(dataset)
+    return user_dataset_id(dataset) if is_user_dataset(dataset) else dataset
 
 
 def statistics_path(model_name: str, dataset: str) -> Path:
