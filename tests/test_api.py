@@ -1,0 +1,51 @@
+"""The Python API: examples/own_model.py runs all four calls in a few seconds; results are plain values."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nipa
+from nipa.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_nipa_stays_light():
+    import subprocess
+
+    code = "import nipa, sys; print('torch' in sys.modules, callable(nipa.simulate))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.split() == ["False", "True"]
+
+
+def test_example_runs_all_four():
+    spec = importlib.util.spec_from_file_location("own_model_example", ROOT / "examples" / "own_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main()
+    assert result["ideal"] > 80  # trained for seconds on digits
+    clean, noisy = result["simulated"]
+    assert clean <= result["ideal"] + 1e-9 and noisy <= clean + 5
+    assert result["nipa"][0] > result["nipa"][1]  # device variation lowers NIPA
+    assert all(0 <= a <= 100 for a in result["estimated"])
+
+
+def test_single_point_and_tensor_pair():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    result = nipa.simulate(model, (x, y), {"wl_weight": 5, "subArray": 8}, chips=2)
+    assert isinstance(result, nipa.api.SimulationResult) and len(result.accuracy) == 2
+    stats = nipa.statistics(model, [(5, 8, 1)])
+    assert isinstance(nipa.score(stats, {"wl_weight": 5, "subArray": 8}), float)
+    with pytest.raises(UserError, match="no statistics for w6_s8_c1"):
+        nipa.score(stats, {"wl_weight": 6, "subArray": 8})
+    with pytest.raises(UserError, match="calibration"):
+        nipa.estimate(model, (x, y), {"wl_weight": 5, "subArray": 8})
+    published = nipa.estimate(model, (x, y), [{"wl_weight": 5, "subArray": 8}], draws=2, method="published")
+    assert len(published) == 1 and len(published[0].accuracy) == 2
