@@ -51,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wrap_error.py's method for the fast estimate")
     verify.add_argument("--records", default=None,
                         help="ground-truth records (default results/{model}/{dataset}_explore_accsim.jsonl)")
-    verify.add_argument("--memory_mb", type=float, default=256, help="memory budget of one crossbar product")
+    verify.add_argument("--memory_mb", type=float, default=None,
+                        help="memory budget of one crossbar product (default: 256 on a CPU, a quarter of the "
+                             "free memory on a GPU)")
     add_layer_args(parser)
     add_runtime_args(parser)
     args = resolve_model_args(parser, parser.parse_args(argv))

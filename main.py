@@ -24,7 +24,7 @@ from nipa.llm import is_llm_name, mapping_report
 from nipa.logs import open_log
 from nipa.mapping import digital_report, select_layers
 from nipa.records import RecordWriter, check_results_path, read_records, shard_path
-from nipa.runtime import resolve_device, seed_everything
+from nipa.runtime import default_memory_mb, resolve_device, seed_everything
 from nipa.sweep import SweepSettings, check_compatible, run_sweep
 from nipa.workload import Workload, check_workload
 from nipa.zoo import (
@@ -59,7 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="simulate every chip of a point without device error (default: chips after the "
                              "first, which cannot differ, are recorded as copies of chip 0, marked so)")
     parser.add_argument("--calib_batches", type=int, default=4, help="batches that calibrate the ADC range")
-    parser.add_argument("--memory_mb", type=float, default=256, help="memory budget of one crossbar product")
+    parser.add_argument("--memory_mb", type=float, default=None,
+                        help="memory budget of one crossbar product (default: 256 on a CPU, a quarter of the "
+                             "free memory on a GPU)")
     parser.add_argument("--shard", type=parse_shard, default=None, help="i/n: run every n-th point from i")
     parser.add_argument("--log_file", default=None, help="readable progress lines are appended here")
     parser.add_argument("--out", default=None, help="results JSONL (default results/{model}/{dataset}_accsim.jsonl)")
@@ -72,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--sample_num {args.sample_num}: give a number of points, or 0 for the full grid")
     if args.calib_batches < 0:
         parser.error(f"--calib_batches {args.calib_batches}: cannot be negative")
-    if not args.memory_mb > 0:
+    if args.memory_mb is not None and not args.memory_mb > 0:
         parser.error(f"--memory_mb {args.memory_mb}: must be positive (megabytes of one crossbar product)")
     return args
 
@@ -82,14 +84,14 @@ def main(argv=None) -> int:
 
 
 def sweep_settings(args: argparse.Namespace, exclude, include, weights: str | None,
-                   extra: dict | None = None) -> SweepSettings:
+                   extra: dict | None = None, device: str = "cpu") -> SweepSettings:
     return SweepSettings(
         model_name=args.model_name, dataset=args.dataset, hw_file=args.HWdes, sample_num=args.sample_num,
         cycle=args.cycle, seed=args.seed, batch_size=args.batch_size, limit=args.limit,
         exclude=exclude, include=include, adc_mode=args.adc_mode,
         per_read=args.per_read, calib_batches=args.calib_batches, memory_mb=args.memory_mb,
         shard=args.shard, copy_identical_chips=not args.simulate_identical_chips, weights=weights,
-        compat=Compat.parse(args.compat), extra=extra or {})
+        compat=Compat.parse(args.compat), device=device, extra=extra or {})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
                         f"({'--adc_mode' if args.adc_mode else args.HWdes}) needs at least one batch to set "
                         "its ranges")
     device = resolve_device(args.device, args.gpu_id)
+    if args.memory_mb is None:
+        args.memory_mb = default_memory_mb(device)
     out = Path(args.out) if args.out else default_results_path(args.model_name, args.dataset)
     check_results_path(shard_path(out, args.shard))
     existing = read_records(out)  # every shard: a damaged one is reported now, not after the model loads
@@ -114,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     weights = workload.weights_sha256()
     if weights is not None:  # a CNN's layer selection is as given
         include = None if args.include_layer is None else list(args.include_layer)
-        check_compatible(existing, sweep_settings(args, list(args.exclude_layer), include, weights), out)
+        check_compatible(existing, sweep_settings(args, list(args.exclude_layer), include, weights,
+                                                  device=str(device)), out)
     log = open_log(args.log_file)
     size = len(space)
     log(f"{args.HWdes}: a grid of {size} distinct points; "
@@ -130,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if not is_llm_name(args.model_name):
         log(digital_report(model, mapped))
     settings = sweep_settings(args, exclude, include, weights, {"checkpoint_top1": meta.get("test_top1"),
-                                                                **({"workload": description} if description else {})})
+                                                                **({"workload": description} if description else {})},
+                              device=str(device))
     check_compatible(existing, settings, out)  # before the calibration data are read
     calib_inputs = workload.calibration_inputs(test_loader, args.calib_batches if calibrated else 0,
                                                batch_size=args.batch_size, seed=args.seed)

@@ -15,7 +15,7 @@ from nipa.data import DATASET_NAMES, get_dataset, make_loader
 from nipa.errors import UserError
 from nipa.evaluate import evaluate
 from nipa.logs import open_log
-from nipa.runtime import resolve_device, seed_everything
+from nipa.runtime import resolve_device, seed_everything, use_deterministic_algorithms
 from nipa.train import default_recipe, fit
 from nipa.zoo import CHECKPOINT_DIR, build_model, checkpoint_path, load_trained_model, save_checkpoint
 
@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log_file", default=None, help="append progress lines to this file too")
     parser.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
     parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels: bit-reproducible training on CUDA too (slower; "
+                             "without it CUDA training differs from run to run in the last bits)")
     recipe = parser.add_argument_group("recipe (defaults depend on the dataset, see README)")
     for name, value in default_recipe("cifar10").to_dict().items():
         recipe.add_argument(f"--{name}", type=type(value), default=None)
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name} {value}: must be at least 1")
     if not recipe.lr > 0:
         raise UserError(f"--lr {recipe.lr}: the learning rate must be positive")
+    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting once
+        use_deterministic_algorithms()
     device = resolve_device(args.device, args.gpu_id)
     log = open_log(args.log_file)
     path = checkpoint_path(args.model_name, args.dataset, args.ckpt_dir)
@@ -78,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         meta = {"model": args.model_name.lower(), "dataset": args.dataset,
                 "num_classes": train_set.num_classes, "input_shape": list(test_set[0][0].shape),
                 "epochs": recipe.epochs, "seed": args.seed, "recipe": recipe.to_dict(),
-                "train_seconds": result["seconds"], "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "train_seconds": result["seconds"], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "device": str(device), "deterministic": args.deterministic}
         meta.update({f"test_{k}": v for k, v in result["history"][-1].items() if k in ("top1", "top5")})
         save_checkpoint(path, model, meta)
         resume.unlink(missing_ok=True)

@@ -55,8 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "method's error from the sampling of chips (not a prediction)")
     parser.add_argument("--time_points", type=int, default=5,
                         help="points on which both methods are timed in this run (0: no timing)")
-    parser.add_argument("--memory_mb", type=float, default=256,
-                        help="memory budget of the simulator's and the calibration's products")
+    parser.add_argument("--memory_mb", type=float, default=None,
+                        help="memory budget of the simulator's and the calibration's products (default: 256 "
+                             "on a CPU, a quarter of the free memory on a GPU)")
     parser.add_argument("--ground_truth", default=None,
                         help="main.py records (default results/{model}/{dataset}_accsim.jsonl)")
     parser.add_argument("--stats", default=None,
@@ -74,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--cycle {args.cycle}: need at least one draw")
     if args.calib_batches < 1:
         parser.error(f"--calib_batches {args.calib_batches}: need at least one batch")
-    if not args.memory_mb > 0:
+    if args.memory_mb is not None and not args.memory_mb > 0:
         parser.error(f"--memory_mb {args.memory_mb}: must be positive (megabytes of one crossbar product)")
     if args.time_points < 0:
         parser.error(f"--time_points {args.time_points}: cannot be negative (0: no timing)")

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from nipa.data import DATASET_NAMES
 from nipa.errors import UserError
+from nipa.runtime import configure_precision
 from nipa.zoo import CHECKPOINT_DIR
 
 # Exit codes: 2 for a user error (argparse's code for a bad option), 130 for Ctrl-C (128 + SIGINT).
@@ -30,6 +31,7 @@ def run_main(script: str, parse: Callable[[Sequence[str] | None], argparse.Names
     try:
         args = parse(argv)
         debug = bool(getattr(args, "debug", debug))
+        configure_precision(bool(getattr(args, "allow_tf32", False)))  # off unless asked for, every script
         code = run(args)
     except SystemExit as exc:  # argparse has printed its message already
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
@@ -100,6 +102,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu_id", type=int, default=None,
                         help="GPU index among the visible ones (CUDA_VISIBLE_DEVICES also works)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (recorded with every result)")
+    parser.add_argument("--allow_tf32", action="store_true",
+                        help="let CUDA products use TF32 (faster, ~5e-4 relative error nothing models; "
+                             "recorded as tf32 in the records); default: full float32")
     add_debug_arg(parser)
 
 

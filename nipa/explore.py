@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +322,7 @@ class VerifySettings:
     fast_draws: int = 3  # draws of the fast estimate per point
     fast_method: str = "calibrated"
     calib_batches: int = 1
-    memory_mb: float = 256
+    memory_mb: float | None = None  # None: nipa.runtime.default_memory_mb of the device
     bootstrap: int = 1000
 
 
@@ -375,7 +375,7 @@ def simulate_adaptively(points: Sequence[HWConfig], ctx: VerifyContext, settings
                                   sample_num=0, cycle=chips, seed=ctx.seed, batch_size=ctx.batch_size,
                                   limit=ctx.limit, exclude=ctx.exclude, include=ctx.include,
                                   memory_mb=settings.memory_mb, points=subset, weights=ctx.weights,
-                                  extra={"explore": True, **ctx.extra})
+                                  device=str(ctx.device), extra={"explore": True, **ctx.extra})
             log(f"ground truth: {len(subset)} point(s) up to {chips} chips")
             run_sweep(sweep, ctx.model, ctx.test_data, ctx.calib_inputs, ctx.device, ctx.records_path, writer,
                       log)
@@ -464,7 +464,10 @@ def verify(table: dict[str, np.ndarray], grid: ExploreGrid, stats: ModelStats, c
            log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole verification (see the module docstring); writes the summary JSON and the plot."""
     from nipa.correlation import agreement, noise_ceiling
+    from nipa.runtime import default_memory_mb
 
+    if settings.memory_mb is None:  # sized for the device (a GPU's free memory)
+        settings = replace(settings, memory_mb=default_memory_mb(ctx.device))
     started = time.perf_counter()
     chosen = select_verification_points(table, settings.points, seed=ctx.seed)
     configs = [grid.configs[i] for i in chosen]

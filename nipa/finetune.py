@@ -252,8 +252,9 @@ def noisy_weight(weight: torch.Tensor, hw: HWConfig, generator: torch.Generator)
     quantization, the shared cell model), with a straight-through gradient to the float weight."""
     matrix = weight.detach().reshape(weight.shape[0], 1, -1).float()
     q, scale = quantize_weight_tiles(matrix, hw.wl_weight)
-    g_pos, g_neg = program_cells(q[:, 0].cpu(), hw, generator)
-    programmed = (scale * (g_pos - g_neg).to(weight.device)).reshape(weight.shape).to(weight.dtype)
+    # Drawn where the weight is (the generator must be on its device): no host round trip per step.
+    g_pos, g_neg = program_cells(q[:, 0], hw, generator)
+    programmed = (scale * (g_pos - g_neg)).reshape(weight.shape).to(weight.dtype)
     return weight + (programmed - weight).detach()
 
 
@@ -263,7 +264,9 @@ def train_vat(model: nn.Module, hw: HWConfig, layers: Sequence[str], loader: Dat
     """Variation-aware training: continue training the float model with a fresh draw of the chip's
     quantization and programming error in every mapped layer at every step; no chip in the loop."""
     model = copy.deepcopy(model).to(device)
-    generator = torch.Generator().manual_seed(seed + 104_729)  # a noise stream no chip uses
+    # A noise stream no chip uses, on the training device: the same numbers as before on a CPU, a
+    # stream of its own on a GPU (VAT's draws are training noise, not a chip).
+    generator = torch.Generator(device=device).manual_seed(seed + 104_729)
     torch.manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.vat_lr, momentum=0.9, weight_decay=5e-4)
     total = settings.vat_epochs * len(loader)

@@ -173,10 +173,13 @@ class InjectedCore(nn.Module):
         self.weight_noise_std = std.expand(self.out_features, self.num_tiles).contiguous()
         # Fresh output noise per forward (adc_form="output"), per output channel, in units of
         # scale_w * (integer read): sum_t scale_w[o, t]^2 E_{t,o}; multiplied by the input scale later.
-        self.output_std = None
+        # A buffer: it follows the layer's .to(), so no forward copies it to the device (a blocking
+        # host-to-device copy per layer and batch). Not persistent: the state dict stays the model's.
+        output_std = None
         if output_power is not None:
             power = (output_power.double() * self.weight_scale.double() ** 2).sum(-1)
-            self.output_std = power.sqrt().float()
+            output_std = power.sqrt().float()
+        self.register_buffer("output_std", output_std, persistent=False)
 
     def effective_weight(self, seed: int, draw: int, paired: bool = False) -> torch.Tensor:
         """One draw of the error-injected weight, in the original weight's shape (float32, CPU).
@@ -207,7 +210,10 @@ class _InjectedLayer(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(),
                                                                  requires_grad=False)
         self.register_buffer("weight", layer.weight.detach().clone())
-        self.output_generator: torch.Generator | None = None  # the pool's normals, on the layer's device
+        # The pool's normals: made on the device of the output at the first forward of a draw (and again
+        # if the layer has moved since), so the stream always lives where the outputs are.
+        self.output_generator: torch.Generator | None = None
+        self.output_stream: tuple[int, int, int] | None = None  # (seed, draw, stream id) of that generator
         self.offset_generator: torch.Generator | None = None  # offsets, on the CPU: no device sync
         self.noise_pool: torch.Tensor | None = None
         self.paired = False
@@ -218,9 +224,10 @@ class _InjectedLayer(nn.Module):
         weight = self.core.effective_weight(seed, draw, self.paired)
         self.weight = weight.to(self.weight.device, self.weight.dtype)
         self.noise_pool = None
+        self.output_generator, self.output_stream = None, None
         if self.core.output_std is not None:
             name = f"inject-out:{self.core.name}".encode()
-            self.output_generator = chip_generator(seed, draw, zlib.crc32(name), self.weight.device)
+            self.output_stream = (seed, draw, zlib.crc32(name))
             self.offset_generator = chip_generator(seed, draw, zlib.crc32(name + b":offset"))
 
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,12 +244,16 @@ class _InjectedLayer(nn.Module):
             return y
         shape = [1] * y.dim()
         shape[channel_dim] = -1
-        std = self.core.output_std.to(y.device, y.dtype).view(shape) * scale_in
+        std = self.core.output_std.to(dtype=y.dtype).view(shape) * scale_in  # already on y's device
         # Standard normals come from a pool drawn once per draw, 1.25 times the output size, read at a
         # random offset by every forward: generating fresh normals for every output costs as much as
         # the layer itself on a CPU. Within a batch every output still gets its own value.
         numel = y.numel()
-        if self.noise_pool is None or self.noise_pool.numel() < numel:
+        if self.output_generator is None or self.output_generator.device != y.device:
+            seed, draw, stream = self.output_stream
+            self.output_generator = chip_generator(seed, draw, stream, y.device)
+            self.noise_pool = None
+        if self.noise_pool is None or self.noise_pool.numel() < numel or self.noise_pool.dtype != y.dtype:
             self.noise_pool = torch.randn(numel + numel // 4 + 1, generator=self.output_generator,
                                           device=y.device, dtype=y.dtype)
         offset = int(torch.randint(0, self.noise_pool.numel() - numel + 1, (1,),

@@ -199,12 +199,27 @@ class MultipleChoiceTask:
         for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
             ids, mask = _pad([inputs[i] for i in batch], self.pad_id, device)
             log_probs = F.log_softmax(_logits(model, ids, mask), dim=-1)
+            # Every choice's (position, target) of the batch in one index tensor, padded with position 0
+            # and weight 0: one copy to the device, one gather and one copy back per batch (not two
+            # synchronizations per choice).
+            conts = [self.requests[index][3] for index in batch]
+            width = max(len(c) for c in conts)
+            positions = torch.zeros((len(batch), width), dtype=torch.long)
+            targets = torch.zeros((len(batch), width), dtype=torch.long)
+            valid = torch.zeros((len(batch), width), dtype=torch.bool)
             for row, index in enumerate(batch):
-                q_index, c_index, whole, cont = self.requests[index]
+                whole, cont = self.requests[index][2], conts[row]
                 n = len(cont)
-                positions = torch.arange(len(whole) - 1 - n, len(whole) - 1, device=log_probs.device)
-                targets = torch.as_tensor(cont, device=log_probs.device)
-                scores[q_index][c_index] = float(log_probs[row, positions, targets].double().sum())
+                positions[row, :n] = torch.arange(len(whole) - 1 - n, len(whole) - 1)
+                targets[row, :n] = torch.as_tensor(cont, dtype=torch.long)
+                valid[row, :n] = True
+            positions, targets, valid = (t.to(log_probs.device) for t in (positions, targets, valid))
+            rows = torch.arange(len(batch), device=log_probs.device)[:, None]
+            picked = log_probs[rows, positions, targets].double()
+            sums = torch.where(valid, picked, torch.zeros_like(picked)).sum(dim=1).tolist()
+            for row, index in enumerate(batch):
+                q_index, c_index = self.requests[index][:2]
+                scores[q_index][c_index] = sums[row]
         return scores
 
     def evaluate(self, model: nn.Module, device: torch.device | str = "cpu", progress: bool = False,

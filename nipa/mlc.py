@@ -141,9 +141,9 @@ class MLCLayer(nn.Module):
         self.g_pos.copy_(g_pos)
         self.g_neg.copy_(g_neg)
         self.shadow.copy_(self.levels)
-        if self.options.read_noise > 0:
-            self.read_generator = chip_generator(seed, chip, zlib.crc32(self.name.encode()) + _ROUND - 1,
-                                                 self.levels.device)
+        # The read-noise stream restarts with every programming; its generator is made at the first read,
+        # on the device the cells are on then (see read()).
+        self.read_generator = None
 
     @torch.no_grad()
     def reprogram(self) -> int:
@@ -169,6 +169,11 @@ class MLCLayer(nn.Module):
         in mode "cells" the gradient passes straight through to the shadow levels."""
         g_pos, g_neg = self.g_pos, self.g_neg
         if self.options.read_noise > 0:
+            if self.read_generator is None or self.read_generator.device != g_pos.device:
+                # Bound to the cells' current device, not the one of conversion: a layer moved by .to()
+                # keeps drawing (a new device restarts the stream: CPU and CUDA streams differ anyway).
+                self.read_generator = chip_generator(self.seed, self.chip,
+                                                     zlib.crc32(self.name.encode()) + _ROUND - 1, g_pos.device)
             generator = self.read_generator
             noise = torch.randn((2, *g_pos.shape), generator=generator, device=g_pos.device)
             g_pos = g_pos * (1 + self.options.read_noise * noise[0])

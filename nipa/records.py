@@ -18,6 +18,7 @@ import torch
 
 from nipa import __version__
 from nipa.errors import UserError
+from nipa.runtime import tf32_enabled
 
 
 def shard_path(path: str | Path, shard: tuple[int, int] | None) -> Path:
@@ -138,7 +139,7 @@ class RecordWriter:
 def environment() -> dict[str, Any]:
     """Software and machine facts stored with every record."""
     return {"nipa_version": __version__, "torch_version": torch.__version__,
-            "python_version": platform.python_version(), "host": platform.node()}
+            "python_version": platform.python_version(), "host": platform.node(), "tf32": tf32_enabled()}
 
 
 def timestamp() -> str:

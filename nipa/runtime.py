@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,3 +44,54 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def configure_precision(allow_tf32: bool = False) -> None:
+    """Full float32 matrix products and convolutions unless `allow_tf32`. This PyTorch lets cuDNN use
+    TF32 by default: the ideal model, digital and injected layers would then carry about 5e-4 relative
+    error that nothing models, and GPU numbers would differ from CPU ones. No effect on a CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 products may run in TF32 now (recorded with results)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+
+
+# Every process that imports the project computes in full float32 until it opts in (--allow_tf32).
+configure_precision(False)
+
+
+def use_deterministic_algorithms() -> None:
+    """Deterministic kernels where PyTorch has them (pretrain.py --deterministic): on CUDA, e.g. the
+    backward of AdaptiveAvgPool2d accumulates with atomics in a varying order otherwise. Ops without a
+    deterministic kernel warn instead of failing. cuBLAS needs its workspace fixed before first use."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+# Default budget of one crossbar product (--memory_mb) on a CPU, and the least on a GPU.
+MIN_MEMORY_MB = 256.0
+
+
+def default_memory_mb(device: torch.device | str) -> float:
+    """--memory_mb when the user gives none: 256 MB on a CPU; on a GPU a quarter of its free memory
+    (at least 256 MB), so that large batches take the one-pass product instead of computing it twice."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return MIN_MEMORY_MB
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(MIN_MEMORY_MB, free / 4 / 2**20)
+
+
+def device_signature(device: torch.device | str) -> dict[str, Any]:
+    """What of the device decides a sweep's numbers: its type, and on CUDA the GPU's name (kernels and
+    random streams differ between devices)."""
+    device = torch.device(device)
+    signature: dict[str, Any] = {"device_type": device.type}
+    if device.type == "cuda":
+        signature["gpu_name"] = torch.cuda.get_device_name(device)
+    return signature

@@ -17,8 +17,9 @@ from nipa.compat import NO_COMPAT, Compat
 from nipa.config import HWConfig, SearchSpace
 from nipa.crossbar import calibrate_adc, compile_mode, convert, mapped_layer_names, program_chip
 from nipa.errors import UserError
-from nipa.evaluate import describe_metrics, evaluate
+from nipa.evaluate import describe_metrics, evaluate, resident_batches
 from nipa.records import RecordWriter, environment, read_records, timestamp
+from nipa.runtime import device_signature
 from nipa.zoo import dataset_id, model_id
 
 # The simulator's numeric semantics: 1 = an ADC range per tile in `dynamic` mode (before 2026-12),
@@ -55,6 +56,9 @@ class SweepSettings:
     weights: str | None = None
     # The original tool's choices the simulator reproduces (--compat; nipa.compat).
     compat: Compat = NO_COMPAT
+    # The device the chips are simulated on ("cpu", "cuda:0"): its type and GPU model are settings, since
+    # per-read draws and float rounding differ between devices (run_sweep sets it to its own device).
+    device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def signature(self) -> dict[str, Any]:
@@ -66,7 +70,7 @@ class SweepSettings:
                 "per_read": self.per_read or self.compat.per_read, "calib_batches": self.calib_batches,
                 "weights": self.weights, "compat": self.compat.switches,
                 # Records of a simulator whose numbers differ for the same settings never mix.
-                "simulator": SIMULATOR_VERSION}
+                "simulator": SIMULATOR_VERSION, **device_signature(self.device)}
 
 
 def sweep_points(settings: SweepSettings) -> list[HWConfig]:
@@ -92,10 +96,22 @@ def check_compatible(existing: list[dict], settings: SweepSettings, path: Path) 
         if not isinstance(have, dict) or "method" not in record:
             raise UserError(f"{path}: record {number} is not a record of main.py (no 'run' settings or "
                             "'method'); give main.py its own results file with --out")
+        # Records written before the device was a setting have no device_type. The ones in use were all
+        # simulated on CPUs (sweeps running when it was added), so a missing one counts as "cpu": those
+        # sweeps still resume on a CPU. (An older GPU sweep then reads as a CPU one: resume it with --out.)
+        have = {"device_type": "cpu", **have}
         if have.get("simulator") != wanted["simulator"]:
             raise UserError(f"{path}: record {number} comes from an earlier simulator (before the dynamic ADC "
                             "range spanned every tile of a layer, SPEC section 4); its numbers differ from "
                             "today's: pass --out for a new results file")
+        device_keys = ("device_type", "gpu_name")
+        if any(have.get(k) != wanted.get(k) for k in device_keys):
+            def name(sig: dict) -> str:
+                return sig["device_type"] + (f" ({sig['gpu_name']})" if sig.get("gpu_name") else "")
+
+            raise UserError(f"{path}: record {number} was simulated on {name(have)}, this run is on "
+                            f"{name(wanted)}; draws and rounding differ between devices, so one sweep runs on "
+                            "one kind of device: pass its --device, or --out for a new results file")
         if have != wanted:
             diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
             raise UserError(f"{path} already holds records of a sweep with other settings "
@@ -113,8 +129,11 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
     """Evaluate the ideal model (once) and every hardware point on `cycle` chips. Records already in
     the results file are skipped, so an interrupted sweep resumes where it stopped. Returns the new
     records."""
+    settings = dataclasses.replace(settings, device=str(device))  # the device that runs is the one recorded
     existing = read_records(out_path)
     check_compatible(existing, settings, Path(out_path))
+    # A test set that fits stays on the device: read and copied once, not once per chip.
+    test_loader = resident_batches(test_loader, device)
     done = done_keys(existing)
     points = sweep_points(settings)
     common = {"model": model_id(settings.model_name), "dataset": dataset_id(settings.model_name, settings.dataset),

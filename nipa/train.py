@@ -69,6 +69,25 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     return float(loss_sum) / max(count, 1)
 
 
+def rng_states(device: torch.device | str) -> dict[str, object]:
+    """The global random states a resumed run must continue: the CPU's, and the training GPU's when
+    training on CUDA (dropout and some augmentations draw there)."""
+    device = torch.device(device)
+    states: dict[str, object] = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(state: dict, device: torch.device | str) -> None:
+    """Set the states `rng_states` saved. torch.set_rng_state wants CPU ByteTensors, whatever device
+    the file was loaded to; a CUDA state goes to the training GPU (a resume on the CPU ignores it)."""
+    device = torch.device(device)
+    torch.set_rng_state(state["rng"].cpu())
+    if state.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+
+
 def fit(model: nn.Module, train_loader, test_loader, recipe: Recipe, device: torch.device,
         resume_path: str | Path | None = None, log: Callable[[str], None] = print, seed: int | None = None) -> dict:
     """Train for `recipe.epochs`, evaluating after every epoch. With `resume_path`, the optimizer,
@@ -79,7 +98,9 @@ def fit(model: nn.Module, train_loader, test_loader, recipe: Recipe, device: tor
     start_epoch, history = 0, []
     resume_path = Path(resume_path) if resume_path else None
     if resume_path and resume_path.is_file():
-        state = torch.load(resume_path, map_location=device, weights_only=False)
+        # On the CPU: the random states must stay CPU tensors; the model and optimizer states are
+        # copied to the parameters' device by load_state_dict.
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
         if state.get("recipe") != recipe.to_dict():
             raise UserError(f"{resume_path}: was written with another recipe {state.get('recipe')}; "
                             "delete it or pass the same options")
@@ -89,7 +110,7 @@ def fit(model: nn.Module, train_loader, test_loader, recipe: Recipe, device: tor
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        restore_rng_states(state, device)
         if state.get("loader_rng") is not None and getattr(train_loader, "generator", None) is not None:
             train_loader.generator.set_state(state["loader_rng"])
         start_epoch, history = state["epoch"], state["history"]
@@ -109,7 +130,7 @@ def fit(model: nn.Module, train_loader, test_loader, recipe: Recipe, device: tor
             resume_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = resume_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                        "scheduler": scheduler.state_dict(), **rng_states(device),
                         "loader_rng": loader_generator.get_state() if loader_generator is not None else None,
                         "epoch": epoch + 1, "history": history, "recipe": recipe.to_dict(), "seed": seed}, tmp)
             tmp.replace(resume_path)

@@ -455,7 +455,7 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
     Returns the summary (also written as JSON)."""
     from nipa.llm import is_llm_name
     from nipa.mapping import select_layers
-    from nipa.runtime import resolve_device, seed_everything
+    from nipa.runtime import default_memory_mb, resolve_device, seed_everything
     from nipa.stats import check_stats_weights, load_statistics
     from nipa.workload import Workload, check_workload
     from nipa.zoo import statistics_path, weights_file, weights_sha256
@@ -498,6 +498,8 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
     if not is_llm_name(args.model_name):  # a CNN's checkpoint is checked before anything is loaded
         check_weights(workload.weights_sha256())
     device = resolve_device(args.device, args.gpu_id)
+    if args.memory_mb is None:
+        args.memory_mb = default_memory_mb(device)
     seed_everything(args.seed)
     model, meta, loader = workload.load(device=device, batch_size=batch_size, num_workers=args.num_workers,
                                         limit=limit)

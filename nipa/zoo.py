@@ -128,12 +128,15 @@ def load_trained_model(model_name: str, dataset: str, ckpt_dir: str | Path = CHE
 
 
 def test_loader(dataset: str, data_root: str | Path = "data", batch_size: int = 256,
-                num_workers: int = 0, limit: int | None = None) -> torch.utils.data.DataLoader:
-    """The evaluation loader (fixed order, no augmentation); `limit` keeps the first N samples."""
+                num_workers: int = 0, limit: int | None = None,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The evaluation loader (fixed order, no augmentation); `limit` keeps the first N samples.
+    `pin_memory` for a GPU: page-locked batches copy to it asynchronously."""
     data = get_dataset(dataset, "test", data_root=str(data_root), augment=False)
     if limit is not None and limit < len(data):
         data = torch.utils.data.Subset(data, range(limit))
-    return make_loader(data, batch_size=batch_size, shuffle=False, seed=0, num_workers=num_workers)
+    return make_loader(data, batch_size=batch_size, shuffle=False, seed=0, num_workers=num_workers,
+                       pin_memory=pin_memory)
 
 
 def model_id(model_name: str) -> str:
@@ -185,7 +188,8 @@ def load_model_and_data(model_name: str, dataset: str, *, ckpt_dir: str | Path =
         task = load_task(dataset, tokenizer, batch_size=batch_size, limit=limit)
         model, metadata = load_causal_lm(model_name, device)
         return model, metadata, task
-    loader = test_loader(dataset, data_root, batch_size, num_workers, limit)
+    loader = test_loader(dataset, data_root, batch_size, num_workers, limit,
+                         pin_memory=torch.device(device).type == "cuda")
     model, metadata = load_trained_model(model_name, dataset, ckpt_dir, ckpt, device)
     return model, metadata, loader
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small trained checkpoint on the offline digits, made once per test session."""
+"""Shared fixtures: a small trained checkpoint on the offline digits, made once per test session, and
+the devices a device-dependent test runs on."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+# Every test taking `device` runs on the CPU and, where one is visible, on CUDA (ids [cpu] / [cuda]:
+# `pytest -k cuda` runs the GPU half, as bench/gpu.sh does).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device visible"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
 
 
 @pytest.fixture(autouse=True)

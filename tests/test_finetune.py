@@ -260,6 +260,60 @@ def test_optional_input_quantization_read_noise_and_adc(tiny):
     torch.testing.assert_close(noisy(x), first)  # but reproducible per chip
 
 
+def test_read_noise_draws_on_the_cells_current_device(tiny, device):
+    """Programmed on the CPU, then moved: the read-noise stream is made on the cells' device at the
+    first read (a generator bound at conversion would fail there), and repeats per programming."""
+    x = torch.randn(4, 1, 8, 8)
+    noisy = convert_mlc(tiny, mlc_hw(3), options=ChipOptions(read_noise=0.05), chip=3)
+    on_cpu = noisy(x)
+    noisy.to(device)
+    for layer in mlc_layers(noisy).values():
+        layer.program(0, 3)
+    first = noisy(x.to(device))
+    assert all(layer.read_generator.device.type == device.type for layer in mlc_layers(noisy).values())
+    assert not torch.allclose(first, noisy(x.to(device)))
+    for layer in mlc_layers(noisy).values():
+        layer.program(0, 3)
+    torch.testing.assert_close(noisy(x.to(device)), first)
+    if device.type == "cpu":
+        torch.testing.assert_close(first, on_cpu)
+    noisy.to(torch.float64)  # a new dtype keeps the generator and still reads
+    assert torch.isfinite(noisy(x.to(device, torch.float64))).all()
+
+
+def test_vat_noise_is_drawn_on_the_weights_device(device):
+    hw = mlc_hw(3, "state_dependent", 0.3)
+    weight = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
+    generator = torch.Generator(device=device).manual_seed(1)
+    noisy = noisy_weight(weight, hw, generator)
+    assert noisy.device == weight.device
+    again = noisy_weight(weight, hw, torch.Generator(device=device).manual_seed(1))
+    assert torch.equal(noisy, again)  # the device stream is reproducible
+    assert not torch.equal(noisy, noisy_weight(weight, hw, generator))  # and moves on per step
+    noisy.sum().backward()
+    torch.testing.assert_close(weight.grad, torch.ones_like(weight))
+
+
+def test_variation_aware_training_runs_on_the_device(tiny, device):
+    """VAT draws its noise with a generator on the training device, every step; same seed, same model."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nipa.finetune import train_vat
+
+    data = TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,)))
+    settings = FinetuneSettings(vat_epochs=1, vat_batch_size=16)
+    hw = mlc_hw(3, "state_dependent", 0.2)
+
+    def train() -> nn.Module:
+        loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return train_vat(tiny, hw, ["conv1", "fc"], loader, settings, 0, device, log=lambda line: None)
+
+    first, second = train(), train()
+    assert first.fc.weight.device.type == device.type
+    assert not torch.equal(first.fc.weight.cpu(), tiny.fc.weight)  # it trained
+    torch.testing.assert_close(first.fc.weight, second.fc.weight)
+
+
 def test_adc_codes_are_clamped_to_the_converter_range():
     """Inputs beyond the calibrated range saturate the ADC at its codes -2^(b-1) .. 2^(b-1) - 1."""
     torch.manual_seed(0)

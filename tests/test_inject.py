@@ -197,6 +197,34 @@ def test_output_noise_is_fresh_per_forward_and_repeats_per_draw(net):
     assert torch.equal(inject(net, hw, method="calibrated", calibration=calibration, draw=0)(x), first)
 
 
+def test_output_noise_lives_on_the_layers_device_and_follows_to(net, device):
+    """Converted on the CPU, moved with .to(): the output noise scale is a buffer already on the device
+    (no host-to-device copy in the forward) and the noise stream is made where the outputs are."""
+    hw = HWConfig(wl_weight=6, subArray=64, ADCprecision=4)
+    x = torch.randn(8, 3, 10, 10)
+    calibration = AdcCalibration(net, [torch.randn(16, 3, 10, 10)])
+    model = inject(net, hw, method="calibrated", calibration=calibration, draw=0)
+    reference = model(x)
+    core = model.fc.core
+    assert "output_std" in dict(core.named_buffers()) and "output_std" not in core.state_dict()
+    model.to(device)
+    assert core.output_std.device.type == device.type
+    x_dev = x.to(device)
+    redraw(model, 0, 0)
+    first = model(x_dev)
+    assert model.fc.output_generator.device.type == device.type
+    redraw(model, 0, 0)
+    assert torch.equal(model(x_dev), first)  # the draw restarts on the new device too
+    if device.type == "cpu":
+        assert torch.equal(first, reference)  # same device, same stream: moving changed nothing
+    model.to(torch.float64)
+    assert core.output_std.dtype == torch.float64
+    redraw(model, 0, 0)
+    wide = model(x_dev.double())
+    assert wide.dtype == torch.float64 and torch.isfinite(wide).all()
+    assert not torch.equal(wide, model(x_dev.double()))  # still fresh noise per forward
+
+
 def test_paired_draws_carry_the_simulated_chips_cells(net):
     hw = HWConfig(wl_weight=6, subArray=64, ADCprecision=24, vari=0.2, SAF_prop=0.01)
     x = torch.randn(4, 3, 10, 10)

@@ -385,6 +385,33 @@ def test_loglikelihoods_equal_hand_computed_sums(family: str, batch_size: int) -
         assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_loglikelihoods_on_the_device_copy_to_the_host_once_per_batch(device, monkeypatch) -> None:
+    """The scores on any device equal the hand-computed sums, and each batch comes back to the host in one
+    transfer (one .tolist()), with no per-choice float() synchronization."""
+    model, tokenizer = tiny_model("gpt2"), char_tokenizer()
+    expected = hand_scores(model, tokenizer, QUESTIONS)
+    task = MultipleChoiceTask(QUESTIONS, tokenizer, batch_size=3)
+    model.to(device)
+    transfers = {"tolist": 0}
+    real_tolist = torch.Tensor.tolist
+
+    def counted(self):
+        transfers["tolist"] += 1
+        return real_tolist(self)
+
+    def refused(self):
+        raise AssertionError("a per-choice float() synchronizes with the device")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    monkeypatch.setattr(torch.Tensor, "__float__", refused)
+    scores = task.loglikelihoods(model, device)
+    monkeypatch.undo()
+    batches = -(-len(task.requests) // task.batch_size)
+    assert transfers["tolist"] == batches
+    for got, want in zip(scores, expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_evaluate_follows_from_the_scores_with_character_normalisation() -> None:
     model, tokenizer = tiny_model("gpt2"), char_tokenizer()
     scores = hand_scores(model, tokenizer, QUESTIONS)

@@ -3,6 +3,8 @@ predictions, resumes, skips an existing checkpoint; bad names and missing files 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ import pretrain
 from nipa.data import get_dataset, make_loader
 from nipa.errors import UserError
 from nipa.runtime import resolve_device
-from nipa.train import Recipe, fit
+from nipa.train import Recipe, fit, restore_rng_states, rng_states
 from nipa.zoo import build_model, checkpoint_path, load_model_and_data, load_trained_model
 
 
@@ -57,11 +59,13 @@ def test_same_seed_same_weights(tmp_path):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def test_interrupted_training_resumes(tmp_path, monkeypatch):
-    """A run killed after epoch 1 continues at epoch 2 and ends where an uninterrupted run ends."""
+def test_interrupted_training_resumes(tmp_path, monkeypatch, device):
+    """A run killed after epoch 1 continues at epoch 2 and ends where an uninterrupted run ends (on a
+    GPU too: the resume file's random states are loaded to the CPU, where torch.set_rng_state wants them).
+    Deterministic kernels, so that the GPU's two runs can agree."""
     import nipa.train as train_module
 
-    args = ["--dataset", "digits", "--epochs", "2", "--device", "cpu", "--seed", "1"]
+    args = ["--dataset", "digits", "--epochs", "2", "--device", device.type, "--seed", "1", "--deterministic"]
     assert pretrain.main(args + ["--ckpt_dir", str(tmp_path / "full")]) == 0
     full = torch.load(checkpoint_path("smallcnn", "digits", tmp_path / "full"))["state_dict"]
 
@@ -82,6 +86,37 @@ def test_interrupted_training_resumes(tmp_path, monkeypatch):
     assert pretrain.main(args + ["--ckpt_dir", str(tmp_path / "cut")]) == 0
     resumed = torch.load(checkpoint_path("smallcnn", "digits", tmp_path / "cut"))["state_dict"]
     assert all(torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6) for k in full)
+
+
+@pytest.fixture(autouse=True)
+def _nondeterministic_again():
+    """--deterministic changes process-wide state: every test starts and ends without it."""
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_random_states_survive_a_resume_file_loaded_to_the_device(tmp_path, device):
+    """The states saved after an epoch, read back with the model's map_location (as resume files were),
+    restore both the CPU's and the training GPU's streams."""
+    torch.manual_seed(5)
+    torch.save(rng_states(device), tmp_path / "states.pt")
+    expected_cpu = torch.rand(4)
+    expected_dev = torch.rand(4, device=device)
+    state = torch.load(tmp_path / "states.pt", map_location=device, weights_only=False)
+    assert ("cuda_rng" in state) == (device.type == "cuda")
+    torch.rand(7), torch.rand(3, device=device)  # move both streams on
+    restore_rng_states(state, device)
+    assert torch.equal(torch.rand(4), expected_cpu)
+    assert torch.equal(torch.rand(4, device=device), expected_dev)
+
+
+def test_deterministic_flag_turns_on_deterministic_kernels_and_is_recorded(tmp_path):
+    assert pretrain.main(["--dataset", "digits", "--epochs", "1", "--ckpt_dir", str(tmp_path), "--device", "cpu",
+                          "--deterministic"]) == 0
+    assert torch.are_deterministic_algorithms_enabled()
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    meta = torch.load(checkpoint_path("smallcnn", "digits", tmp_path))
+    assert meta["deterministic"] is True and meta["device"] == "cpu"
 
 
 def test_missing_checkpoint_names_the_command(tmp_path):

@@ -213,3 +213,54 @@ def test_chips_of_points_without_device_error_are_copies_that_simulation_confirm
     loss = {(r["config_key"], r["chip"]): r["loss"] for r in records}
     assert loss == {(r["config_key"], r["chip"]): r["loss"] for r in read_records(simulated) if r["method"] == "sliced"}
     assert not any("copied_from_chip" in r for r in read_records(simulated))
+
+
+def test_records_name_the_device_and_records_without_it_resume_on_a_cpu(digits_ckpt_dir, space, tmp_path,
+                                                                         capsys):
+    import json
+
+    out = tmp_path / "r.jsonl"
+    assert run_main(digits_ckpt_dir, space, out, "--limit", "32") == 0
+    records = read_records(out)
+    assert all(r["run"]["device_type"] == "cpu" and "gpu_name" not in r["run"] for r in records)
+    assert all(r["tf32"] is False and r["memory_mb"] == 256 for r in records)  # the CPU's default budget
+
+    def rewrite(change) -> None:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        for row in rows:
+            change(row["run"])
+        out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    rewrite(lambda run: run.pop("device_type"))  # as written before the device was a setting
+    before = out.read_bytes()
+    assert run_main(digits_ckpt_dir, space, out, "--limit", "32") == 0  # counts as a CPU sweep: resumes
+    assert out.read_bytes() == before
+    rewrite(lambda run: run.update(device_type="cuda", gpu_name="NVIDIA H200"))
+    capsys.readouterr()
+    assert run_main(digits_ckpt_dir, space, out, "--limit", "32") == 2
+    err = capsys.readouterr().err
+    assert "simulated on cuda (NVIDIA H200), this run is on cpu" in err and "--device" in err
+    assert out.read_bytes() != before  # (the rewritten file, untouched by the refused run)
+
+
+def test_a_test_set_held_on_the_device_gives_the_loaders_numbers(digits_ckpt_dir, device):
+    import torch
+
+    from nipa.config import HWConfig
+    from nipa.crossbar import convert
+    from nipa.evaluate import evaluate, resident_batches
+    from nipa.zoo import load_trained_model, test_loader
+
+    model, _ = load_trained_model("smallcnn", "digits", digits_ckpt_dir, device=device)
+    loader = test_loader("digits", batch_size=64, limit=200, pin_memory=device.type == "cuda")
+    held = resident_batches(loader, device)
+    assert isinstance(held, list) and len(held) == len(loader)
+    assert all(x.device.type == device.type for x, _ in held)
+    assert evaluate(model, held, device) == evaluate(model, loader, device)
+    chip = convert(model, HWConfig(wl_weight=6, wl_input=6, subArray=64, ADCprecision=5, vari=0.2),
+                   seed=1, chip=0).to(device).eval()
+    assert evaluate(chip, held, device) == evaluate(chip, loader, device)
+    # Only a fixed-order loader of a set that fits is held; anything else is passed through.
+    assert resident_batches(loader, device, max_mb=0.01) is loader
+    shuffled = torch.utils.data.DataLoader(loader.dataset, batch_size=64, shuffle=True)
+    assert resident_batches(shuffled, device) is shuffled
