@@ -16,6 +16,9 @@ GPU=${GPU:-0}
 STEP_TIMEOUT=${STEP_TIMEOUT:-900}  # seconds per step
 PYTHON=${PYTHON:-python}
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
+# Full float32 in cuBLAS and cuDNN, as every project script computes by default (nipa.runtime): the
+# benchmarks do not import nipa.runtime, and cuDNN would otherwise use TF32 for the plain baseline too.
+export NVIDIA_TF32_OVERRIDE=${NVIDIA_TF32_OVERRIDE:-0}
 
 if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "bench/gpu.sh: no CUDA GPU visible to PyTorch ($("$PYTHON" -c 'import torch; print("torch", torch.__version__)' \
