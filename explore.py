@@ -21,7 +21,7 @@ from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_m
 from nipa.explore import ExploreSettings, MetricOptions, VerifySettings, run_explore
 from nipa.inject import METHODS
 from nipa.logs import open_log
-from nipa.metric import DEVICE_MODELS, REDUCTIONS, TILE_FACTORS
+from nipa.metric import DEVICE_MODELS, INPUT_TERMS, REDUCTIONS, TILE_FACTORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reduction", choices=REDUCTIONS, default="model_average", help="NIPA over layers")
     parser.add_argument("--tile_factor", choices=TILE_FACTORS, default="tiles", help="k_T of NIPA's ADC term")
     parser.add_argument("--device_model", choices=DEVICE_MODELS, default="published", help="NIPA's device term")
+    parser.add_argument("--input_term", choices=INPUT_TERMS, default="rounding",
+                        help="NIPA's input term: rounding (default here: the input bits' rounding noise, "
+                             "nipa.metric.input_rounding_share) or none (the published metric)")
     parser.add_argument("--tokens", type=int, default=1,
                         help="language models: tokens per inference for the cost (default 1: cost per token)")
     parser.add_argument("--random_init", action="store_true", help="untrained weights (tests and benchmarks)")
@@ -80,7 +83,8 @@ def settings_from_args(args: argparse.Namespace) -> ExploreSettings:
         num_workers=args.num_workers, exclude=args.exclude_layer, include=args.include_layer, block=args.block,
         tokens=args.tokens, random_init=args.random_init, seed=args.seed, device=args.device, gpu_id=args.gpu_id,
         budgets={"area_mm2": args.max_area, "energy_nj": args.max_energy, "latency_us": args.max_latency},
-        metric=MetricOptions(args.reduction, args.tile_factor, args.device_model), out_dir=args.out_dir,
+        metric=MetricOptions(args.reduction, args.tile_factor, args.device_model, args.input_term),
+        out_dir=args.out_dir,
         verify=verify, records=args.records)
 
 

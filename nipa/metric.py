@@ -86,6 +86,9 @@ REDUCTIONS = ("model_average", "layer_sum")
 # "ground_truth": the ADC step of each point's ADC mode as the simulator reads it; "published": S density_k
 # / 2^a_r for every point (the paper's form, which assumed a range per read of one tile).
 ADC_TERMS = ("ground_truth", "published")
+# "none": the published metric, which does not see the input bits; "rounding": the input's rounding noise
+# under the same clipping assumption the published Q makes for the weights (input_rounding_share).
+INPUT_TERMS = ("none", "rounding")
 # ADC modes whose range is shared by all tiles of a layer: the step widens by the tile range ratio.
 _SHARED_RANGE_MODES = ("dynamic", "calibrated")
 TILE_FACTORS = ("tiles", "one")
@@ -211,6 +214,17 @@ def slice_noise_terms(var: np.ndarray, density: np.ndarray, tiles: np.ndarray | 
     return adc, device
 
 
+def input_rounding_share(wl_input: np.ndarray | int) -> np.ndarray:
+    """The input's rounding noise relative to its signal: (1/12) / var(x_q), with var(x_q) =
+    ((2^(a-1) - 1) / 3)^2, i.e. a per-tensor max-abs scale that clips at 3 sigma, the assumption the
+    published weight term makes (s = 6 sigma_w / 2^b). An output's error from input rounding is this share
+    of its signal, so in the metric's units it adds share * signal to the noise: NIPA = S / (N + share S).
+    With one wl_input for every point (the published spaces) this is a monotone transform of NIPA and
+    changes no ranking; it matters where the input bits vary (explore.py's space)."""
+    levels = 2.0 ** (np.asarray(wl_input, dtype=np.float64) - 1.0) - 1.0
+    return (1.0 / 12.0) / (levels / 3.0) ** 2
+
+
 def adc_step(density: np.ndarray, subArray: np.ndarray | int, adc_bits: np.ndarray | int,
              cellBit: np.ndarray | int, adc_mode: np.ndarray | str,
              tile_range_ratio: np.ndarray | None) -> np.ndarray:
@@ -289,6 +303,7 @@ def point_arrays(points: Sequence[HWConfig | Mapping[str, Any]]) -> dict[str, np
         "saf_prop": np.array([p.SAF_prop for p in configs], dtype=np.float64),
         "onoffratio": np.array([p.onoffratio for p in configs], dtype=np.float64),
         "adc_mode": np.array([p.adc_mode for p in configs]),
+        "wl_input": np.array([p.wl_input for p in configs], dtype=np.int64),
     }
 
 
@@ -369,19 +384,20 @@ def _gather(stats: ModelStats | ComboStats, keys: Sequence[str], per_layer: bool
 
 
 def check_options(tile_factor: str = "tiles", device_model: str = "published",
-                  reduction: str = "model_average", adc_term: str = "ground_truth") -> None:
+                  reduction: str = "model_average", adc_term: str = "ground_truth", input_term: str = "none") -> None:
     """ValueError naming the allowed values of a metric option."""
     for name, value, allowed in (("tile_factor", tile_factor, TILE_FACTORS),
                                  ("device_model", device_model, DEVICE_MODELS),
                                  ("reduction", reduction, REDUCTIONS),
-                                 ("adc_term", adc_term, ADC_TERMS)):
+                                 ("adc_term", adc_term, ADC_TERMS),
+                                 ("input_term", input_term, INPUT_TERMS)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
 
 
 def _terms_for_points(stats: ModelStats | ComboStats, points, per_layer: bool, tile_factor: str,
-                      device_model: str = "published", adc_term: str = "ground_truth"):
-    check_options(tile_factor, device_model, adc_term=adc_term)
+                      device_model: str = "published", adc_term: str = "ground_truth", input_term: str = "none"):
+    check_options(tile_factor, device_model, adc_term=adc_term, input_term=input_term)
     hw = point_arrays(points)
     gathered = _gather(stats, hw["key"].tolist(), per_layer, cell_levels=device_model == "cells")
     extra = (slice(None), None) if per_layer else (slice(None),)  # hardware arrays [N] -> [N, 1]
@@ -400,31 +416,36 @@ def _terms_for_points(stats: ModelStats | ComboStats, points, per_layer: bool, t
         delta = adc_step(gathered["density"], hw["subArray"][per_slice], hw["adc_bits"][per_slice],
                          hw["cellBit"][per_slice], hw["adc_mode"][per_slice],
                          None if np.isnan(ratio[shared]).any() else np.nan_to_num(ratio, nan=1.0))
-    return nipa_terms(
+    signal, noise = nipa_terms(
         gathered["var"], gathered["density"], tiles, hw["subArray"][extra], hw["cellBit"][extra],
         hw["adc_bits"][extra], hw["vari_code"][extra], hw["spread"][extra], hw["saf_prop"][extra],
         valid=gathered["valid"], weight_var=gathered["weight_var"], wl_weight=hw["wl_weight"][extra],
         sigma2=sigma2, delta=delta)
+    if input_term == "rounding":
+        noise = noise + input_rounding_share(hw["wl_input"][extra]) * signal
+    return signal, noise
 
 
 def nipa_metric(stats: ModelStats | ComboStats, points: HWConfig | Mapping[str, Any] | Sequence,
                 reduction: str = "model_average", tile_factor: str = "tiles",
-                device_model: str = "published", adc_term: str = "ground_truth") -> np.ndarray | float:
+                device_model: str = "published", adc_term: str = "ground_truth",
+                input_term: str = "none") -> np.ndarray | float:
     """Model-level NIPA of hardware points: an array [N] (a float for a single point).
 
     reduction: "model_average" (default, published: layer-averaged statistics in one formula) or
     "layer_sum" (sum of the layers' signals over the sum of their noises). device_model: "published"
     (default) or "cells" (see the module docstring). adc_term: "ground_truth" (default: the step of
-    each point's ADC mode, `adc_step`) or "published" (S density_k / 2^a_r). Higher NIPA = more robust.
+    each point's ADC mode, `adc_step`) or "published" (S density_k / 2^a_r). input_term: "none" (default,
+    published) or "rounding" (`input_rounding_share`). Higher NIPA = more robust.
     """
-    check_options(tile_factor, device_model, reduction, adc_term)
+    check_options(tile_factor, device_model, reduction, adc_term, input_term)
     point_list, single = _as_points(points)
     if not point_list:
         return np.zeros(0)
     if reduction == "model_average":
-        signal, noise = _terms_for_points(stats, point_list, False, tile_factor, device_model, adc_term)
+        signal, noise = _terms_for_points(stats, point_list, False, tile_factor, device_model, adc_term, input_term)
     else:
-        signal, noise = _terms_for_points(stats, point_list, True, tile_factor, device_model, adc_term)
+        signal, noise = _terms_for_points(stats, point_list, True, tile_factor, device_model, adc_term, input_term)
         signal, noise = signal.sum(axis=-1), noise.sum(axis=-1)
     value = signal / noise
     return float(value[0]) if single else value

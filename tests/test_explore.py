@@ -143,7 +143,7 @@ def test_grid_nipa_equals_per_point_nipa(small_ranking):
     rows = np.random.default_rng(0).choice(len(grid), 25, replace=False)
     for row in rows:
         config = grid.configs[table["config_id"][row]]
-        single = nipa_metric(stats, config)
+        single = nipa_metric(stats, config, input_term="rounding")  # explore.py's default
         assert isinstance(single, float)
         assert table["nipa"][row] == pytest.approx(single, rel=1e-9)
         assert table["wl_weight"][row] == config.wl_weight and table["vari"][row] == config.vari

@@ -91,3 +91,19 @@ def test_statistics_without_the_ratio_are_refused_only_where_needed() -> None:
         nipa_metric(stats, HWConfig(subArray=128))
     assert nipa_metric(stats, HWConfig(subArray=128), adc_term="published") > 0
     assert nipa_metric(stats, HWConfig(subArray=128, adc_mode="dynamic_tile")) > 0
+
+
+def test_input_rounding_term_sees_input_bits_and_keeps_rankings_at_fixed_bits() -> None:
+    torch.manual_seed(3)
+    stats = stats_of(nn.Linear(300, 32), combos=((8, 128, 1), (6, 128, 1)))
+    points = [HWConfig(wl_weight=w, subArray=128, ADCprecision=a, vari=v, wl_input=8)
+              for w in (8, 6) for a in (4, 6) for v in (0.0, 0.2)]
+    plain = np.asarray(nipa_metric(stats, points))
+    rounding = np.asarray(nipa_metric(stats, points, input_term="rounding"))
+    assert (rounding < plain).all()
+    assert (np.argsort(rounding) == np.argsort(plain)).all()  # one wl_input: a monotone transform
+    # share = (1/12) / ((2^(a-1) - 1)/3)^2: 1/NIPA grows by exactly that
+    np.testing.assert_allclose(1 / rounding - 1 / plain, (1 / 12) / (127 / 3) ** 2, rtol=1e-9)
+    few_bits = [dataclasses.replace(p, wl_input=4) for p in points]
+    assert (np.asarray(nipa_metric(stats, few_bits, input_term="rounding")) < rounding).all()
+    assert np.allclose(np.asarray(nipa_metric(stats, few_bits)), plain)  # the published metric cannot tell
