@@ -19,6 +19,11 @@ results/{model}/):
 A metric variant (--reduction / --tile_factor / --device_model other than the published defaults) inserts
 its name into
 the file names (e.g. {dataset}_nipa_layer_sum_points.csv), so it never overwrites the published form.
+
+--measure loss or perplexity (an LLM's text task records no accuracy) judges NIPA against that instead and
+inserts its name (e.g. {dataset}_nipa_perplexity_summary.json). Lower is better there, so the correlations
+are computed against minus the measure: agreement is positive, as for accuracy (the summary says "sign": -1).
+With top-1 (the headline, as in the paper) the test loss is reported beside it when the records hold it.
 """
 
 from __future__ import annotations
@@ -37,7 +42,14 @@ from typing import Any
 import numpy as np
 
 from nipa import __version__
-from nipa.cli import add_debug_arg, add_user_data_args, add_user_model_args, resolve_model_args, run_main
+from nipa.cli import (
+    add_debug_arg,
+    add_text_window_args,
+    add_user_data_args,
+    add_user_model_args,
+    resolve_model_args,
+    run_main,
+)
 from nipa.config import HWConfig
 from nipa.correlation import (
     COEFFICIENTS,
@@ -51,8 +63,10 @@ from nipa.correlation import (
     chip_mean,
     chip_std,
     group_records,
+    measure_sign,
     noise_ceiling,
     one_factor_pairs,
+    sign_note,
     split_by,
 )
 from nipa.data import DATASET_NAMES
@@ -129,6 +143,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "cell model; exact stuck-at faults, both cells' noise; see nipa/metric.py)")
     parser.add_argument("--accuracy", choices=("top1", "top5"), default="top1",
                         help="top1 (for an LLM's multiple-choice task: acc) or top5")
+    parser.add_argument("--measure", choices=("top1", "top5", "loss", "perplexity"), default=None,
+                        help="what the ground truth is judged by (default: --accuracy): loss (test cross-entropy) "
+                             "or perplexity (an LLM's text task) are lower-is-better, so their correlations are "
+                             "taken with minus the measure (agreement positive)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0 = no CIs)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the CIs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
@@ -152,10 +170,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     noise.add_argument("--ckpt_dir", default="ckpts")
     noise.add_argument("--ckpt", default=None, help="checkpoint (default: ckpts/{model}_{dataset}.pt)")
     noise.add_argument("--data_root", default="data", help="where cifar10/cifar100/imagenet files are")
+    add_text_window_args(parser)
     add_user_model_args(parser)
     add_user_data_args(parser)
     add_debug_arg(parser)
     args = resolve_model_args(parser, parser.parse_args(argv))
+    if args.measure is not None and args.accuracy != "top1" and args.measure != args.accuracy:
+        parser.error(f"--accuracy {args.accuracy} and --measure {args.measure}: give one of them")
+    args.measure = args.measure or args.accuracy
+    if args.measure in ("top1", "top5"):
+        args.accuracy = args.measure
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
     if not 0 < args.confidence < 1:
@@ -214,7 +238,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[GroupedRecords, ModelStats, P
     if not sibling_files(records_path):
         raise MissingInput(f"no simulation records at {records_path} (nor shards of it). Make them with:\n  "
                            + main_command(args, records_path))
-    grouped = group_records(read_records(records_path))
+    grouped = group_records(read_records(records_path), measure=getattr(args, "measure", "top1"))
     if not grouped.points:
         raise MissingInput(f"{records_path} holds no simulated hardware point (method 'sliced') yet. "
                            f"Make them with:\n  {main_command(args, records_path)}")
@@ -283,8 +307,31 @@ def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model
 
 
 def chip_accuracies(point: PointResult, accuracy: str) -> list[float]:
-    """The per-chip accuracies of a point that were recorded (top-5 may be missing for a task)."""
-    return [v for v in (point.top1 if accuracy == "top1" else point.top5) if v is not None]
+    """The per-chip values of a point's measure (top1, top5, loss, perplexity) that were recorded (top-5 may
+    be missing for a task)."""
+    return point.values(accuracy)
+
+
+def measure_column(measure: str) -> str:
+    """The points-table column prefix of a measure: accuracy_* for top1/top5 (as always), else loss_*,
+    perplexity_*."""
+    return "accuracy" if measure in ("top1", "top5") else measure
+
+
+def measure_y(rows: list[dict[str, Any]], measure: str) -> np.ndarray:
+    """The y of every correlation: the chip-mean measure, times -1 for loss and perplexity (agreement > 0)."""
+    return measure_sign(measure) * np.array([r[f"{measure_column(measure)}_mean"] for r in rows], dtype=float)
+
+
+def _lower_is_better_columns(point: PointResult) -> dict[str, Any]:
+    """loss_* and perplexity_* columns of the measures the point's records hold."""
+    columns: dict[str, Any] = {}
+    for name in ("loss", "perplexity"):
+        values = point.values(name)
+        if values:
+            columns.update({f"{name}_mean": chip_mean(values), f"{name}_std": chip_std(values),
+                            f"{name}_chips": " ".join(f"{v:g}" for v in values)})
+    return columns
 
 
 def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile_factor: str,
@@ -301,7 +348,7 @@ def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile
         if not math.isclose(recombined, value, rel_tol=1e-9):  # the breakdown must describe the metric
             raise AssertionError(f"noise breakdown {recombined} != NIPA {value} at {point.config.describe()}")
         config = point.config.to_dict()
-        finite = chip_accuracies(point, accuracy)
+        finite = chip_accuracies(point, accuracy if accuracy in ("top1", "top5") else "top1")
         rows.append({
             "index": index, **{name: config[name] for name in CONFIG_FIELDS},
             "device_spread": point.config.device_spread, "hw_file": point.hw_file,
@@ -310,6 +357,7 @@ def point_table(grouped: GroupedRecords, stats: ModelStats, reduction: str, tile
             "accuracy_std": chip_std(finite),
             "accuracy_chips": " ".join(f"{v:g}" for v in finite),
             "top1_mean": point.top1_mean, "top5_mean": point.top5_mean, "samples": point.samples,
+            **_lower_is_better_columns(point),
             "nipa": float(value), "log2_nipa": float(np.log2(value)), **terms,
             # which error the metric blames most at this point (q: weight rounding)
             "dominant_term": max(("q", "adc", "device"), key=lambda name: terms[f"noise_{name}"]),
@@ -334,11 +382,11 @@ def format_chip_curve(curve: dict[str, Any]) -> str:
 
 
 def group_agreements(rows: list[dict[str, Any]], grouped: GroupedRecords, group_by: Sequence[str],
-                     bootstrap: int, seed: int, confidence: float) -> list[dict[str, Any]]:
+                     bootstrap: int, seed: int, confidence: float, measure: str = "top1") -> list[dict[str, Any]]:
     """Agreement on all points, then per value of every `group_by` parameter (every group, however
-    small: n < 3 is reported with NaN)."""
+    small: n < 3 is reported with NaN); against minus the measure for loss and perplexity."""
     x = np.array([r["log2_nipa"] for r in rows])
-    y = np.array([r["accuracy_mean"] for r in rows])
+    y = measure_y(rows, measure)
 
     def entry(label: str, by: str | None, value: Any, index: list[int]) -> dict[str, Any]:
         result: Agreement = agreement(x[index], y[index], bootstrap=bootstrap, seed=seed, confidence=confidence)
@@ -394,15 +442,18 @@ def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: st
     for i, value in enumerate(values):
         chosen = [r for r in rows if r[color_by] == value]
         color = cmap(i % 10) if len(values) <= 10 else cmap(i / max(1, len(values) - 1))
+        column = measure_column(accuracy)
         xs = [r["log2_nipa"] for r in chosen]
-        ys = [r["accuracy_mean"] for r in chosen]
-        errs = [0.0 if math.isnan(r["accuracy_std"]) else r["accuracy_std"] for r in chosen]
+        ys = [r[f"{column}_mean"] for r in chosen]
+        errs = [0.0 if math.isnan(r[f"{column}_std"]) else r[f"{column}_std"] for r in chosen]
         ax.errorbar(xs, ys, yerr=errs, fmt="o", ms=5, color=color, ecolor=color, elinewidth=0.8, capsize=2,
                     alpha=0.85, label=f"{value} ({len(chosen)})")
+    unit = "%" if accuracy in ("top1", "top5") else ""
     if ideal is not None:
-        ax.axhline(ideal, color="0.3", ls="--", lw=1, label=f"float model {ideal:.2f}%")
+        ax.axhline(ideal, color="0.3", ls="--", lw=1, label=f"float model {ideal:.2f}{unit}")
     ax.set_xlabel("log2(NIPA)")
-    ax.set_ylabel(f"simulated {accuracy} accuracy (%), mean over chips")
+    ax.set_ylabel(f"simulated {accuracy} accuracy (%), mean over chips" if unit else
+                  f"simulated {accuracy} (lower is better), mean over chips")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     # legend and coefficients beside the axes: inside they would hide points wherever they went
@@ -416,7 +467,7 @@ def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: st
         return f"{symbol} = {c['value']:.3f}{ci}"
 
     text = "\n".join([f"n = {overall['n']} points", show("kendall", "Kendall τ"), show("spearman", "Spearman ρ"),
-                      show("pearson", "Pearson r")])
+                      show("pearson", "Pearson r")] + ([] if unit else [f"(against -{accuracy})"]))
     ax.text(1.02, 0.0, text, transform=ax.transAxes, va="bottom", ha="left", fontsize=8,
             bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"})
     fig.tight_layout()
@@ -483,7 +534,7 @@ def layer_noise_check(args: argparse.Namespace, grouped: GroupedRecords, stats: 
     predicted = np.log2(np.atleast_2d(per_layer_nipa(stats, configs, tile_factor=args.tile_factor,
                                                      device_model=args.device_model, adc_term=args.adc_term)))
     x = np.array([r["log2_nipa"] for r in rows])
-    y = np.array([r["accuracy_mean"] for r in rows])
+    y = measure_y(rows, getattr(args, "measure", "top1"))
     options = {"bootstrap": args.bootstrap, "seed": args.seed, "confidence": args.confidence}
     return {
         "inputs": int(batch.shape[0]), "chips": args.layer_noise_chips,
@@ -521,33 +572,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           f"adc-{args.adc_term}" if args.adc_term != DEFAULTS["adc_term"] else "")
         if part)
     out_dir = Path(args.out_dir) if args.out_dir else Path("results") / model_id(args.model_name)
-    stem = out_dir / f"{dataset_id(args.model_name, args.dataset)}_nipa{variant}"
+    measure = getattr(args, "measure", args.accuracy)
+    lower = measure_sign(measure) < 0
+    # A lower-is-better measure names its files; top-1 and top-5 keep the files they always had.
+    stem = out_dir / f"{dataset_id(args.model_name, args.dataset)}_nipa{variant}{'_' + measure if lower else ''}"
     paths = {"points_csv": Path(f"{stem}_points.csv"), "plot_png": Path(f"{stem}.png"),
              "summary_json": Path(f"{stem}_summary.json")}
 
     source = str(stats.meta.get("source", ""))
     if source.startswith("random_init"):
         warnings.warn(f"{stats_path}: statistics of untrained weights ({source})", stacklevel=1)
-    rows = point_table(grouped, stats, args.reduction, args.tile_factor, args.accuracy, args.device_model,
+    rows = point_table(grouped, stats, args.reduction, args.tile_factor, measure, args.device_model,
                        args.adc_term)
-    groups = group_agreements(rows, grouped, args.group_by, args.bootstrap, args.seed, args.confidence)
+    groups = group_agreements(rows, grouped, args.group_by, args.bootstrap, args.seed, args.confidence, measure)
     x = np.array([r["log2_nipa"] for r in rows])
-    y = np.array([r["accuracy_mean"] for r in rows])
+    y = measure_y(rows, measure)
     pairs = one_factor_pairs([p.config for p in grouped.points], x, y, GROUP_FIELDS + ("vari", "ind_vari",
                                                                                         "laplace_b", "SAF_prop"))
 
-    reliability = chip_agreement(grouped.points)
-    ceiling = noise_ceiling(grouped.points, seed=args.seed) if args.accuracy == "top1" else None
-    curve = chip_count_curve(x, [chip_accuracies(p, args.accuracy) for p in grouped.points], seed=args.seed)
+    reliability = chip_agreement(grouped.points, measure)
+    ceiling = noise_ceiling(grouped.points, seed=args.seed, measure=measure) if measure != "top5" else None
+    sign = measure_sign(measure)
+    curve = chip_count_curve(x, [[sign * v for v in chip_accuracies(p, measure)] for p in grouped.points],
+                             seed=args.seed)
+    # The test loss beside top-1 (CNNs, multiple-choice tasks): a continuous second measure, all points only.
+    loss_check = None
+    if not lower and all(p.values("loss") for p in grouped.points):
+        loss_groups = group_agreements(rows, grouped, (), args.bootstrap, args.seed, args.confidence, "loss")
+        loss_check = {"measure": "loss", "sign": -1, "note": sign_note("loss"), "ideal": grouped.ideal_loss,
+                      "y": "mean loss over chips (nats)", "groups": loss_groups}
     metric_name = (f"NIPA {args.reduction}/k_T={args.tile_factor}/device={args.device_model}/adc={args.adc_term}"
                    + (" (published)" if published else " (default)" if default else " (variant)"))
     print(f"{args.model_name} on {args.dataset}: {grouped.describe_chips()} from {records_path}"
           + (f" ({grouped.duplicates} repeated chip records counted once)" if grouped.duplicates else ""))
     if grouped.ideal_top1 is not None:
         print(f"float model {args.accuracy if args.accuracy == 'top1' else 'top1'}: {grouped.ideal_top1:.2f}%")
-    print(f"{metric_name}, statistics {stats_path}; log2(NIPA) vs mean {args.accuracy} over chips; "
+    if lower and grouped.ideal(measure) is not None:
+        print(f"float model {measure}: {grouped.ideal(measure):.4f}")
+    print(f"{metric_name}, statistics {stats_path}; log2(NIPA) vs mean {measure} over chips; "
           f"{args.bootstrap} bootstrap resamples (seed {args.seed})")
+    if lower:
+        print(f"sign -1: {sign_note(measure)}")
     print(format_groups(groups, args.confidence))
+    if loss_check is not None:
+        print(f"test loss beside {measure} (sign -1, against -loss; agreement positive): Kendall tau-b [CI] p "
+              f"{_fmt(loss_check['groups'][0]['kendall'])}  Pearson {_fmt(loss_check['groups'][0]['pearson'])}")
     if reliability["kendall_between_chips"] is not None:
         between = reliability["kendall_between_chips"]
         print(f"ground truth against itself: Kendall tau-b between two chips {between:+.3f} "
@@ -558,7 +627,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if curve:
         print(format_chip_curve(curve))
     print("pairs of points differing in one parameter only (concordant / discordant / tied in NIPA / "
-          "tied in accuracy):")
+          f"tied in {'accuracy' if not lower else measure}):")
     for name, count in pairs.items():
         if count["pairs"]:
             print(f"  {name:<14} {count['pairs']:>5} pairs: {count['concordant']:>5} / {count['discordant']:>5} / "
@@ -573,8 +642,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overall = groups[0]
     if not args.no_plot:
         title = (f"{args.model_name} on {args.dataset}: {metric_name}\n{grouped.describe_chips()}")
-        plot_points(rows, args.color_by, paths["plot_png"], title, grouped.ideal_top1 if args.accuracy == "top1"
-                    else grouped.ideal_top5, overall, args.accuracy)
+        plot_points(rows, args.color_by, paths["plot_png"], title, grouped.ideal(measure), overall, measure)
     else:
         paths.pop("plot_png")
 
@@ -586,7 +654,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         paths["layers_csv"] = Path(f"{stem}_layers.csv")
         write_csv(layers, paths["layers_csv"])
         print(f"layers by sensitivity at point {index} ({describe_row(rows[index])}, log2 NIPA "
-              f"{rows[index]['log2_nipa']:.2f}, accuracy {rows[index]['accuracy_mean']:.2f}%); "
+              f"{rows[index]['log2_nipa']:.2f}, {measure} {rows[index][measure_column(measure) + '_mean']:.2f}"
+              f"{'' if lower else '%'}); "
               f"most sensitive (lowest per-layer NIPA) first:")
         print(f"  {'rank':>4} {'layer':<30} {'log2 NIPA':>9} {'mean rank, all points':>22}")
         for layer in layers:
@@ -599,7 +668,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": model_id(args.model_name), "dataset": dataset_id(args.model_name, args.dataset),
         "metric": {"reduction": args.reduction, "tile_factor": args.tile_factor,
                    "device_model": args.device_model, "adc_term": args.adc_term, "published": published},
-        "accuracy": args.accuracy, "x": "log2(NIPA)", "y": f"mean {args.accuracy} over chips (%)",
+        "accuracy": args.accuracy, "x": "log2(NIPA)",
+        "y": f"mean {measure} over chips" + (" (%)" if not lower else f", times -1 (sign {sign})"),
+        "measure": measure, "sign": sign, "sign_note": sign_note(measure),
+        "ideal_loss": grouped.ideal_loss, "ideal_perplexity": grouped.ideal_perplexity,
+        "loss_beside_accuracy": loss_check,
         "points": len(rows), "chips_per_point": {str(k): v for k, v in grouped.chip_counts().items()},
         "chips_total": int(sum(r["chips"] for r in rows)), "repeated_chip_records": grouped.duplicates,
         "ideal_top1": grouped.ideal_top1, "ideal_top5": grouped.ideal_top5,

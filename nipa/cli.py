@@ -62,8 +62,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=None, help="default: 256 images (CNN), 16 sequences (LLM)")
     parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test samples only")
+    add_text_window_args(parser)
     add_user_model_args(parser)
     add_user_data_args(parser)
+
+
+def add_text_window_args(parser: argparse.ArgumentParser) -> None:
+    """--seq_len / --max_tokens of a perplexity text (an LLM with --dataset pydoc or a .txt file); folded into
+    the dataset's name by resolve_model_args, so records and result paths carry the window set."""
+    parser.add_argument("--seq_len", type=int, default=None,
+                        help="LLM perplexity text: tokens per window (default 512)")
+    parser.add_argument("--max_tokens", type=int, default=None,
+                        help="LLM perplexity text: evaluate its first N tokens (default: 32768 for pydoc, the "
+                             "whole .txt file)")
 
 
 def add_user_model_args(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +139,16 @@ def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
     if getattr(args, "tasks", None):
         args.dataset = args.tasks
+    seq_len, max_tokens = getattr(args, "seq_len", None), getattr(args, "max_tokens", None)
+    if seq_len is not None or max_tokens is not None:
+        from nipa.lm_tasks import TaskFileError, with_windows
+
+        if not is_llm_name(args.model_name):
+            parser.error("--seq_len/--max_tokens: apply to a language model's perplexity text")
+        try:
+            args.dataset = with_windows(args.dataset, seq_len, max_tokens)
+        except TaskFileError as exc:
+            parser.error(str(exc))
     # Values that used to be replaced silently (0 -> the default batch size, the whole test set).
     for option in ("batch_size", "limit"):
         value = getattr(args, option, None)

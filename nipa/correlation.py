@@ -31,6 +31,26 @@ from nipa.config import HWConfig
 from nipa.errors import UserError
 
 COEFFICIENTS = ("kendall", "spearman", "pearson")
+# What a point's chips are judged by: accuracies in percent (higher is better), or the test loss (mean
+# cross-entropy, nats) and an LLM text's perplexity (lower is better).
+MEASURES = ("top1", "top5", "loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def measure_sign(measure: str) -> int:
+    """+1 for an accuracy, -1 for loss and perplexity: the factor that makes agreement with a metric whose
+    larger values mean a better point (NIPA, a predicted accuracy) positive."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure {measure!r} is not one of {MEASURES}")
+    return -1 if measure in LOWER_IS_BETTER else 1
+
+
+def sign_note(measure: str) -> str | None:
+    """The sentence that says how a lower-is-better measure's correlations are signed (None for accuracy)."""
+    if measure_sign(measure) > 0:
+        return None
+    return (f"lower {measure} is better: correlations are computed against -{measure}, so agreement is positive "
+            f"(+1: the metric ranks the points exactly as the simulated {measure} does)")
 MIN_POINTS = 3  # below this no coefficient (and no p-value) is meaningful: NaN is reported
 # Work arrays of the vectorized Kendall bootstrap hold about this many pair entries at once (x 8 bytes):
 # the memory stays bounded whatever the number of points.
@@ -222,6 +242,17 @@ class PointResult:
     top5: tuple[float | None, ...]
     samples: int | None
     hw_file: str | None
+    loss: tuple[float | None, ...] = ()  # per chip, same order (empty: not recorded)
+    perplexity: tuple[float | None, ...] = ()
+
+    def values(self, measure: str) -> list[float]:
+        """The per-chip values of one measure (MEASURES) that were recorded."""
+        if measure not in MEASURES:
+            raise ValueError(f"measure {measure!r} is not one of {MEASURES}")
+        return [float(v) for v in getattr(self, measure) if v is not None]
+
+    def mean(self, measure: str) -> float:
+        return chip_mean(self.values(measure))
 
     @property
     def num_chips(self) -> int:
@@ -255,6 +286,13 @@ class GroupedRecords:
     hw_files: list[str]
     mapped_layers: list[str] | None
     duplicates: int = 0  # identical repeated chip records (e.g. merged overlapping shards), counted once
+    ideal_loss: float | None = None
+    ideal_perplexity: float | None = None
+
+    def ideal(self, measure: str) -> float | None:
+        """The float model's value of one measure (None when not recorded)."""
+        return {"top1": self.ideal_top1, "top5": self.ideal_top5, "loss": self.ideal_loss,
+                "perplexity": self.ideal_perplexity}[measure]
 
     def chip_counts(self) -> dict[int, int]:
         """{chips per point: number of points with that many}."""
@@ -274,12 +312,15 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, tuple[
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def group_records(records: Iterable[Mapping[str, Any]], method: str = "sliced") -> GroupedRecords:
+def group_records(records: Iterable[Mapping[str, Any]], method: str = "sliced",
+                  measure: str = "top1") -> GroupedRecords:
     """Average the chips of every hardware point among the `method` records; keep the "ideal" record.
 
     Every point found is kept, whatever its chip count. Raises RecordsError when records disagree in
-    their run settings ("run"), model or dataset, or give two different results for one chip.
+    their run settings ("run"), model or dataset, give two different results for one chip, or lack the
+    `measure` (MEASURES; top5 may be missing) the caller will judge them by.
     """
+    measure_sign(measure)  # an unknown measure fails here
     by_key: dict[str, dict[str, Any]] = {}
     ideal: Mapping[str, Any] | None = None
     reference: Mapping[str, Any] | None = None  # the first record: every other must match its run
@@ -318,11 +359,16 @@ def group_records(records: Iterable[Mapping[str, Any]], method: str = "sliced") 
             raise RecordsError(f"point {config.describe()}: chips evaluated on different sample counts "
                                f"({entry['samples']} and {record.get('samples')})")
         chip = int(record.get("chip") or 0)
-        if record.get("top1") is None:
+        if measure in ("top1", "top5") and record.get("top1") is None:
             raise RecordsError(f"point {config.describe()}, chip {chip}: the record holds no accuracy (a "
-                               f"perplexity task: perplexity {record.get('perplexity')}); correlations need an "
-                               "accuracy, so run main.py on a multiple-choice task")
-        result = (float(record["top1"]), None if record.get("top5") is None else float(record["top5"]))
+                               f"perplexity task: perplexity {record.get('perplexity')}); judge it by its "
+                               "perplexity with --measure perplexity (or loss), or run main.py on a "
+                               "multiple-choice task")
+        if measure in LOWER_IS_BETTER and record.get(measure) is None:
+            held = [name for name in MEASURES if record.get(name) is not None]
+            raise RecordsError(f"point {config.describe()}, chip {chip}: the record holds no {measure} (it holds "
+                               f"{held}); choose a measure it holds with --measure")
+        result = tuple(None if record.get(name) is None else float(record[name]) for name in MEASURES)
         if chip in entry["chips"]:
             if entry["chips"][chip] != result:
                 raise RecordsError(f"point {config.describe()}, chip {chip}: two records with different "
@@ -335,16 +381,19 @@ def group_records(records: Iterable[Mapping[str, Any]], method: str = "sliced") 
     # whatever the order of the records (one file or its shards, resumed runs).
     for key, entry in sorted(by_key.items()):
         chips = sorted(entry["chips"])
-        points.append(PointResult(key=key, config=entry["config"], chips=tuple(chips),
-                                  top1=tuple(entry["chips"][c][0] for c in chips),
-                                  top5=tuple(entry["chips"][c][1] for c in chips),
-                                  samples=entry["samples"], hw_file=entry["hw_file"]))
+        values = {name: tuple(entry["chips"][c][i] for c in chips) for i, name in enumerate(MEASURES)}
+        points.append(PointResult(key=key, config=entry["config"], chips=tuple(chips), samples=entry["samples"],
+                                  hw_file=entry["hw_file"], **values))
     ref = reference or {}
+
+    def of_ideal(name: str) -> float | None:
+        return None if ideal is None or ideal.get(name) is None else float(ideal[name])
+
     return GroupedRecords(
-        points=points, ideal_top1=None if ideal is None else float(ideal["top1"]),
-        ideal_top5=None if ideal is None or ideal.get("top5") is None else float(ideal["top5"]),
+        points=points, ideal_top1=of_ideal("top1"), ideal_top5=of_ideal("top5"),
         run=ref.get("run"), model=ref.get("model"), dataset=ref.get("dataset"), hw_files=list(hw_files),
-        mapped_layers=mapped, duplicates=duplicates)
+        mapped_layers=mapped, duplicates=duplicates, ideal_loss=of_ideal("loss"),
+        ideal_perplexity=of_ideal("perplexity"))
 
 
 def split_by(points: Sequence[PointResult], attribute: str) -> dict[Any, list[int]]:
@@ -383,7 +432,7 @@ def one_factor_pairs(configs: Sequence[HWConfig], x: Sequence[float] | np.ndarra
     return counts
 
 
-def chip_agreement(points: Sequence[PointResult]) -> dict[str, Any]:
+def chip_agreement(points: Sequence[PointResult], measure: str = "top1") -> dict[str, Any]:
     """How well the ground truth agrees with itself: Kendall's tau-b between the accuracies of two chips
     (chip a vs chip b over the points that have both), averaged over the chip pairs.
 
@@ -394,8 +443,14 @@ def chip_agreement(points: Sequence[PointResult]) -> dict[str, Any]:
     taus, sizes = [], []
     for i, a in enumerate(chip_ids):
         for b in chip_ids[i + 1:]:
-            pairs = [(p.top1[p.chips.index(a)], p.top1[p.chips.index(b)]) for p in points
-                     if a in p.chips and b in p.chips]
+            # tau between two chips is the same whichever sign the measure has
+            pairs = []
+            for p in points:
+                if a in p.chips and b in p.chips:
+                    values = getattr(p, measure)
+                    pair = (values[p.chips.index(a)], values[p.chips.index(b)])
+                    if None not in pair:
+                        pairs.append(pair)
             if len(pairs) < MIN_POINTS:
                 continue
             tau = point_estimates(*zip(*pairs, strict=True))["kendall"].value
@@ -406,7 +461,8 @@ def chip_agreement(points: Sequence[PointResult]) -> dict[str, Any]:
             "chip_pairs": len(taus), "points_per_pair": sizes}
 
 
-def noise_ceiling(points: Sequence[PointResult], n_draws: int = 500, seed: int = 0) -> dict[str, Any]:
+def noise_ceiling(points: Sequence[PointResult], n_draws: int = 500, seed: int = 0,
+                  measure: str = "top1") -> dict[str, Any]:
     """A rough ceiling on Kendall's tau that any metric can reach on these records, given their
     chip-to-chip noise: the mean tau-b between the chip-mean accuracies m and m + e, with e drawn as
     N(0, s_i^2 / chips_i) per point (s_i its chip std; points with one chip take the median s of the
@@ -415,8 +471,8 @@ def noise_ceiling(points: Sequence[PointResult], n_draws: int = 500, seed: int =
     independent between points, whereas chips drawn with common random numbers (chip c of every point
     from the same draws) shift whole groups of points together. NaN when no point has 2 chips.
     """
-    means = np.array([p.top1_mean for p in points])
-    spreads = np.array([p.top1_std for p in points])
+    means = np.array([p.mean(measure) for p in points])  # tau(m, m + e) does not depend on the sign
+    spreads = np.array([chip_std(p.values(measure)) for p in points])
     known = np.isfinite(spreads)
     if len(points) < MIN_POINTS or not known.any():
         return {"kendall": None, "draws": 0, "median_chip_std": None}

@@ -5,6 +5,11 @@
   the ARC schema (`question` with `stem` and `choices` [{`text`, `label`}] as AI2 ships it, or `question`
   text with `choices` {`text`: [...], `label`: [...]} as the Hugging Face copy has it; `answerKey`);
 - a plain-text file (.txt): perplexity over non-overlapping windows of `seq_len` tokens;
+- `pydoc`: a built-in text every Python has offline, the reference topics of the standard library
+  (`pydoc_data.topics.topics`, joined in sorted key order), as perplexity over its first `max_tokens`
+  (default 32768) tokens in windows of 512;
+- either text with other windows: `NAME@seq_len=N,max_tokens=M` (the scripts' --seq_len / --max_tokens
+  write this form), so the window set is part of the dataset's name in records and result paths;
 - lm-eval task names (`piqa,arc_easy`, or `--tasks`), or a task YAML of the user's own (its folder is
   lm-eval's include path), when the user has lm-eval installed.
 
@@ -17,6 +22,7 @@ Requests are sorted by length and batched with right padding; padded positions n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -255,16 +261,23 @@ class MultipleChoiceTask:
 
 
 class PerplexityTask:
-    """Perplexity of a causal LM on a text file: non-overlapping windows of `seq_len` tokens."""
+    """Perplexity of a causal LM on a text file (or on `text` given, then `path` only names it in messages):
+    non-overlapping windows of `seq_len` tokens among the first `max_tokens` tokens."""
 
     kind = "perplexity"
 
     def __init__(self, path: str | Path, tokenizer, seq_len: int = 512, batch_size: int = 8,
-                 max_tokens: int | None = None, name: str = "text") -> None:
+                 max_tokens: int | None = None, name: str = "text", text: str | None = None) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise TaskFileError(f"{path}: no such text file")
-        ids = tokenizer(path.read_text(encoding="utf-8")).input_ids
+        if text is None:
+            if not path.is_file():
+                raise TaskFileError(f"{path}: no such text file")
+            text = path.read_text(encoding="utf-8")
+        if seq_len < 2:
+            raise TaskFileError(f"{path}: seq_len {seq_len}; a window needs at least two tokens")
+        self.text_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        self.seq_len, self.max_tokens = seq_len, max_tokens
+        ids = tokenizer(text).input_ids
         if max_tokens is not None:
             ids = ids[:max_tokens]
         if len(ids) < 2:
@@ -300,7 +313,8 @@ class PerplexityTask:
                 for i in range(0, len(windows), self.batch_size)]
 
     def describe(self) -> str:
-        return f"{len(self.windows)} windows, {sum(len(w) for w in self.windows)} tokens"
+        return (f"{len(self.windows)} windows of up to {self.seq_len} tokens, {sum(len(w) for w in self.windows)} "
+                f"tokens (text sha256 {self.text_sha256[:12]})")
 
 
 class LmEvalTask:
@@ -372,8 +386,85 @@ def _documents(n_samples: dict[str, dict[str, int]] | None, tasks: Sequence[str]
     return sum(int(n_samples[t].get("effective", n_samples[t].get("original", 0))) for t in tasks)
 
 
+PYDOC = "pydoc"  # the built-in text task
+PYDOC_MAX_TOKENS = 32768
+DEFAULT_SEQ_LEN = 512
+
+
+def pydoc_text() -> str:
+    """The reference topics of Python's standard library (what `help('assert')` shows), joined in sorted key
+    order: a real English technical text that nobody here wrote and every Python installation has offline.
+    It changes a little between Python versions; the task records its sha256."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """A perplexity task named on the command line: the text (`pydoc` or a .txt path) and its windows."""
+
+    source: str
+    seq_len: int | None = None  # None: DEFAULT_SEQ_LEN
+    max_tokens: int | None = None  # None: PYDOC_MAX_TOKENS for pydoc, the whole file for a .txt
+
+    def text_label(self) -> str:
+        return self.source if self.source == PYDOC else str(Path(self.source).expanduser())
+
+    def spec(self) -> str:
+        """The --dataset form of this task (what records and result paths are named after)."""
+        options = [f"{name}={value}" for name, value in (("seq_len", self.seq_len), ("max_tokens", self.max_tokens))
+                   if value is not None]
+        return self.source + ("@" + ",".join(options) if options else "")
+
+
+_SPEC_OPTION = re.compile(r"^(seq_len|max_tokens)=([0-9]+)$")
+
+
+def parse_text_spec(dataset: str) -> TextSpec | None:
+    """`pydoc`, `file.txt`, or either with `@seq_len=N,max_tokens=M`; None for any other dataset (a JSONL,
+    a task YAML, lm-eval names)."""
+    source, _, options = dataset.partition("@")
+    if source != PYDOC and Path(source).suffix.lower() != ".txt":
+        return None
+    values: dict[str, int] = {}
+    for option in filter(None, options.split(",")) if options else ():
+        found = _SPEC_OPTION.match(option.strip())
+        if found is None:
+            raise TaskFileError(f"--dataset {dataset!r}: {option!r} is not seq_len=N or max_tokens=N")
+        values[found.group(1)] = int(found.group(2))
+    if options and not values:
+        raise TaskFileError(f"--dataset {dataset!r}: nothing after '@' (give seq_len=N and/or max_tokens=N)")
+    if values.get("seq_len", 2) < 2 or values.get("max_tokens", 2) < 2:
+        raise TaskFileError(f"--dataset {dataset!r}: seq_len and max_tokens must be at least 2 tokens")
+    return TextSpec(source, values.get("seq_len"), values.get("max_tokens"))
+
+
+def with_windows(dataset: str, seq_len: int | None, max_tokens: int | None) -> str:
+    """The dataset name with --seq_len / --max_tokens folded into it (see parse_text_spec); a dataset that is
+    not a text is refused, since the options would do nothing there."""
+    if seq_len is None and max_tokens is None:
+        return dataset
+    spec = parse_text_spec(dataset)
+    if spec is None:
+        raise TaskFileError(f"--seq_len/--max_tokens: apply to a perplexity text (pydoc or a .txt file), not to "
+                            f"--dataset {dataset!r}")
+    for name, value in (("seq_len", seq_len), ("max_tokens", max_tokens)):
+        if value is not None and value < 2:
+            raise TaskFileError(f"--{name} {value}: must be at least 2 tokens")
+    merged = TextSpec(spec.source, seq_len if seq_len is not None else spec.seq_len,
+                      max_tokens if max_tokens is not None else spec.max_tokens)
+    return merged.spec()
+
+
 def dataset_id(dataset: str) -> str:
-    """Short name of an LLM task for result paths and records: a file's stem, or the lm-eval task names."""
+    """Short name of an LLM task for result paths and records: a file's stem, or the lm-eval task names; a
+    text with its own windows adds them (pydoc-seq256-tok8192), so two window sets never share a file."""
+    text = parse_text_spec(dataset)
+    if text is not None:
+        stem = PYDOC if text.source == PYDOC else Path(text.source).stem.lower()
+        return stem + "".join(f"-{tag}{value}" for tag, value in (("seq", text.seq_len), ("tok", text.max_tokens))
+                              if value is not None)
     path = Path(dataset)
     if path.suffix.lower() in (".jsonl", ".txt", ".json", ".yaml", ".yml") or "/" in dataset or path.is_file():
         return path.stem.lower()
@@ -383,6 +474,14 @@ def dataset_id(dataset: str) -> str:
 def load_task(dataset: str, tokenizer, batch_size: int = 16, limit: int | None = None,
               max_length: int = 2048, seq_len: int = 512):
     """The task `--dataset` names (see the module docstring); bad files fail here, before any work."""
+    text = parse_text_spec(dataset)
+    if text is not None:
+        seq_len = text.seq_len or seq_len
+        max_tokens = text.max_tokens or (PYDOC_MAX_TOKENS if text.source == PYDOC else None)
+        if limit is not None:  # --limit counts windows
+            max_tokens = min(max_tokens or limit * seq_len, limit * seq_len)
+        return PerplexityTask(text.text_label(), tokenizer, seq_len, batch_size, max_tokens, name=dataset_id(dataset),
+                              text=pydoc_text() if text.source == PYDOC else None)
     path = Path(dataset).expanduser()
     if path.suffix.lower() in (".yaml", ".yml"):  # a user's own lm-eval task definition
         if not path.is_file():
@@ -394,7 +493,4 @@ def load_task(dataset: str, tokenizer, batch_size: int = 16, limit: int | None =
     if path.suffix.lower() == ".jsonl" or (path.is_file() and path.suffix.lower() != ".txt"):
         questions, _ = read_multiple_choice(path, limit)
         return MultipleChoiceTask(questions, tokenizer, batch_size, max_length, name=dataset_id(dataset))
-    if path.suffix.lower() == ".txt":
-        max_tokens = None if limit is None else limit * seq_len
-        return PerplexityTask(path, tokenizer, seq_len, batch_size, max_tokens, name=dataset_id(dataset))
     return LmEvalTask([t.strip() for t in dataset.split(",") if t.strip()], tokenizer, batch_size, limit)
