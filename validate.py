@@ -50,6 +50,7 @@ from nipa.cli import (
     resolve_model_args,
     run_main,
 )
+from nipa.compat import Compat
 from nipa.config import HWConfig
 from nipa.correlation import (
     COEFFICIENTS,
@@ -523,7 +524,8 @@ def layer_noise_check(args: argparse.Namespace, grouped: GroupedRecords, stats: 
     configs = [p.config for p in grouped.points]
     layers, noise = measure_layer_noise(model, configs, batch, chips=args.layer_noise_chips,
                                         seed=int(run.get("seed", 0)), exclude=run.get("exclude") or (),
-                                        include=run.get("include"), per_read=bool(run.get("per_read", False)))
+                                        include=run.get("include"), per_read=bool(run.get("per_read", False)),
+                                        compat=Compat(**{name: True for name in run.get("compat", [])}))
     if list(layers) != list(stats.layers):
         raise RecordsError(f"the measured layers {layers} are not the statistics' layers {list(stats.layers)}")
     measured = -np.log2(noise)  # [N, L] per-layer measured log2 SNR

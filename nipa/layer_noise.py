@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nipa.compat import NO_COMPAT, Compat
 from nipa.config import HWConfig
 from nipa.crossbar import calibrate_adc, convert, program_chip
 from nipa.mapping import select_layers
@@ -62,6 +63,7 @@ def relative_noise_power(output: torch.Tensor, reference: torch.Tensor) -> float
 def measure_layer_noise(model: nn.Module, points: Sequence[HWConfig], inputs: torch.Tensor, *, chips: int,
                         seed: int = 0, exclude: Sequence[str] = (), include: Sequence[str] | None = None,
                         per_read: bool = False, calib_inputs: Iterable[torch.Tensor] | None = None,
+                        compat: Compat = NO_COMPAT,
                         progress: bool = True) -> tuple[list[str], np.ndarray]:
     """(mapped layer names, relative noise power [points, layers], averaged over chips 0..chips-1;
     one chip for a point without device error, whose chips are all the same).
@@ -81,7 +83,7 @@ def measure_layer_noise(model: nn.Module, points: Sequence[HWConfig], inputs: to
     noise = np.zeros((len(points), len(layers)))
     for index, point in enumerate(tqdm(points, desc="layer noise", unit="point", disable=not progress)):
         converted = convert(model, point, exclude=exclude, include=include, seed=seed, chip=0,
-                            per_read=per_read).eval()
+                            per_read=per_read, compat=compat).eval()
         modules = dict(converted.named_modules())
         used = chips if point.has_device_error else 1  # without device error every chip is the same
         for chip in range(used):
