@@ -25,6 +25,7 @@ import torch
 from nipa.cli import (
     add_debug_arg,
     add_layer_args,
+    add_text_window_args,
     add_user_data_args,
     add_user_model_args,
     resolve_model_args,
@@ -100,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show", default=None, metavar="KEY",
                         help="combination whose per-layer table is printed, e.g. w8_s128_c1 "
                              "(default: the first)")
+    add_text_window_args(parser)  # an LLM text's windows name its statistics as they name its records
     add_user_model_args(parser)
     add_user_data_args(parser)
     add_debug_arg(parser)

@@ -625,7 +625,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"(mean over {reliability['chip_pairs']} chip pairs)")
     if ceiling and ceiling["kendall"] is not None:
         print(f"noise ceiling: a perfect ranking would score Kendall tau-b about {ceiling['kendall']:.3f} against "
-              f"these chip means (chip std, median {ceiling['median_chip_std']:.2f} points; rough, see README)")
+              f"these chip means (chip std, median {ceiling['median_chip_std']:.2f}"
+              f"{' points' if not lower else ''}; rough, see README)")
     if curve:
         print(format_chip_curve(curve))
     print("pairs of points differing in one parameter only (concordant / discordant / tied in NIPA / "

@@ -11,6 +11,10 @@ resumes), prints the per-point table and writes <out stem>_summary.json and <out
 (a method other than the default adds its name: {dataset}_wrap_published_summary.json). Both methods
 are timed in the same run on --time_points points spread over the grid, on the same data, batch size
 and device.
+
+Beside the mean error it reports the error per region (points within 2 accuracy points of the float model,
+and the rest; for perplexity within 2%, for loss 0.02 nats) and the 5 worst points, so a user sees where to
+trust the estimate.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="k_T of the formula ADC term (SPEC: the tile count T)")
     parser.add_argument("--calib_batches", type=int, default=1,
                         help="training batches (of --batch_size) on which the ADC error is measured")
+    parser.add_argument("--measure", choices=("top1", "loss", "perplexity"), default="top1",
+                        help="what is predicted and compared: top1 (default; the test loss is reported beside "
+                             "it), loss, or perplexity (an LLM's text task); a measure other than top1 names its "
+                             "summary and plot (<out stem>_perplexity_summary.json)")
     parser.add_argument("--paired_chips", action="store_true",
                         help="diagnostic: draw d uses the simulator's chip d cells, which separates the "
                              "method's error from the sampling of chips (not a prediction)")

@@ -260,12 +260,12 @@ class PointResult:
 
     @property
     def top1_mean(self) -> float:
-        return chip_mean(self.top1)
+        return chip_mean(self.values("top1"))  # NaN for a perplexity task's chips (no accuracy)
 
     @property
     def top1_std(self) -> float:
         """Sample standard deviation over the chips (ddof = 1); NaN for a single chip."""
-        return chip_std(self.top1)
+        return chip_std(self.values("top1"))
 
     @property
     def top5_mean(self) -> float:

@@ -45,12 +45,20 @@ class PointTruth:
 
     config: HWConfig
     key: str
-    top1: list[float] = field(default_factory=list)  # one per simulated chip
+    top1: list[float] = field(default_factory=list)  # one per simulated chip (the measure judged by)
     wall_s: list[float] = field(default_factory=list)
+    # Every measure the chips recorded (top1, loss, perplexity), one value per chip; a measure that one
+    # chip lacks is left out.
+    values: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
         return float(np.mean(self.top1))
+
+    def mean_of(self, measure: str) -> float:
+        """The chip mean of one measure (NaN when not recorded by every chip)."""
+        chips = self.values.get(measure, [])
+        return float(np.mean(chips)) if chips and len(chips) == len(self.wall_s) else math.nan
 
 
 @dataclass
@@ -59,6 +67,16 @@ class GroundTruth:
     points: list[PointTruth]
     run: dict[str, Any]  # the sweep's settings (batch_size, limit, seed, exclude, include, ...)
     source: str
+    measure: str = "top1"  # what PointTruth.top1 holds: top1, loss or perplexity
+    ideal: dict[str, float | None] = field(default_factory=dict)  # the float model's value of each measure
+
+
+MEASURES = ("top1", "loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity")
+# "Near the float model" (the region where a user's design sits): within 2 accuracy points; for loss 0.02
+# nats and for perplexity 2% (relative), which are the same width since d ppl / ppl = d loss.
+NEAR_FLOAT = {"top1": 2.0, "loss": 0.02, "perplexity": 0.02}
+WORST_POINTS = 5
 
 
 def main_command(model_name: str, dataset: str) -> str:
@@ -66,8 +84,11 @@ def main_command(model_name: str, dataset: str) -> str:
             "--HWdes HW_config/Search_space.ini --sample_num 0 --cycle 3")
 
 
-def load_ground_truth(path: str | Path, model_name: str, dataset: str) -> GroundTruth:
-    """The sliced records of a main.py results file, grouped by hardware point (in file order)."""
+def load_ground_truth(path: str | Path, model_name: str, dataset: str, measure: str = "top1") -> GroundTruth:
+    """The sliced records of a main.py results file, grouped by hardware point (in file order); each point's
+    `top1` holds the chips' `measure` (top1, loss or perplexity), `values` every measure recorded."""
+    if measure not in MEASURES:
+        raise UserError(f"--measure {measure}: choose one of {', '.join(MEASURES)}")
     path = Path(path)
     records = read_records(path)
     sliced = [r for r in records if r.get("method") == "sliced"]
@@ -84,14 +105,21 @@ def load_ground_truth(path: str | Path, model_name: str, dataset: str) -> Ground
     for r in sliced:
         key = r["config_key"]
         point = points.setdefault(key, PointTruth(HWConfig.from_dict(r["config"]), key))
-        if r.get("top1") is None:
-            raise UserError(f"{path}: point {point.config.describe()} has no accuracy (a perplexity task?); "
-                             "wrap_error.py compares accuracies, so run main.py on a multiple-choice task")
-        point.top1.append(float(r["top1"]))
+        if r.get(measure) is None:
+            held = [name for name in MEASURES if r.get(name) is not None]
+            hint = (" (a perplexity task: give --measure perplexity or loss)" if measure == "top1"
+                    and r.get("perplexity") is not None else f"; it holds {held}: choose one with --measure")
+            raise UserError(f"{path}: point {point.config.describe()} has no {measure}{hint}")
+        point.top1.append(float(r[measure]))
         point.wall_s.append(float(r.get("wall_s", math.nan)))
-    ideal = [r["top1"] for r in records if r.get("method") == "ideal"]
-    return GroundTruth(ideal_top1=ideal[0] if ideal else None, points=list(points.values()),
-                       run=dict(sliced[0].get("run") or {}), source=str(path))
+        for name in MEASURES:
+            if r.get(name) is not None:
+                point.values.setdefault(name, []).append(float(r[name]))
+    ideal = [r for r in records if r.get("method") == "ideal"]
+    ideal_values = {name: (None if not ideal or ideal[0].get(name) is None else float(ideal[0][name]))
+                    for name in MEASURES}
+    return GroundTruth(ideal_top1=ideal_values["top1"], points=list(points.values()),
+                       run=dict(sliced[0].get("run") or {}), source=str(path), measure=measure, ideal=ideal_values)
 
 
 def check_statistics(stats: ModelStats, points: Sequence[HWConfig], model_name: str, dataset: str,
@@ -234,9 +262,10 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
                       **({"workload": settings.workload} if settings.workload else {}), **environment()}
             writer.append(record)
             records.append(record)
-        accs = ", ".join(f"{m['top1']:.2f}" for _, m, _ in results)
-        mean = np.mean([m["top1"] for _, m, _ in results])
-        log(f"{point.config.describe()}  fast {mean:6.2f}% (draws {accs})  simulated {point.mean:6.2f}%")
+        name, unit = truth.measure, "%" if truth.measure == "top1" else ""
+        accs = ", ".join(f"{m[name]:.2f}" for _, m, _ in results)
+        mean = np.mean([m[name] for _, m, _ in results])
+        log(f"{point.config.describe()}  fast {mean:6.2f}{unit} (draws {accs})  simulated {point.mean:6.2f}{unit}")
     return records
 
 
@@ -245,26 +274,73 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
 # ----------------------------------------------------------------------------------------------------
 
 
-def compare(truth: GroundTruth, records: list[dict], cycle: int) -> dict[str, Any]:
-    """Per point predicted (mean of the first `cycle` draws) and simulated (mean of chips) accuracy,
-    and the summary statistics over the points that have both."""
+def _tau(predicted: np.ndarray, simulated: np.ndarray, least: int = 2) -> float | None:
+    """Kendall's tau-b of the predictions against the simulation; None below `least` points or when
+    either is constant."""
     from scipy import stats as sps
 
+    if predicted.size < least or np.ptp(predicted) == 0 or np.ptp(simulated) == 0:
+        return None
+    return float(sps.kendalltau(predicted, simulated).statistic)
+
+
+def near_float(simulated: float, ideal: float, measure: str) -> bool:
+    """Whether a point lies within NEAR_FLOAT of the float model (relative for perplexity)."""
+    if measure == "perplexity":
+        return abs(simulated / ideal - 1.0) <= NEAR_FLOAT[measure]
+    return abs(simulated - ideal) <= NEAR_FLOAT[measure]
+
+
+def region_summary(rows: Sequence[dict[str, Any]], measure: str) -> dict[str, Any]:
+    """Count, mean / max absolute error, mean error and Kendall tau (where >= 3 points) of some rows."""
+    out: dict[str, Any] = {"points": len(rows), "mean_abs_error": None, "max_abs_error": None,
+                           "mean_error": None, "kendall_tau": None}
+    if not rows:
+        return out
+    errors = np.array([r["error"] for r in rows])
+    out.update({"mean_abs_error": float(np.abs(errors).mean()), "max_abs_error": float(np.abs(errors).max()),
+                "mean_error": float(errors.mean()),
+                "kendall_tau": _tau(np.array([r["predicted"] for r in rows]),
+                                    np.array([r["simulated"] for r in rows]), least=3)})
+    if measure == "perplexity":
+        relative = np.array([r["relative_error_pct"] for r in rows])
+        out["mean_abs_relative_error_pct"] = float(np.abs(relative).mean())
+        out["max_abs_relative_error_pct"] = float(np.abs(relative).max())
+    return out
+
+
+def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | None = None) -> dict[str, Any]:
+    """Per point predicted (mean of the first `cycle` draws) and simulated (mean of chips) value of
+    `measure` (default: the one the ground truth was loaded for: top1, loss or perplexity), and the
+    summary statistics over the points that have both: overall, per region (near the float model and
+    the rest) and the worst points. Predicted and simulated are the same measure, so their correlations
+    need no sign change even where lower is better."""
+    measure = measure or truth.measure
     draws: dict[str, dict[int, float]] = {}
     for r in records:
-        draws.setdefault(r["config_key"], {})[int(r["draw"])] = float(r["top1"])
+        if r.get(measure) is not None:
+            draws.setdefault(r["config_key"], {})[int(r["draw"])] = float(r[measure])
+    ideal = truth.ideal.get(measure) if truth.ideal else (truth.ideal_top1 if measure == "top1" else None)
     rows = []
     for point in truth.points:
+        chips = point.top1 if measure == truth.measure else point.values.get(measure, [])
         have = draws.get(point.key, {})
         used = [have[d] for d in range(cycle) if d in have]
-        if not used:
+        if not used or not chips or len(chips) != len(point.top1):
             continue
-        predicted = float(np.mean(used))
-        rows.append({"point": point.config.describe(), "config_key": point.key,
-                     "config": point.config.to_dict(), "predicted": predicted, "simulated": point.mean,
-                     "error": predicted - point.mean, "abs_error": abs(predicted - point.mean),
-                     "draws": used, "chips": point.top1})
+        predicted, simulated = float(np.mean(used)), float(np.mean(chips))
+        row = {"point": point.config.describe(), "config_key": point.key,
+               "config": point.config.to_dict(), "predicted": predicted, "simulated": simulated,
+               "error": predicted - simulated, "abs_error": abs(predicted - simulated),
+               "draws": used, "chips": list(chips)}
+        if measure == "perplexity":
+            row["relative_error_pct"] = 100.0 * (predicted - simulated) / simulated
+        if ideal is not None:
+            row["region"] = "near_float" if near_float(simulated, ideal, measure) else "rest"
+        rows.append(row)
     summary: dict[str, Any] = {"points": len(rows), "ideal_top1": truth.ideal_top1}
+    if measure != "top1":
+        summary.update({"measure": measure, f"ideal_{measure}": ideal})
     if rows:
         predicted = np.array([r["predicted"] for r in rows])
         simulated = np.array([r["simulated"] for r in rows])
@@ -273,18 +349,43 @@ def compare(truth: GroundTruth, records: list[dict], cycle: int) -> dict[str, An
             "mean_abs_error": float(np.abs(errors).mean()),
             "max_abs_error": float(np.abs(errors).max()),
             "worst_point": rows[int(np.abs(errors).argmax())]["point"],
-            "mean_error": float(errors.mean()),  # > 0: the prediction is optimistic on average
+            # > 0: for top-1 the prediction is optimistic on average, for loss and perplexity pessimistic
+            "mean_error": float(errors.mean()),
             "rmse": float(np.sqrt((errors**2).mean())),
         })
-        if len(rows) >= 2 and np.ptp(predicted) > 0 and np.ptp(simulated) > 0:
-            summary["kendall_tau"] = float(sps.kendalltau(predicted, simulated).statistic)
+        if measure == "perplexity":
+            relative = np.array([r["relative_error_pct"] for r in rows])
+            summary.update({"mean_abs_relative_error_pct": float(np.abs(relative).mean()),
+                            "max_abs_relative_error_pct": float(np.abs(relative).max()),
+                            "mean_relative_error_pct": float(relative.mean())})
+        tau = _tau(predicted, simulated)
+        if tau is not None:
+            from scipy import stats as sps
+
+            summary["kendall_tau"] = tau
             summary["spearman"] = float(sps.spearmanr(predicted, simulated).statistic)
             summary["pearson"] = float(sps.pearsonr(predicted, simulated).statistic)
         else:
             summary["kendall_tau"] = summary["spearman"] = summary["pearson"] = None
         # Spread of the simulated chips: the best any predictor of their mean can do is bounded by it.
-        chip_sd = [statistics.stdev(p.top1) for p in truth.points if len(p.top1) > 1]
+        chips = [p.top1 for p in truth.points] if measure == truth.measure else [r["chips"] for r in rows]
+        chip_sd = [statistics.stdev(c) for c in chips if len(c) > 1]
         summary["mean_chip_std"] = float(np.mean(chip_sd)) if chip_sd else None
+    if measure in LOWER_IS_BETTER:
+        summary["sign"] = 1
+        summary["sign_note"] = (f"lower {measure} is better; predicted and simulated are both {measure}, so "
+                                "their correlations need no sign change: agreement is positive")
+    width = NEAR_FLOAT[measure]
+    summary["regions"] = None if ideal is None or not rows else {
+        "definition": (f"near_float: simulated {measure} within "
+                       + (f"{100 * width:g}% of" if measure == "perplexity" else f"{width:g} of")
+                       + f" the float model's {ideal:.4g}; rest: the other points"),
+        "near_float": region_summary([r for r in rows if r["region"] == "near_float"], measure),
+        "rest": region_summary([r for r in rows if r["region"] == "rest"], measure)}
+    worst = sorted(rows, key=lambda r: -r["abs_error"])[:WORST_POINTS]
+    summary["worst_points"] = [{name: r[name] for name in ("point", "config_key", "config", "predicted",
+                                                           "simulated", "error", "relative_error_pct", "region")
+                                if name in r} for r in worst]
     return {"rows": rows, "summary": summary}
 
 
@@ -392,6 +493,17 @@ def amortized_speedup(timing: dict[str, Any]) -> float | None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _region_line(name: str, region: dict[str, Any]) -> str:
+    if not region["points"]:
+        return f"  {name:<10} 0 points"
+    tau = region["kendall_tau"]
+    relative = (f" ({region['mean_abs_relative_error_pct']:.2f}% / {region['max_abs_relative_error_pct']:.2f}%)"
+                if "mean_abs_relative_error_pct" in region else "")
+    return (f"  {name:<10} {region['points']:>4} points: mean |error| {region['mean_abs_error']:.3f}, max |error| "
+            f"{region['max_abs_error']:.3f}{relative}, mean error {region['mean_error']:+.3f}, Kendall tau "
+            + ("n/a (< 3 points or constant)" if tau is None else f"{tau:.3f}"))
+
+
 def format_table(comparison: dict[str, Any]) -> str:
     lines = [f"{'hardware point':64s} {'predicted':>9s} {'simulated':>9s} {'error':>7s}"]
     for r in comparison["rows"]:
@@ -399,9 +511,25 @@ def format_table(comparison: dict[str, Any]) -> str:
     s = comparison["summary"]
     if s.get("points"):
         tau = s.get("kendall_tau")
-        lines.append(f"{s['points']} points: mean |error| {s['mean_abs_error']:.3f}, max |error| "
+        measure = s.get("measure", "top1")
+        lines.append(f"{s['points']} points{'' if measure == 'top1' else f' ({measure})'}: mean |error| "
+                     f"{s['mean_abs_error']:.3f}, max |error| "
                      f"{s['max_abs_error']:.3f} ({s['worst_point']}), mean error {s['mean_error']:+.3f}, "
                      f"Kendall tau {'n/a' if tau is None else f'{tau:.3f}'}")
+        if "mean_abs_relative_error_pct" in s:
+            lines.append(f"relative error: mean |error| {s['mean_abs_relative_error_pct']:.2f}%, max "
+                         f"{s['max_abs_relative_error_pct']:.2f}%, mean {s['mean_relative_error_pct']:+.2f}%")
+        if s.get("sign_note"):
+            lines.append(f"sign {s['sign']}: {s['sign_note']}")
+        if s.get("regions"):
+            lines.append(f"per region ({s['regions']['definition']}):")
+            lines += [_region_line(name, s["regions"][name]) for name in ("near_float", "rest")]
+        if s.get("worst_points"):
+            lines.append(f"the {len(s['worst_points'])} largest errors:")
+            for w in s["worst_points"]:
+                relative = f" ({w['relative_error_pct']:+.2f}%)" if "relative_error_pct" in w else ""
+                lines.append(f"  {w['point']:64s} predicted {w['predicted']:8.2f} simulated {w['simulated']:8.2f} "
+                             f"error {w['error']:+7.2f}{relative}")
     return "\n".join(lines)
 
 
@@ -429,8 +557,10 @@ def plot(comparison: dict[str, Any], path: str | Path, title: str) -> Path:
         tau = s.get("kendall_tau")
         ax.set_title(f"{title}\nMAE {s['mean_abs_error']:.2f}, max {s['max_abs_error']:.2f}, "
                      f"tau {'n/a' if tau is None else f'{tau:.2f}'}, {s['points']} points", fontsize=9)
-    ax.set_xlabel("simulated top-1 (%) (bit-and-crossbar slicing, mean of chips)")
-    ax.set_ylabel("predicted top-1 (%) (error injection, mean of draws)")
+    measure = s.get("measure", "top1")
+    label = "top-1 (%)" if measure == "top1" else f"{measure} (lower is better)"
+    ax.set_xlabel(f"simulated {label} (bit-and-crossbar slicing, mean of chips)")
+    ax.set_ylabel(f"predicted {label} (error injection, mean of draws)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -463,7 +593,9 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
     errors = InjectionModel.of(args.method, args.device_error, args.adc_error, args.tile_factor,
                                args.adc_form)
     truth_path = Path(args.ground_truth or results_path(args.model_name, args.dataset, "accsim"))
-    truth = load_ground_truth(truth_path, args.model_name, args.dataset)  # says which main.py run makes it
+    measure = getattr(args, "measure", "top1")
+    # says which main.py run makes it
+    truth = load_ground_truth(truth_path, args.model_name, args.dataset, measure)
     workload = Workload.from_args(args)  # the model and data, resolved once
     description = workload.describe()
     check_workload([r for r in read_records(truth_path) if r.get("method") == "sliced"], description, truth_path,
@@ -532,6 +664,15 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
 
     comparison = compare(truth, records, args.cycle)
     log(format_table(comparison))
+    # The test loss beside top-1 (CNNs, multiple-choice tasks): a continuous second measure.
+    loss_beside = None
+    if measure == "top1" and all(len(p.values.get("loss", [])) == len(p.top1) for p in truth.points):
+        loss_beside = compare(truth, records, args.cycle, "loss")["summary"]
+        if loss_beside.get("points"):
+            tau = loss_beside.get("kendall_tau")
+            log(f"test loss beside top-1: mean |error| {loss_beside['mean_abs_error']:.4f} nats, max "
+                f"{loss_beside['max_abs_error']:.4f}, mean error {loss_beside['mean_error']:+.4f}, Kendall tau "
+                f"{'n/a' if tau is None else f'{tau:.3f}'} (float model {truth.ideal.get('loss') or math.nan:.4f})")
     sample = timing_sample(truth.points, args.time_points)
     if sample:
         log(f"timing both methods on {len(sample)} of {len(truth.points)} points "
@@ -547,14 +688,15 @@ def run_from_args(args, default_method: str, log: Callable[[str], None] = print)
             f"{timing['speedup_amortized_over_grid']:.1f}x with each calibration shared by its points, "
             f"{timing['speedup_with_calibration']:.1f}x with a fresh calibration for every point")
     slug = errors.slug() + ("-paired" if args.paired_chips else "")
-    stem = out.stem + ("" if slug == default_method else f"_{slug}")
+    stem = out.stem + ("" if slug == default_method else f"_{slug}") + ("" if measure == "top1" else f"_{measure}")
     summary = {"model": model_id(args.model_name), "dataset": dataset_id(args.model_name, args.dataset),
                "injection": label,
                "method": args.method, "cycle": args.cycle, "ground_truth": truth.source, "records": str(out),
                "batch_size": batch_size, "limit": limit, **comparison["summary"], "timing": timing,
                "recorded_simulated_s_per_point": float(np.nanmean([np.nansum(p.wall_s)
                                                                    for p in truth.points])),
-               "rows": comparison["rows"], "time": timestamp(), "device": str(device),
+               "rows": comparison["rows"], "loss_beside_top1": loss_beside, "time": timestamp(),
+               "device": str(device),
                "torch_threads": torch.get_num_threads(), **environment()}
     summary_path = out.with_name(f"{stem}_summary.json")
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
