@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_llm import char_tokenizer, tiny_model
+from test_llm import PIQA_ITEM, char_tokenizer, tiny_model, write_lines
 from test_validate import POINTS, record, stats_file  # noqa: F401  (stats_file is a fixture)
 
 import main
@@ -287,3 +287,26 @@ def test_tiny_llm_perplexity_through_main_validate_and_wrap_error(tmp_path, caps
     assert wrap_error.main([*model, "--ground_truth", str(records), "--out", str(out), "--cycle", "2",
                             "--time_points", "0", "--device", "cpu"]) == 2
     assert "--measure perplexity" in capsys.readouterr().err
+
+
+def test_tiny_llm_multiple_choice_reports_the_loss_beside_top1(tmp_path, capsys):
+    """A task that records top-1 and loss: wrap_error keeps top-1 as the headline (its keys and file) and
+    reports the loss comparison beside it."""
+    folder = tmp_path / "Tiny-OPT"
+    tiny_model("opt", seed=3).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    quiz = write_lines(tmp_path / "quiz.jsonl", [PIQA_ITEM, {**PIQA_ITEM, "label": 1}] * 2)
+    (tmp_path / "space.ini").write_text(SPACE)
+    model = ["--model_name", str(folder), "--dataset", str(quiz)]
+    records = tmp_path / "quiz_accsim.jsonl"
+    assert main.main([*model, "--HWdes", str(tmp_path / "space.ini"), "--cycle", "1", "--out", str(records),
+                      "--device", "cpu"]) == 0
+    out = tmp_path / "quiz_wrap.jsonl"
+    assert wrap_error.main([*model, "--ground_truth", str(records), "--out", str(out), "--cycle", "1",
+                            "--time_points", "0", "--device", "cpu"]) == 0
+    assert "test loss beside top-1" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "quiz_wrap_summary.json").read_text())
+    assert summary["points"] == 3 and "measure" not in summary and summary["regions"]["near_float"]["points"] >= 0
+    beside = summary["loss_beside_top1"]
+    assert beside["measure"] == "loss" and beside["points"] == 3 and beside["ideal_loss"] > 0
+    assert beside["mean_abs_error"] >= 0 and len(beside["worst_points"]) == 3
