@@ -304,8 +304,9 @@ class PerplexityTask:
             nll -= float((token_lp * mask[:, 1:]).double().sum())
             count += int(mask[:, 1:].sum())
         loss = nll / count
+        # The text's hash goes into every record: the pydoc text differs a little between Python versions.
         return {"top1": None, "top5": None, "perplexity": math.exp(loss), "loss": loss,
-                "samples": len(self.windows), "tokens": count}
+                "samples": len(self.windows), "tokens": count, "text_sha256": self.text_sha256}
 
     def calibration_inputs(self, batches: int) -> list[torch.Tensor]:
         windows = self.windows[: batches * self.batch_size]

@@ -266,6 +266,7 @@ def test_tiny_llm_perplexity_through_main_validate_and_wrap_error(tmp_path, caps
     sliced = [r for r in sliced if r["method"] == "sliced"]
     assert len(sliced) == 6 and all(r["top1"] is None and r["perplexity"] > 1 for r in sliced)
     assert {r["dataset"] for r in sliced} == {"notes-seq32-tok192"} and sliced[0]["samples"] == 6
+    assert sliced[0]["tokens"] == 6 * 31 and len(sliced[0]["text_sha256"]) == 64  # 192 tokens, 31 targets a window
     assert stat_script().main([*model, "--HWdes", str(tmp_path / "space.ini"), "--out", str(stats)]) == 0
     capsys.readouterr()
     val = [*model[:2], "--dataset", str(text), "--seq_len", "32", "--max_tokens", "192", "--records", str(records),
