@@ -55,11 +55,6 @@ class PointTruth:
     def mean(self) -> float:
         return float(np.mean(self.top1))
 
-    def mean_of(self, measure: str) -> float:
-        """The chip mean of one measure (NaN when not recorded by every chip)."""
-        chips = self.values.get(measure, [])
-        return float(np.mean(chips)) if chips and len(chips) == len(self.wall_s) else math.nan
-
 
 @dataclass
 class GroundTruth:
