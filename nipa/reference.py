@@ -67,6 +67,17 @@ def naive_adc(partial: torch.Tensor, core: CrossbarCore, lo: torch.Tensor, hi: t
     return core.adc(partial, lo, hi)
 
 
+def _padded_bit_planes(core: CrossbarCore, x: torch.Tensor,
+                       scale_in: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input's bit planes [Z, n, T * rows] (the last tile zero padded) and its per-tensor scale."""
+    x_q, scale_in = quantize_input(x, core.hw.wl_input, scale_in)
+    planes = input_bit_planes(x_q, core.hw.wl_input)  # [Z, n, fan_in]
+    pad = core.num_tiles * core.rows - core.fan_in
+    if pad:
+        planes = torch.nn.functional.pad(planes, (0, pad))
+    return planes, scale_in
+
+
 @torch.no_grad()
 def naive_core_forward(
     core: CrossbarCore, x: torch.Tensor, scale_in: torch.Tensor | None = None
@@ -83,11 +94,7 @@ def naive_core_forward(
     if hw.adc_mode == "calibrated" and not (core.calibrated or core.calibrating):
         raise RuntimeError(f"layer {core.name}: ADC mode 'calibrated' needs calibrate_adc first")
     x = x.float()
-    x_q, scale_in = quantize_input(x, hw.wl_input, scale_in)
-    planes = input_bit_planes(x_q, hw.wl_input)  # [Z, n, fan_in]
-    pad = core.num_tiles * core.rows - core.fan_in
-    if pad:
-        planes = torch.nn.functional.pad(planes, (0, pad))
+    planes, scale_in = _padded_bit_planes(core, x, scale_in)  # [Z, n, T * rows]
     pairs = pair_conductances(core)  # [K, out, T, rows]
     y = x.new_zeros(x.shape[0], core.out_features)
     for z in range(hw.wl_input - 1):
@@ -118,11 +125,7 @@ def original_structure_forward(
     if core.per_read or hw.adc_mode != "dynamic":
         raise NotImplementedError("the original's structure is timed in dynamic ADC mode with per-chip cells")
     x = x.float()
-    x_q, scale_in = quantize_input(x, hw.wl_input, scale_in)
-    planes = input_bit_planes(x_q, hw.wl_input)  # [Z, n, fan_in]
-    pad = core.num_tiles * core.rows - core.fan_in
-    if pad:
-        planes = torch.nn.functional.pad(planes, (0, pad))
+    planes, scale_in = _padded_bit_planes(core, x, scale_in)  # [Z, n, T * rows]
     n = x.shape[0]
     tiled = planes.view(planes.shape[0], n, core.num_tiles, core.rows).permute(0, 2, 1, 3)  # [Z, T, n, S]
     pairs = pair_conductances(core)  # [K, out, T, rows]
