@@ -30,7 +30,9 @@ def test_example_runs_all_four():
     result = module.main()
     assert result["ideal"] > 80  # trained for seconds on digits
     clean, noisy = result["simulated"]
-    assert clean <= result["ideal"] + 1e-9 and noisy <= clean + 5
+    # 6-bit weights and inputs without variation stay near the float model (either side of it: rounding
+    # can help by chance); variation 0.3 does not help
+    assert abs(clean - result["ideal"]) < 3 and noisy <= clean + 1
     assert result["nipa"][0] > result["nipa"][1]  # device variation lowers NIPA
     assert all(0 <= a <= 100 for a in result["estimated"])
 
