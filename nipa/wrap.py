@@ -97,9 +97,19 @@ def load_ground_truth(path: str | Path, model_name: str, dataset: str, measure: 
         raise UserError(f"{path} mixes records of sweeps with different settings: {sorted(runs)}; give each "
                         "sweep its own results file")
     points: dict[str, PointTruth] = {}
+    seen: dict[tuple[str, int], Any] = {}
     for r in sliced:
         key = r["config_key"]
         point = points.setdefault(key, PointTruth(HWConfig.from_dict(r["config"]), key))
+        # A chip recorded twice (shards run twice, a file merged by hand) counts once, as in
+        # nipa.correlation.group_records; two different results for one chip are an error there and here.
+        chip_id = (key, int(r.get("chip") or 0))
+        if chip_id in seen:
+            if seen[chip_id] != r.get(measure):
+                raise UserError(f"{path}: point {point.config.describe()}, chip {chip_id[1]}: two records with "
+                                f"different {measure} {seen[chip_id]} and {r.get(measure)}")
+            continue
+        seen[chip_id] = r.get(measure)
         if r.get(measure) is None:
             held = [name for name in MEASURES if r.get(name) is not None]
             hint = (" (a perplexity task: give --measure perplexity or loss)" if measure == "top1"
