@@ -33,31 +33,25 @@ Hardware = HWConfig | Mapping[str, Any]
 
 
 @dataclass
-class SimulationResult:
+class _PointAccuracies:
+    """Top-1 accuracy (%) of one point per chip or draw, the float model's, and the wall time."""
+
+    point: HWConfig
+    accuracy: list[float]
+    ideal: float
+    seconds: float
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.accuracy))
+
+
+class SimulationResult(_PointAccuracies):
     """The bit-and-crossbar simulation of one point: top-1 accuracy (%) of each chip, and the float model's."""
 
-    point: HWConfig
-    accuracy: list[float]
-    ideal: float
-    seconds: float
 
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.accuracy))
-
-
-@dataclass
-class EstimateResult:
+class EstimateResult(_PointAccuracies):
     """The fast prediction of one point: top-1 accuracy (%) of each injection draw; their mean predicts."""
-
-    point: HWConfig
-    accuracy: list[float]
-    ideal: float
-    seconds: float
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.accuracy))
 
 
 def as_points(hw: Hardware | Sequence[Hardware]) -> tuple[list[HWConfig], bool]:
