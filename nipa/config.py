@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import fnmatch
 import itertools
 import math
 import random
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,153 @@ class HWConfig:
             f"W{self.wl_weight} I{self.wl_input} S{self.subArray} ADC{self.ADCprecision}({self.adc_mode}) "
             f"c{self.cellBit} R{self.onoffratio:g} {self.vari_type}:{spread} SAF{self.SAF_prop:g}"
         )
+
+
+# The fields a hardware point may set per mapped layer (PerLayerConfig): the ones that change one layer's
+# crossbars, ADCs and input drivers. Device and ADC-mode fields describe the whole chip and stay global.
+LAYER_FIELDS = ("wl_weight", "wl_input", "subArray", "ADCprecision", "cellBit")
+# Short names of the per-layer fields in describe() (as HWConfig.describe writes them).
+_LAYER_FIELD_TAGS = {"wl_weight": "W", "wl_input": "I", "subArray": "S", "ADCprecision": "ADC", "cellBit": "c"}
+
+
+@dataclass(frozen=True)
+class PerLayerConfig:
+    """A hardware point whose mapped layers may differ from a uniform `base` in LAYER_FIELDS.
+
+    `overrides` lists (layer pattern, ((field, value), ...)) in order; a pattern is a layer name or an
+    fnmatch pattern (``features.*``), and where several match one layer the later one wins. Build it with
+    `layered` (which returns the base itself when nothing is overridden). Every field's value is checked
+    against the base as a whole point, so an error names the layer pattern, the field and the value.
+    Chip-wide attributes (the device fields, adc_mode, has_device_error, ...) read through to the base;
+    the per-layer fields have no single value: `for_layer(name)` gives a layer's effective HWConfig.
+    """
+
+    base: HWConfig
+    overrides: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, HWConfig):
+            raise ConfigError(f"a per-layer point needs an HWConfig as its base, not {type(self.base).__name__}")
+        for pattern, fields in self.overrides:
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise ConfigError(f"layer override {pattern!r}: a layer name or pattern must be a non-empty string")
+            for field, _value in fields:
+                if field not in LAYER_FIELDS:
+                    chip_wide = field in {f.name for f in dataclasses.fields(HWConfig)}
+                    raise ConfigError(
+                        f"layer override {pattern!r}: {field!r} "
+                        + ("describes the whole chip and cannot differ per layer" if chip_wide
+                           else "is not a hardware parameter")
+                        + f"; per-layer fields: {', '.join(LAYER_FIELDS)}")
+            trial = {**self.base.to_dict(), **dict(fields)}
+            problems = validation_problems(trial)
+            if problems:
+                field, value, why = problems[0]
+                raise ConfigError(f"layer override {pattern!r}: {field}={value!r}: {why}")
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes the class lacks: chip-wide ones read through to the base.
+        if name.startswith("_") or name in ("base", "overrides"):
+            raise AttributeError(name)
+        if name in LAYER_FIELDS:
+            raise AttributeError(f"{name} differs per layer in a per-layer point: use for_layer(name).{name} "
+                                 f"(or .base.{name} for the uniform value)")
+        return getattr(self.base, name)
+
+    @property
+    def override_map(self) -> dict[str, dict[str, int]]:
+        return {pattern: dict(fields) for pattern, fields in self.overrides}
+
+    def for_layer(self, name: str) -> HWConfig:
+        """The effective hardware point of one mapped layer: the base with every matching override applied."""
+        changes: dict[str, int] = {}
+        for pattern, fields in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                changes.update(fields)
+        return dataclasses.replace(self.base, **changes) if changes else self.base
+
+    def check_layers(self, layers: Sequence[str]) -> None:
+        """ConfigError when a pattern matches none of the mapped `layers` (a typo would silently do nothing)."""
+        for pattern, _ in self.overrides:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+                raise ConfigError(f"layer override {pattern!r} matches no mapped layer; mapped layers: "
+                                  f"{', '.join(layers) or '(none)'}")
+
+    def canonical(self) -> PerLayerConfig:
+        return dataclasses.replace(self, base=self.base.canonical())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The base's fields plus "layers": {pattern: {field: value}} (what records store as `config`)."""
+        return {**self.base.to_dict(), "layers": self.override_map}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PerLayerConfig | HWConfig:
+        values = dict(values)
+        layers = values.pop("layers", None) or {}
+        if not isinstance(layers, dict):
+            raise ConfigError(f"per-layer overrides must map layer patterns to {{field: value}}, not {layers!r}")
+        return layered(HWConfig.from_dict(values), layers)
+
+    def key(self) -> str:
+        """The base's key and the overrides: never equal to a uniform point's key."""
+        parts = [f"{pattern}:" + ",".join(f"{field}={value}" for field, value in fields)
+                 for pattern, fields in self.overrides]
+        return f"{self.base.canonical().key()};layers=" + ";".join(parts)
+
+    def describe(self) -> str:
+        parts = [f"{pattern}: " + " ".join(f"{_LAYER_FIELD_TAGS[field]}{value}" for field, value in fields)
+                 for pattern, fields in self.overrides]
+        return f"{self.base.describe()} | layers {'; '.join(parts)}"
+
+
+def layered(base: HWConfig, overrides: Mapping[str, Mapping[str, Any]] | None) -> HWConfig | PerLayerConfig:
+    """`base` with per-layer overrides ({layer pattern: {field: value}}, in order); fields equal to the
+    base's are dropped, and with nothing left the uniform `base` itself is returned, so one point has one
+    key whichever way it was written."""
+    if not isinstance(base, HWConfig):
+        raise ConfigError(f"per-layer overrides apply to a uniform HWConfig, not {type(base).__name__}")
+    base_values = base.to_dict()
+    kept: list[tuple[str, tuple[tuple[str, int], ...]]] = []
+    for pattern, fields in (overrides or {}).items():
+        if not isinstance(fields, Mapping):
+            raise ConfigError(f"layer override {pattern!r}: expected {{field: value}}, not {fields!r}")
+        changed = tuple((field, value) for field, value in fields.items()
+                        if field not in base_values or base_values[field] != value)
+        if changed:
+            kept.append((pattern, changed))
+    if not kept:
+        return base
+    return PerLayerConfig(base, tuple(kept))
+
+
+def config_from_dict(values: Mapping[str, Any]) -> HWConfig | PerLayerConfig:
+    """A record's `config`: a uniform HWConfig, or a PerLayerConfig when it has "layers"."""
+    if "layers" in values:
+        return PerLayerConfig.from_dict(dict(values))
+    return HWConfig.from_dict(dict(values))
+
+
+def parse_layer_overrides(texts: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Command-line overrides, each ``PATTERN:FIELD=VALUE[,FIELD=VALUE...]`` (e.g. ``conv1:ADCprecision=7``),
+    into {pattern: {field: value}}; a UserError names the text that does not parse."""
+    overrides: dict[str, dict[str, int]] = {}
+    for text in texts:
+        pattern, colon, assignments = text.rpartition(":")
+        if not colon or not pattern.strip() or not assignments.strip():
+            raise ConfigError(f"--layer_override {text!r}: expected LAYER:FIELD=VALUE[,FIELD=VALUE...], "
+                              "e.g. conv1:ADCprecision=7")
+        fields = overrides.setdefault(pattern.strip(), {})
+        for item in assignments.split(","):
+            field, equals, raw = item.partition("=")
+            field = field.strip()
+            if not equals or field not in LAYER_FIELDS:
+                raise ConfigError(f"--layer_override {text!r}: {item.strip()!r} is not FIELD=VALUE with FIELD one "
+                                  f"of {', '.join(LAYER_FIELDS)}")
+            try:
+                fields[field] = _parse_choice(raw, field)
+            except ValueError:
+                raise ConfigError(f"--layer_override {text!r}: {field} = {raw.strip()!r}: must be an integer") from None
+    return overrides
 
 
 _INT_FIELDS = {"wl_weight", "wl_input", "subArray", "ADCprecision", "cellBit"}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nipa.compat import NO_COMPAT, Compat
-from nipa.config import HWConfig
+from nipa.config import HWConfig, PerLayerConfig
 from nipa.device_errors import chip_generator, program_pairs
 from nipa.mapping import as_linear, is_mappable, select_layers, set_submodule
 from nipa.quant import (
@@ -515,7 +515,7 @@ def _explicit_padding(layer: nn.Conv2d) -> tuple[int, int, int, int]:
 
 def convert(
     model: nn.Module,
-    hw: HWConfig,
+    hw: HWConfig | PerLayerConfig,
     *,
     exclude: Sequence[str] = (),
     include: Sequence[str] | None = None,
@@ -527,18 +527,23 @@ def convert(
 ) -> nn.Module:
     """A copy of `model` whose mapped layers run on crossbars configured by `hw`, programmed as chip
     number `chip` of seed `seed`. The input model is left untouched. `compat` switches on choices of
-    the original tool (`nipa.compat`)."""
+    the original tool (`nipa.compat`). A PerLayerConfig gives every mapped layer its own effective
+    point (`for_layer`); a layer pattern that matches no mapped layer is a ConfigError."""
     options = {"per_read": per_read, "memory_mb": memory_mb, "compat": compat}
     if is_mappable(model):  # a bare layer converts to its crossbar twin
-        converted = _crossbar_layer(as_linear(copy.deepcopy(model)), hw, "", options)
+        if isinstance(hw, PerLayerConfig):
+            hw.check_layers([""])
+        converted = _crossbar_layer(as_linear(copy.deepcopy(model)), _layer_config(hw, ""), "", options)
     else:
         converted = copy.deepcopy(model)
         names = select_layers(model, exclude=exclude, include=include)
         if compat.digital_classifier:
             names = [name for name in names if name != final_classifier(model)]
+        if isinstance(hw, PerLayerConfig):
+            hw.check_layers(names)
         for name in names:
             layer = as_linear(converted.get_submodule(name))  # a transformers Conv1D: its nn.Linear twin
-            set_submodule(converted, name, _crossbar_layer(layer, hw, name, options))
+            set_submodule(converted, name, _crossbar_layer(layer, _layer_config(hw, name), name, options))
     program_chip(converted, seed, chip)
     return converted
 
@@ -547,6 +552,11 @@ def final_classifier(model: nn.Module) -> str | None:
     """The name of the last nn.Linear of a model (a CNN's classifier), None when it has none."""
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     return names[-1] if names else None
+
+
+def _layer_config(hw: HWConfig | PerLayerConfig, name: str) -> HWConfig:
+    """The effective hardware point of mapped layer `name`."""
+    return hw.for_layer(name) if isinstance(hw, PerLayerConfig) else hw
 
 
 def _crossbar_layer(layer: nn.Module, hw: HWConfig, name: str, options: dict) -> nn.Module:
