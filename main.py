@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nipa.cli import add_layer_args, add_model_args, add_runtime_args, parse_shard, resolve_model_args, run_main
 from nipa.compat import SWITCHES, Compat
-from nipa.config import ADC_MODES, SearchSpace
+from nipa.config import ADC_MODES, SearchSpace, check_layer_patterns, parse_layer_overrides
 from nipa.errors import UserError
 from nipa.llm import is_llm_name, mapping_report
 from nipa.logs import open_log
@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory_mb", type=float, default=None,
                         help="memory budget of one crossbar product (default: 256 on a CPU, a quarter of the "
                              "free memory on a GPU)")
+    parser.add_argument("--layer_override", action="append", default=[], metavar="LAYER:FIELD=VALUE,...",
+                        help="give mapped layers (a name or fnmatch pattern) their own wl_weight, wl_input, subArray, "
+                             "ADCprecision or cellBit in every point, e.g. fc2:ADCprecision=7; repeatable")
     parser.add_argument("--shard", type=parse_shard, default=None, help="i/n: run every n-th point from i")
     parser.add_argument("--log_file", default=None, help="readable progress lines are appended here")
     parser.add_argument("--out", default=None, help="results JSONL (default results/{model}/{dataset}_accsim.jsonl)")
@@ -74,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--sample_num {args.sample_num}: give a number of points, or 0 for the full grid")
     if args.calib_batches < 0:
         parser.error(f"--calib_batches {args.calib_batches}: cannot be negative")
+    parse_layer_overrides(args.layer_override)  # a malformed --layer_override fails here
     if args.memory_mb is not None and not args.memory_mb > 0:
         parser.error(f"--memory_mb {args.memory_mb}: must be positive (megabytes of one crossbar product)")
     return args
@@ -91,7 +95,8 @@ def sweep_settings(args: argparse.Namespace, exclude, include, weights: str | No
         exclude=exclude, include=include, adc_mode=args.adc_mode,
         per_read=args.per_read, calib_batches=args.calib_batches, memory_mb=args.memory_mb,
         shard=args.shard, copy_identical_chips=not args.simulate_identical_chips, weights=weights,
-        compat=Compat.parse(args.compat), device=device, extra=extra or {})
+        compat=Compat.parse(args.compat), device=device, extra=extra or {},
+        layer_overrides=parse_layer_overrides(args.layer_override) or None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         weights = weights_sha256(weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt, meta))
     include, exclude = layer_selection(args.model_name, model, args.include_layer, args.exclude_layer, args.block)
     mapped = select_layers(model, exclude=exclude, include=include)
+    if args.layer_override:  # a layer pattern that matches no mapped layer fails before any simulation
+        check_layer_patterns(list(parse_layer_overrides(args.layer_override)), mapped)
     log(mapping_report(model, mapped))
     if not is_llm_name(args.model_name):
         log(digital_report(model, mapped))

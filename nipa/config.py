@@ -189,10 +189,7 @@ class PerLayerConfig:
 
     def check_layers(self, layers: Sequence[str]) -> None:
         """ConfigError when a pattern matches none of the mapped `layers` (a typo would silently do nothing)."""
-        for pattern, _ in self.overrides:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
-                raise ConfigError(f"layer override {pattern!r} matches no mapped layer; mapped layers: "
-                                  f"{', '.join(layers) or '(none)'}")
+        check_layer_patterns([pattern for pattern, _ in self.overrides], layers)
 
     def canonical(self) -> PerLayerConfig:
         return dataclasses.replace(self, base=self.base.canonical())
@@ -239,6 +236,14 @@ def layered(base: HWConfig, overrides: Mapping[str, Mapping[str, Any]] | None) -
     if not kept:
         return base
     return PerLayerConfig(base, tuple(kept))
+
+
+def check_layer_patterns(patterns: Sequence[str], layers: Sequence[str]) -> None:
+    """ConfigError when a layer pattern matches none of the mapped `layers`."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+            raise ConfigError(f"layer override {pattern!r} matches no mapped layer; mapped layers: "
+                              f"{', '.join(layers) or '(none)'}")
 
 
 def config_from_dict(values: Mapping[str, Any]) -> HWConfig | PerLayerConfig:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from nipa.config import HWConfig
+from nipa.config import HWConfig, config_from_dict
 from nipa.errors import UserError
 
 COEFFICIENTS = ("kendall", "spearman", "pearson")
@@ -351,7 +351,7 @@ def group_records(records: Iterable[Mapping[str, Any]], method: str = "sliced",
             hw_files[str(record["hw_file"])] = None
         if mapped is None and record.get("mapped_layers") is not None:
             mapped = list(record["mapped_layers"])
-        config = HWConfig.from_dict(dict(record["config"]))
+        config = config_from_dict(record["config"])  # a per-layer point's config holds "layers"
         key = record.get("config_key") or config.key()
         entry = by_key.setdefault(key, {"config": config, "chips": {}, "samples": record.get("samples"),
                                         "hw_file": record.get("hw_file")})

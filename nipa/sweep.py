@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nipa.compat import NO_COMPAT, Compat
-from nipa.config import HWConfig, SearchSpace
+from nipa.config import HWConfig, PerLayerConfig, SearchSpace, layered
 from nipa.crossbar import calibrate_adc, compile_mode, convert, mapped_layer_names, program_chip
 from nipa.errors import UserError
 from nipa.evaluate import describe_metrics, evaluate, resident_batches
@@ -56,10 +56,17 @@ class SweepSettings:
     weights: str | None = None
     # The original tool's choices the simulator reproduces (--compat; nipa.compat).
     compat: Compat = NO_COMPAT
+    # Per-layer overrides ({layer pattern: {field: value}}, nipa.config.layered) applied to every sampled point.
+    layer_overrides: dict[str, dict[str, int]] | None = None
     # The device the chips are simulated on ("cpu", "cuda:0"): its type and GPU model are settings, since
     # per-read draws and float rounding differ between devices (run_sweep sets it to its own device).
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the sweep's points give some layers their own configuration."""
+        return bool(self.layer_overrides) or any(isinstance(p, PerLayerConfig) for p in self.points or ())
 
     def signature(self) -> dict[str, Any]:
         """The settings two records must share to belong to one sweep (the points may differ)."""
@@ -69,11 +76,13 @@ class SweepSettings:
                 "include": None if self.include is None else list(self.include),
                 "per_read": self.per_read or self.compat.per_read, "calib_batches": self.calib_batches,
                 "weights": self.weights, "compat": self.compat.switches,
+                # A sweep of per-layer points never shares a results file with a uniform one.
+                **({"per_layer": True} if self.per_layer else {}),
                 # Records of a simulator whose numbers differ for the same settings never mix.
                 "simulator": SIMULATOR_VERSION, **device_signature(self.device)}
 
 
-def sweep_points(settings: SweepSettings) -> list[HWConfig]:
+def sweep_points(settings: SweepSettings) -> list[HWConfig | PerLayerConfig]:
     """The points of this sweep (and shard), in a stable order."""
     if settings.points is not None:
         points = list(dict.fromkeys(settings.points))
@@ -82,6 +91,8 @@ def sweep_points(settings: SweepSettings) -> list[HWConfig]:
         points = space.sample(settings.sample_num, seed=settings.seed)
     if settings.adc_mode:
         points = list(dict.fromkeys(dataclasses.replace(p, adc_mode=settings.adc_mode) for p in points))
+    if settings.layer_overrides:
+        points = list(dict.fromkeys(layered(p, settings.layer_overrides) for p in points))
     if settings.shard:
         index, count = settings.shard
         points = points[index::count]
