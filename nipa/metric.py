@@ -27,7 +27,10 @@ Reductions over layers:
   layers (var_k, density_k and T), then put into the formula once;
 - ``"layer_sum"``: every layer's signal and noise from its own statistics, then total signal over
   total noise (sum_l signal_l / sum_l noise_l), a harmonic-like combination in which the noisiest
-  layers weigh most.
+  layers weigh most. Each layer's terms are first divided by its full-scale weight (2^(b-1) - 1)^2, which
+  cancels when every layer has the same wl_weight and makes layers of other weight bits comparable.
+  It is the reduction of per-layer points (`nipa.config.PerLayerConfig`: every layer at its own effective
+  point); "model_average" refuses them.
 `per_layer_nipa` gives one NIPA per layer: lower NIPA = the layer is more sensitive to the hardware's
 errors (it keeps less signal over its noise), so sorting ascending ranks layers from most to least
 sensitive.
@@ -78,7 +81,7 @@ from typing import Any
 import numpy as np
 from scipy.special import erfc
 
-from nipa.config import VARI_TYPES, HWConfig
+from nipa.config import VARI_TYPES, HWConfig, PerLayerConfig, config_from_dict
 from nipa.errors import UserError
 from nipa.stats import ComboStats, ModelStats, combo_key, parse_combo_key
 
@@ -307,8 +310,8 @@ def point_arrays(points: Sequence[HWConfig | Mapping[str, Any]]) -> dict[str, np
     }
 
 
-def _as_points(points: HWConfig | Mapping[str, Any] | Sequence) -> tuple[list, bool]:
-    if isinstance(points, (HWConfig, Mapping)):
+def _as_points(points: HWConfig | PerLayerConfig | Mapping[str, Any] | Sequence) -> tuple[list, bool]:
+    if isinstance(points, (HWConfig, PerLayerConfig, Mapping)):
         return [points], True
     return list(points), False
 
@@ -442,13 +445,53 @@ def nipa_metric(stats: ModelStats | ComboStats, points: HWConfig | Mapping[str, 
     point_list, single = _as_points(points)
     if not point_list:
         return np.zeros(0)
+    point_list = [config_from_dict(p) if isinstance(p, Mapping) else p for p in point_list]
     if reduction == "model_average":
+        per_layer_points = [p for p in point_list if isinstance(p, PerLayerConfig)]
+        if per_layer_points:
+            raise UserError(f"a per-layer hardware point ({per_layer_points[0].describe()}) needs the metric's "
+                            "reduction 'layer_sum': 'model_average' averages the layers' statistics under one "
+                            "configuration")
         signal, noise = _terms_for_points(stats, point_list, False, tile_factor, device_model, adc_term, input_term)
     else:
-        signal, noise = _terms_for_points(stats, point_list, True, tile_factor, device_model, adc_term, input_term)
-        signal, noise = signal.sum(axis=-1), noise.sum(axis=-1)
+        signal, noise = _layer_terms(stats, point_list, tile_factor, device_model, adc_term, input_term)
+        # Each layer's terms in units of its own full-scale weight, (2^(b-1) - 1)^2 LSB^2, so that layers of
+        # other weight bits add comparably; with one wl_weight for all layers this scale cancels.
+        full_scale = (2.0 ** (_layer_field(stats, point_list, "wl_weight") - 1.0) - 1.0) ** 2
+        signal, noise = (signal / full_scale).sum(axis=-1), (noise / full_scale).sum(axis=-1)
     value = signal / noise
     return float(value[0]) if single else value
+
+
+def _layer_field(stats: ModelStats | ComboStats, points: Sequence, field: str) -> np.ndarray:
+    """[N, L]: `field` of every layer's effective point (a PerLayerConfig's `for_layer`)."""
+    layers = stats.layers
+    return np.array([[getattr(p.for_layer(name) if isinstance(p, PerLayerConfig) else p, field) for name in layers]
+                     for p in points], dtype=np.float64)
+
+
+def _layer_terms(stats: ModelStats | ComboStats, points: Sequence, tile_factor: str, device_model: str,
+                 adc_term: str, input_term: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """(signal, noise) [N, L] of every layer from its own statistics at its own effective point. Uniform
+    points take the vectorized path; a PerLayerConfig expands into its layers' effective points, each
+    evaluated on every layer, of which layer l keeps the row of its own point (L is small)."""
+    points = [config_from_dict(p) if isinstance(p, Mapping) else p for p in points]
+    uniform = [i for i, p in enumerate(points) if not isinstance(p, PerLayerConfig)]
+    layered = [i for i, p in enumerate(points) if isinstance(p, PerLayerConfig)]
+    num_layers = len(stats.layers)
+    signal = np.zeros((len(points), num_layers))
+    noise = np.zeros((len(points), num_layers))
+    if uniform:
+        s, n = _terms_for_points(stats, [points[i] for i in uniform], True, tile_factor, device_model, adc_term,
+                                 input_term)
+        signal[uniform], noise[uniform] = s, n
+    if layered:
+        effective = [points[i].for_layer(name) for i in layered for name in stats.layers]
+        s, n = _terms_for_points(stats, effective, True, tile_factor, device_model, adc_term, input_term)
+        own = np.arange(num_layers)
+        signal[layered] = s.reshape(len(layered), num_layers, num_layers)[:, own, own]
+        noise[layered] = n.reshape(len(layered), num_layers, num_layers)[:, own, own]
+    return signal, noise
 
 
 def per_layer_nipa(stats: ModelStats | ComboStats, points: HWConfig | Mapping[str, Any] | Sequence,
@@ -456,10 +499,11 @@ def per_layer_nipa(stats: ModelStats | ComboStats, points: HWConfig | Mapping[st
                    adc_term: str = "ground_truth") -> np.ndarray:
     """NIPA of every mapped layer from its own statistics: [N, L] ([L] for a single point).
 
-    Layers are in the order of ``stats.layers``. Lower NIPA = more sensitive layer.
+    Layers are in the order of ``stats.layers``. Lower NIPA = more sensitive layer. A PerLayerConfig's
+    layers each take their own effective point.
     """
     point_list, single = _as_points(points)
-    signal, noise = _terms_for_points(stats, point_list, True, tile_factor, device_model, adc_term)
+    signal, noise = _layer_terms(stats, point_list, tile_factor, device_model, adc_term)
     value = signal / noise
     return value[0] if single else value
 
