@@ -225,17 +225,23 @@ def hardware_cost(shapes: Sequence[LayerShape], wl_weight: Any, wl_input: Any, s
                   coefficients: CostCoefficients | None = None, breakdown: bool = False) -> dict[str, Any]:
     """Area (mm^2), energy per inference (nJ) and latency per inference (us) of every hardware point.
 
-    The hardware arguments are arrays [N] (or scalars) that broadcast together. Returns {"area_mm2",
+    The hardware arguments are arrays [N] (or scalars) that broadcast together; any of them may also be
+    [N, L], one value per point and mapped layer (in the order of `shapes`), for per-layer points
+    (`layer_arrays`). Returns {"area_mm2",
     "energy_nj", "latency_us", "arrays", "adcs", "cells", "conversions", "row_activations"} as arrays
     [N]; with `breakdown` also "energy_parts_nj" and "area_parts_mm2": {part: [N]} (ENERGY_PARTS).
     """
     c = coefficients or CostCoefficients()
     if not shapes:
         raise ValueError("no mapped layer to cost")
-    point = [np.atleast_1d(np.asarray(x, dtype=np.float64)) for x in
+    point = [np.asarray(x, dtype=np.float64) for x in
              (wl_weight, wl_input, subArray, adc_bits, cellBit, adc_share, columns)]
-    point = np.broadcast_arrays(*point)
-    w, a_in, rows, b_adc, cell, share, cols = (x[:, None] for x in point)  # [N, 1] against layers [L]
+    for x in point:
+        if x.ndim == 2 and x.shape[1] != len(shapes):
+            raise ValueError(f"per-layer hardware values of shape {x.shape} for {len(shapes)} mapped layers")
+    # [N] -> [N, 1] against layers [L]; per-layer values [N, L] stay as they are
+    point = [x if x.ndim == 2 else np.atleast_1d(x)[:, None] for x in point]
+    w, a_in, rows, b_adc, cell, share, cols = np.broadcast_arrays(*point)
     fan_in = np.array([s.fan_in for s in shapes], dtype=np.float64)[None, :]
     out = np.array([s.out_features for s in shapes], dtype=np.float64)[None, :]
     positions = np.array([s.positions for s in shapes], dtype=np.float64)[None, :]
@@ -298,11 +304,26 @@ def hardware_cost(shapes: Sequence[LayerShape], wl_weight: Any, wl_input: Any, s
     return result
 
 
+LAYER_COST_FIELDS = ("wl_weight", "wl_input", "subArray", "ADCprecision", "cellBit")
+
+
+def layer_arrays(shapes: Sequence[LayerShape], points: Sequence[Any]) -> dict[str, np.ndarray]:
+    """{field: [N, L]} of LAYER_COST_FIELDS for hardware points (HWConfig or nipa.config.PerLayerConfig,
+    whose layers take their effective points), the layers in the order of `shapes`."""
+    def of_layer(point: Any, name: str) -> Any:
+        return point.for_layer(name) if hasattr(point, "for_layer") else point
+
+    return {field: np.array([[getattr(of_layer(p, s.name), field) for s in shapes] for p in points],
+                            dtype=np.float64) for field in LAYER_COST_FIELDS}
+
+
 def point_cost(shapes: Sequence[LayerShape], point: Any, adc_share: int, columns: int,
                coefficients: CostCoefficients | None = None) -> dict[str, Any]:
-    """The cost of one hardware point (an HWConfig) as plain floats, with the breakdowns."""
-    arrays = hardware_cost(shapes, point.wl_weight, point.wl_input, point.subArray, point.ADCprecision,
-                           point.cellBit, adc_share, columns, coefficients, breakdown=True)
+    """The cost of one hardware point (an HWConfig, or a PerLayerConfig whose layers each take their own
+    effective point) as plain floats, with the breakdowns."""
+    values = layer_arrays(shapes, [point])
+    arrays = hardware_cost(shapes, *(values[f] for f in LAYER_COST_FIELDS), adc_share, columns, coefficients,
+                           breakdown=True)
     plain: dict[str, Any] = {}
     for key, value in arrays.items():
         if isinstance(value, dict):
