@@ -27,18 +27,7 @@ from nipa.records import RecordWriter, check_results_path, read_records, shard_p
 from nipa.runtime import default_memory_mb, resolve_device, seed_everything
 from nipa.sweep import SweepSettings, check_compatible, run_sweep
 from nipa.workload import Workload, check_workload
-from nipa.zoo import (
-    dataset_id,
-    default_batch_size,
-    layer_selection,
-    model_id,
-    weights_file,
-    weights_sha256,
-)
-
-
-def default_results_path(model_name: str, dataset: str, kind: str = "accsim") -> Path:
-    return Path("results") / model_id(model_name) / f"{dataset_id(model_name, dataset)}_{kind}.jsonl"
+from nipa.zoo import default_batch_size, layer_selection, weights_file, weights_sha256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, args.gpu_id)
     if args.memory_mb is None:
         args.memory_mb = default_memory_mb(device)
-    out = Path(args.out) if args.out else default_results_path(args.model_name, args.dataset)
+    workload = Workload.from_args(args)  # the model and data, resolved once (nothing is loaded yet)
+    out = Path(args.out) if args.out else workload.results_path("accsim")
     check_results_path(shard_path(out, args.shard))
     existing = read_records(out)  # every shard: a damaged one is reported now, not after the model loads
-    workload = Workload.from_args(args)  # the model and data, resolved once
     description = workload.describe()
     check_workload(existing, description, out)
     weights = workload.weights_sha256()

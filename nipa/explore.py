@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from nipa import paths
 from nipa.config import COST_KNOBS, HWConfig, SearchSpace
 from nipa.cost import CostCoefficients, LayerShape, hardware_cost, layer_shapes
 from nipa.errors import UserError
@@ -687,7 +688,7 @@ def run_explore(settings: ExploreSettings, log: Callable[[str], None] = print) -
     add_fronts(table, settings.budgets)
     rank_s = time.perf_counter() - ranked_at
 
-    out_dir = Path(settings.out_dir or Path("results") / model_id(settings.model_name))
+    out_dir = Path(settings.out_dir or paths.model_dir(model_id(settings.model_name)))
     stem = dataset_id(settings.model_name, settings.dataset)
     csv_path = write_csv(table, out_dir / f"{stem}_explore.csv")
     title = (f"{model_id(settings.model_name)} / {stem}: {len(grid):,} points of {Path(settings.hw_file).name}"

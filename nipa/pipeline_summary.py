@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nipa import paths
 from nipa.errors import UserError
 
 
@@ -26,8 +27,9 @@ def _read_json(path: Path, command: str) -> dict[str, Any]:
 def pipeline_summary(results_dir: Path, dataset: str) -> list[tuple[str, str]]:
     """(what, value) rows from {dataset}_nipa_summary.json, {dataset}_nipa_points.csv and
     {dataset}_wrap_summary.json in `results_dir`."""
-    validate = _read_json(results_dir / f"{dataset}_nipa_summary.json", "validate.py")
-    with open(results_dir / f"{dataset}_nipa_points.csv") as handle:
+    stem = paths.validation_stem(results_dir, dataset)
+    validate = _read_json(Path(f"{stem}_summary.json"), "validate.py")
+    with open(f"{stem}_points.csv") as handle:
         accuracies = [float(row["accuracy_mean"]) for row in csv.DictReader(handle)]
     overall = validate["groups"][0]
     kendall = overall["kendall"]
@@ -38,9 +40,10 @@ def pipeline_summary(results_dir: Path, dataset: str) -> list[tuple[str, str]]:
         ("simulated top-1 range", f"{min(accuracies):.2f}% to {max(accuracies):.2f}%"),
         ("NIPA vs simulated top-1, Kendall tau [CI]",
          f"{kendall['value']:.3f} [{low:.2f}, {high:.2f}]"),
-        ("NIPA plot", str(results_dir / f"{dataset}_nipa.png")),
+        ("NIPA plot", f"{stem}.png"),
     ]
-    wrap_path = results_dir / f"{dataset}_wrap_summary.json"
+    wrap_stem = paths.summary_stem(results_dir / paths.records_name(dataset, "wrap"))
+    wrap_path = Path(f"{wrap_stem}_summary.json")
     if wrap_path.is_file():
         wrap = json.loads(wrap_path.read_text())
         timing = wrap.get("timing") or {}
@@ -51,7 +54,7 @@ def pipeline_summary(results_dir: Path, dataset: str) -> list[tuple[str, str]]:
              "-" if wrap.get("kendall_tau") is None else f"{wrap['kendall_tau']:.3f}"),
             ("fast estimate speedup (measured in the same run)",
              f"{timing['speedup']:.1f}x" if timing.get("speedup") else "-"),
-            ("fast estimate plot", str(results_dir / f"{dataset}_wrap.png")),
+            ("fast estimate plot", f"{wrap_stem}.png"),
         ]
     return rows
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--results_dir", default=None, help="default results/{model}/")
     args = parser.parse_args(argv)
-    results_dir = Path(args.results_dir) if args.results_dir else Path("results") / model_id(args.model_name)
+    results_dir = Path(args.results_dir) if args.results_dir else paths.model_dir(model_id(args.model_name))
     try:
         rows = pipeline_summary(results_dir, dataset_id(args.model_name, args.dataset))
     except UserError as exc:

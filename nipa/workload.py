@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nipa import paths
 from nipa.errors import UserError
 from nipa.userdata import ImageOptions, is_user_dataset, parse_size, user_dataset_sha256
 from nipa.usermodel import file_sha256, is_user_model_name, load_fitting_state_dict, load_user_model
@@ -100,10 +101,10 @@ class Workload:
 
     def results_path(self, kind: str) -> Path:
         """results/{model}/{dataset}_{kind}.jsonl (kind: accsim, wrap, finetune, ...)."""
-        return Path("results") / self.model_id / f"{self.dataset_id}_{kind}.jsonl"
+        return paths.results_path(self.model_id, self.dataset_id, kind)
 
     def statistics_path(self) -> Path:
-        return Path("results") / "stats" / f"{self.model_id}_{self.dataset_id}.json"
+        return paths.statistics_path(self.model_id, self.dataset_id)
 
     @property
     def default_batch_size(self) -> int:

@@ -13,18 +13,17 @@ import torch
 from torch import nn
 
 import models
-from nipa import __version__
+from nipa import __version__, paths
 from nipa.data import dataset_info, get_dataset, make_loader
 from nipa.errors import UserError
 from nipa.llm import is_llm_name, llm_id, load_causal_lm, load_tokenizer, resolve_selection
 from nipa.lm_tasks import dataset_id as lm_dataset_id
 from nipa.lm_tasks import load_task
-
-CHECKPOINT_DIR = "ckpts"
+from nipa.paths import CHECKPOINT_DIR
 
 
 def checkpoint_path(model_name: str, dataset: str, ckpt_dir: str | Path = CHECKPOINT_DIR) -> Path:
-    return Path(ckpt_dir) / f"{model_name.lower()}_{dataset}.pt"
+    return paths.checkpoint_path(model_name, dataset, ckpt_dir)
 
 
 def build_model(model_name: str, dataset: str) -> nn.Module:
@@ -161,12 +160,12 @@ def dataset_id(model_name: str, dataset: str) -> str:
 
 def statistics_path(model_name: str, dataset: str) -> Path:
     """Where stat.py writes, and validate.py and wrap_error.py read, a model's bit statistics."""
-    return Path("results") / "stats" / f"{model_id(model_name)}_{dataset_id(model_name, dataset)}.json"
+    return paths.statistics_path(model_id(model_name), dataset_id(model_name, dataset))
 
 
 def results_path(model_name: str, dataset: str, kind: str) -> Path:
     """results/{model}/{dataset}_{kind}.jsonl: the records of main.py (accsim), wrap_error.py (wrap), ..."""
-    return Path("results") / model_id(model_name) / f"{dataset_id(model_name, dataset)}_{kind}.jsonl"
+    return paths.results_path(model_id(model_name), dataset_id(model_name, dataset), kind)
 
 
 def default_batch_size(model_name: str) -> int:
