@@ -18,8 +18,9 @@ import argparse
 import sys
 
 from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args, run_main
-from nipa.explore import ExploreSettings, MetricOptions, VerifySettings, run_explore
+from nipa.explore import COSTS, ExploreSettings, MetricOptions, VerifySettings, run_explore
 from nipa.inject import METHODS
+from nipa.layer_search import SEARCH_FIELDS, PerLayerSettings, SearchOptions
 from nipa.logs import open_log
 from nipa.metric import DEVICE_MODELS, INPUT_TERMS, REDUCTIONS, TILE_FACTORS
 
@@ -57,9 +58,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     verify.add_argument("--memory_mb", type=float, default=None,
                         help="memory budget of one crossbar product (default: 256 on a CPU, a quarter of the "
                              "free memory on a GPU)")
+    per_layer = parser.add_argument_group("per-layer search (nipa.layer_search)")
+    per_layer.add_argument("--per_layer", action="store_true",
+                           help="under a few cost budgets, start from a uniform point and raise the ADC, weight or "
+                                "input bits of the layers where NIPA gains most per cost; simulate each result "
+                                "against the uniform point of highest NIPA within the same budget")
+    per_layer.add_argument("--per_layer_cost", choices=COSTS, default="energy_nj", help="the cost the budgets limit")
+    per_layer.add_argument("--per_layer_budget", type=float, action="append", default=None, metavar="B",
+                           help="a budget (repeatable; default: the 5th, 10th, 25th and 50th percentiles of the "
+                                "cost over the space's points without device error)")
+    per_layer.add_argument("--per_layer_start", type=float, default=0.8,
+                           help="the search starts at the best uniform point within this share of the budget")
+    per_layer.add_argument("--per_layer_fields", default=",".join(SEARCH_FIELDS),
+                           help=f"the per-layer fields the search may raise (default {','.join(SEARCH_FIELDS)})")
+    per_layer.add_argument("--per_layer_knobs", default="16,256", metavar="ADC_SHARE,COLUMNS",
+                           help="the cost-only knobs of the searched points (default 16,256)")
     add_layer_args(parser)
     add_runtime_args(parser)
     args = resolve_model_args(parser, parser.parse_args(argv))
+    args.per_layer_fields = [f.strip() for f in args.per_layer_fields.split(",") if f.strip()]
+    unknown = [f for f in args.per_layer_fields if f not in SEARCH_FIELDS]
+    if unknown or not args.per_layer_fields:
+        parser.error(f"--per_layer_fields {unknown or '(none)'}: choose among {', '.join(SEARCH_FIELDS)}")
+    try:
+        args.per_layer_knobs = [int(v) for v in args.per_layer_knobs.split(",")]
+        if len(args.per_layer_knobs) != 2 or min(args.per_layer_knobs) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--per_layer_knobs {args.per_layer_knobs!r}: give ADC_SHARE,COLUMNS, two whole numbers >= 1")
+    if not 0 < args.per_layer_start <= 1 or any(b <= 0 for b in args.per_layer_budget or ()):
+        parser.error("need 0 < --per_layer_start <= 1 and positive --per_layer_budget values")
     for name in ("max_area", "max_energy", "max_latency", "target_se"):
         value = getattr(args, name)
         if value is not None and not value > 0:
@@ -73,10 +101,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> ExploreSettings:
     verify = None
-    if args.verify:
+    # --per_layer simulates its points on a trained model with the verification's chip settings
+    if args.verify or (args.per_layer and not args.random_init):
         verify = VerifySettings(points=args.verify, cycle=args.cycle, target_se=args.target_se,
                                 max_cycle=args.max_cycle, fast_draws=args.fast_draws, fast_method=args.fast_method,
                                 memory_mb=args.memory_mb)
+    per_layer = None
+    if args.per_layer:
+        options = SearchOptions(cost=args.per_layer_cost, fields=tuple(args.per_layer_fields),
+                                adc_share=args.per_layer_knobs[0], crossbar_columns=args.per_layer_knobs[1],
+                                tile_factor=args.tile_factor, device_model=args.device_model,
+                                input_term=args.input_term)
+        per_layer = PerLayerSettings(options=options, budgets=args.per_layer_budget,
+                                     start_fraction=args.per_layer_start)
     return ExploreSettings(
         model_name=args.model_name, dataset=args.dataset, hw_file=args.HWdes, ckpt_dir=args.ckpt_dir,
         ckpt=args.ckpt, data_root=args.data_root, batch_size=args.batch_size, limit=args.limit,
@@ -85,7 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> ExploreSettings:
         budgets={"area_mm2": args.max_area, "energy_nj": args.max_energy, "latency_us": args.max_latency},
         metric=MetricOptions(args.reduction, args.tile_factor, args.device_model, args.input_term),
         out_dir=args.out_dir,
-        verify=verify, records=args.records)
+        verify=verify, records=args.records, per_layer=per_layer)
 
 
 def main(argv=None) -> int:
@@ -104,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
             f"estimate {fmt(summary['kendall_fast'])} with mean |error| {fmt(summary['fast_mean_abs_error'])}; "
             f"regret of NIPA's choice: max {fmt(summary['regret_nipa_max'])}, mean {fmt(summary['regret_nipa_mean'])}"
             f" accuracy points -> {result['summary']}")
+    per_layer = result.get("per_layer")
+    if per_layer and per_layer["compared"]:
+        log(f"per-layer search: simulated gain over the best uniform point of the same budget: mean "
+            f"{per_layer['per_layer_gain_mean']:+.2f}, worst {per_layer['per_layer_gain_min']:+.2f} accuracy points "
+            f"({per_layer['per_layer_wins']} of {per_layer['compared']} budgets better)")
     log(f"done in {result['seconds']:.1f} s")
     return 0
 

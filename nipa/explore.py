@@ -617,8 +617,9 @@ class ExploreSettings:
     budgets: dict[str, float | None] = field(default_factory=dict)  # cost column -> maximum
     metric: MetricOptions = field(default_factory=MetricOptions)
     out_dir: str | None = None  # default results/{model}
-    verify: VerifySettings | None = None
+    verify: VerifySettings | None = None  # points=0: no verification, only the chips of --per_layer's points
     records: str | None = None  # ground-truth records (default {out_dir}/{dataset}_explore_accsim.jsonl)
+    per_layer: Any = None  # nipa.layer_search.PerLayerSettings: the per-layer search (explore.py --per_layer)
 
 
 def _example_input(model_name: str, dataset: str, tokens: int):
@@ -729,9 +730,62 @@ def run_explore(settings: ExploreSettings, log: Callable[[str], None] = print) -
                                                                 settings.ckpt_dir, settings.ckpt, meta)),
                             extra={"checkpoint_top1": meta.get("test_top1"),
                                    "model_id": model_id(settings.model_name), "dataset_id": stem})
-        summary = verify(table, grid, stats, ctx, settings.verify, settings.budgets,
-                         out_dir / f"{stem}_explore_summary.json", out_dir / f"{stem}_explore_verify.png", log)
-        result["verify"] = summary
-        result["summary"] = str(out_dir / f"{stem}_explore_summary.json")
+        if settings.verify.points > 0:
+            summary = verify(table, grid, stats, ctx, settings.verify, settings.budgets,
+                             out_dir / f"{stem}_explore_summary.json", out_dir / f"{stem}_explore_verify.png", log)
+            result["verify"] = summary
+            result["summary"] = str(out_dir / f"{stem}_explore_summary.json")
+    if settings.per_layer is not None:
+        result["per_layer"] = per_layer_search(settings, space, grid, stats, shapes, coefficients,
+                                               ctx if settings.verify is not None else None, out_dir / stem, log)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def simulate_points(points: Sequence[Any], ctx: VerifyContext, settings: VerifySettings,
+                    log: Callable[[str], None] = print) -> dict[str, tuple[float, int, float | None]]:
+    """Ground truth of uniform and per-layer points: {config_key: (mean top-1, chips, standard error)}.
+    Per-layer points go to their own records file ({records stem}_per_layer.jsonl, its run marked per_layer),
+    so a uniform and a per-layer sweep never share one."""
+    from nipa.runtime import default_memory_mb
+
+    if settings.memory_mb is None:
+        settings = replace(settings, memory_mb=default_memory_mb(ctx.device))
+    uniform = [p for p in points if isinstance(p, HWConfig)]
+    layered = [p for p in points if not isinstance(p, HWConfig)]
+    per_layer_path = ctx.records_path.with_name(f"{ctx.records_path.stem}_per_layer{ctx.records_path.suffix}")
+    out: dict[str, tuple[float, int, float | None]] = {}
+    for subset, path in ((uniform, ctx.records_path), (layered, per_layer_path)):
+        if not subset:
+            continue
+        grouped = simulate_adaptively(subset, replace(ctx, records_path=path), settings, log)
+        for point in grouped.points:
+            se = standard_error(point.top1) if point.num_chips > 1 else None
+            out[point.key] = (point.top1_mean, point.num_chips, se if se is not None and math.isfinite(se) else None)
+    return out
+
+
+def per_layer_search(settings: ExploreSettings, space: SearchSpace, grid: ExploreGrid, stats: ModelStats,
+                     shapes: Sequence[LayerShape], coefficients: CostCoefficients, ctx: VerifyContext | None,
+                     stem: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """explore.py --per_layer (nipa.layer_search): the searches, simulated when `ctx` is given; written to
+    {stem}_explore_per_layer.json and, when the verification summary exists, under its "per_layer" key."""
+    from nipa.layer_search import run_per_layer
+
+    simulate = None
+    if ctx is not None:
+        def simulate(points: Sequence[Any]) -> dict[str, tuple[float, int, float | None]]:
+            return simulate_points(points, ctx, settings.verify, log)
+    summary = run_per_layer(stats, shapes, space, grid.configs, coefficients, settings.per_layer, simulate, log)
+    if ctx is not None:
+        summary["records"] = str(ctx.records_path)
+    path = stem.with_name(f"{stem.name}_explore_per_layer.json")
+    path.write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+    summary_path = stem.with_name(f"{stem.name}_explore_summary.json")
+    if summary_path.is_file():
+        verified = json.loads(summary_path.read_text())
+        verified["per_layer"] = summary
+        summary_path.write_text(json.dumps(verified, indent=1, default=_json_default) + "\n")
+    log(f"per-layer search: {summary['per_layer_wins']} of {summary['compared']} budgets simulated better than the "
+        f"uniform point of highest NIPA within the same budget -> {path}")
+    return summary
