@@ -80,6 +80,7 @@ from nipa.metric import (
     VARI_CODE,
     adc_step,
     combo_device_variance,
+    input_adc_factor,
     nipa_metric,
     per_layer_nipa,
     slice_noise_terms,
@@ -298,6 +299,8 @@ def noise_breakdown(stats: ModelStats, config: HWConfig, reduction: str = "model
     significance = 4.0 ** (config.cellBit * np.arange(var.shape[1]))
     delta = None if adc_term == "published" else adc_step(density, config.subArray, config.ADCprecision,
                                                           config.cellBit, config.adc_mode, ratio)
+    if adc_term == "input_bits":  # nipa.metric.input_adc_factor scales ADC_k, i.e. delta^2
+        delta = delta * np.sqrt(input_adc_factor(config.wl_input))
     adc, device = slice_noise_terms(var, density, tiles, config.subArray, config.ADCprecision,
                                     VARI_CODE[config.vari_type], config.device_spread, config.SAF_prop, sigma2,
                                     delta)

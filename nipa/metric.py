@@ -88,7 +88,9 @@ from nipa.stats import ComboStats, ModelStats, combo_key, parse_combo_key
 REDUCTIONS = ("model_average", "layer_sum")
 # "ground_truth": the ADC step of each point's ADC mode as the simulator reads it; "published": S density_k
 # / 2^a_r for every point (the paper's form, which assumed a range per read of one tile).
-ADC_TERMS = ("ground_truth", "published")
+ADC_TERMS = ("ground_truth", "published", "input_bits")
+# "input_bits": the ground-truth step, its noise scaled by input_adc_factor(wl_input) (the input's bit-serial
+# shift and add; 1 at 8-bit inputs, the published spaces').
 # "none": the published metric, which does not see the input bits; "rounding": the input's rounding noise
 # under the same clipping assumption the published Q makes for the weights (input_rounding_share).
 INPUT_TERMS = ("none", "rounding")
@@ -226,6 +228,21 @@ def input_rounding_share(wl_input: np.ndarray | int) -> np.ndarray:
     changes no ranking; it matters where the input bits vary (explore.py's space)."""
     levels = 2.0 ** (np.asarray(wl_input, dtype=np.float64) - 1.0) - 1.0
     return (1.0 / 12.0) / (levels / 3.0) ** 2
+
+
+def input_adc_factor(wl_input: np.ndarray | int) -> np.ndarray:
+    """How much the bit-serial input scales the ADC noise against the signal (adc_term "input_bits").
+
+    Every one of the a - 1 input bits z is read with its own ADC step (the dynamic range follows each bit's
+    partial sums, so the steps are taken equal), and the shift and add weighs its error by 4^z: the output's
+    ADC noise is sum_z 4^z = (4^(a-1) - 1) / 3 steps^2, while the signal is that of the a-bit input, var(x_q) =
+    ((2^(a-1) - 1) / 3)^2 under the 3-sigma clipping input_rounding_share assumes. Their ratio,
+    3 (4^(a-1) - 1) / (2^(a-1) - 1)^2, grows as the input bits fall (4-bit inputs: 1.27 times 8-bit ones); it is
+    divided by its 8-bit value so that the term equals "ground_truth" at 8-bit inputs."""
+    def ratio(bits: np.ndarray) -> np.ndarray:
+        return 3.0 * (4.0 ** (bits - 1.0) - 1.0) / (2.0 ** (bits - 1.0) - 1.0) ** 2
+
+    return ratio(np.asarray(wl_input, dtype=np.float64)) / ratio(np.float64(8.0))
 
 
 def adc_step(density: np.ndarray, subArray: np.ndarray | int, adc_bits: np.ndarray | int,
@@ -412,13 +429,15 @@ def _terms_for_points(stats: ModelStats | ComboStats, points, per_layer: bool, t
                                       hw["spread"][per_slice], hw["saf_prop"][per_slice], hw["cellBit"][per_slice],
                                       hw["onoffratio"][per_slice])
     delta = None
-    if adc_term == "ground_truth":
+    if adc_term in ("ground_truth", "input_bits"):
         per_slice = extra + (None,)
         ratio = gathered["tile_range_ratio"]
         shared = np.isin(hw["adc_mode"], _SHARED_RANGE_MODES)
         delta = adc_step(gathered["density"], hw["subArray"][per_slice], hw["adc_bits"][per_slice],
                          hw["cellBit"][per_slice], hw["adc_mode"][per_slice],
                          None if np.isnan(ratio[shared]).any() else np.nan_to_num(ratio, nan=1.0))
+        if adc_term == "input_bits":  # ADC_k grows with delta^2
+            delta = delta * np.sqrt(input_adc_factor(hw["wl_input"][per_slice]))
     signal, noise = nipa_terms(
         gathered["var"], gathered["density"], tiles, hw["subArray"][extra], hw["cellBit"][extra],
         hw["adc_bits"][extra], hw["vari_code"][extra], hw["spread"][extra], hw["saf_prop"][extra],
@@ -535,8 +554,10 @@ def layer_slice_noise(stats: ModelStats | ComboStats, point: HWConfig | Mapping[
     tiles = combo.tiles if tile_factor == "tiles" else np.ones_like(combo.tiles)
     sigma2 = combo_device_variance(combo, hw, device_model)
     delta = None
-    if adc_term == "ground_truth":
+    if adc_term in ("ground_truth", "input_bits"):
         delta = adc_step(combo.density, hw.subArray, hw.ADCprecision, hw.cellBit, hw.adc_mode, combo.tile_range_ratio)
+        if adc_term == "input_bits":
+            delta = delta * np.sqrt(input_adc_factor(hw.wl_input))
     adc, device = slice_noise_terms(combo.var, combo.density, tiles, hw.subArray, hw.ADCprecision,
                                     VARI_CODE[hw.vari_type], hw.device_spread, hw.SAF_prop, sigma2, delta)
     return {"adc": adc, "device": device, "total": adc + device}

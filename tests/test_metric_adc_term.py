@@ -107,3 +107,25 @@ def test_input_rounding_term_sees_input_bits_and_keeps_rankings_at_fixed_bits() 
     few_bits = [dataclasses.replace(p, wl_input=4) for p in points]
     assert (np.asarray(nipa_metric(stats, few_bits, input_term="rounding")) < rounding).all()
     assert np.allclose(np.asarray(nipa_metric(stats, few_bits)), plain)  # the published metric cannot tell
+
+
+def test_input_bits_term_scales_the_adc_noise_by_the_input_shift_and_add() -> None:
+    """adc_term "input_bits": the ground-truth ADC noise times input_adc_factor(wl_input), which is 1 at 8-bit
+    inputs (so the published 8-bit spaces rank as before) and 3 (4^(a-1) - 1) / (2^(a-1) - 1)^2 over its
+    8-bit value otherwise."""
+    from nipa.metric import input_adc_factor, layer_slice_noise
+
+    torch.manual_seed(0)
+    stats = stats_of(nn.Linear(300, 16), combos=((6, 128, 1),))
+    assert input_adc_factor(8) == pytest.approx(1.0)
+    assert input_adc_factor(4) == pytest.approx((3 * 63 / 49) / (3 * 16383 / 127**2))
+    assert input_adc_factor(4) > input_adc_factor(6) > 1.0
+    for bits in (4, 6, 8):
+        hw = HWConfig(wl_weight=6, wl_input=bits, subArray=128, ADCprecision=4, cellBit=1)
+        truth = layer_slice_noise(stats, hw, adc_term="ground_truth")["adc"]
+        scaled = layer_slice_noise(stats, hw, adc_term="input_bits")["adc"]
+        np.testing.assert_allclose(scaled, truth * input_adc_factor(bits), rtol=1e-12)
+    eight = HWConfig(wl_weight=6, wl_input=8, subArray=128, ADCprecision=4, cellBit=1)
+    four = dataclasses.replace(eight, wl_input=4)
+    assert nipa_metric(stats, eight, adc_term="input_bits") == pytest.approx(nipa_metric(stats, eight))
+    assert nipa_metric(stats, four, adc_term="input_bits") < nipa_metric(stats, four)
