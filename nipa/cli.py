@@ -103,9 +103,10 @@ def add_layer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include_layer", nargs="*", default=None, metavar="PATTERN",
                         help="map only these layers (glob patterns); default: every Conv2d/Linear of a CNN, "
                              "the preset block of an LLM")
-    parser.add_argument("--block", type=int, default=None,
-                        help="LLM: index of the block whose Linear/Conv1D layers are mapped (default: the "
-                             "preset's, e.g. OPT 1, others 0)")
+    parser.add_argument("--block", default=None, metavar="N|LIST|spread:N|all",
+                        help="LLM: the blocks whose Linear/Conv1D layers are mapped: 5, 0,5,10-12, spread:4 "
+                             "(4 evenly spaced, first and last included) or all (default: the preset's one "
+                             "block, e.g. OPT 1, others 0)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

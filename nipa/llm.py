@@ -10,12 +10,15 @@
 Mapped layers are `nn.Linear` and transformers' `Conv1D` inside the selected blocks; attention products
 between activations, embeddings, norms and the LM head stay digital. Without `--include_layer` a preset
 picks one block, as the original did: OPT decoder layer 1, Mamba layers.0 without dt_proj, RWKV blocks.0,
-other decoders (GPT-2, Llama, ...) block 0; `--block N` picks another block.
+other decoders (GPT-2, Llama, ...) block 0; `--block` picks others (`block_indices`): one index `5`, a list
+with ranges `0,5,10-12`, `spread:N` (N blocks evenly spaced from the first to the last) or `all`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,19 +205,66 @@ def block_container(model: nn.Module) -> tuple[str, nn.ModuleList]:
                    "choose the layers with --include_layer")
 
 
-def preset_selection(model: nn.Module, block: int | None = None) -> tuple[list[str], list[str]]:
-    """(include, exclude) patterns of the preset: one block, the preset's exclusions."""
+BLOCK_SPEC_HELP = ("N (one block), a list with ranges such as 0,5,10-12, spread:N (N blocks evenly spaced from the "
+                   "first to the last) or all")
+_BLOCK_RANGE = re.compile(r"^([0-9]+)-([0-9]+)$")
+_BLOCK_SPREAD = re.compile(r"^spread:([0-9]+)$")
+
+
+def spread_blocks(wanted: int, count: int) -> list[int]:
+    """`wanted` of `count` blocks evenly spaced, first and last included: depth matters in a transformer
+    (early and late blocks behave differently), so a subset should span it."""
+    if wanted == 1:
+        return [0]
+    # half up, not Python's round (half to even), so 3 of 6 blocks are 0, 3, 5 as one would count them
+    return sorted({math.floor(i * (count - 1) / (wanted - 1) + 0.5) for i in range(wanted)})
+
+
+def block_indices(spec: int | str, count: int, where: str = "") -> list[int]:
+    """The block indices a `--block` value names among `count` blocks, ascending, each once; see
+    BLOCK_SPEC_HELP. A bad value raises LLMError naming it and the valid range."""
+    limits = f"has blocks 0..{count - 1}" + (f" ({where})" if where else "")
+    text = str(spec).strip().lower()
+    if text == "all":
+        return list(range(count))
+    spread = _BLOCK_SPREAD.match(text)
+    if spread:
+        wanted = int(spread.group(1))
+        if not 1 <= wanted <= count:
+            raise LLMError(f"--block {spec}: spread:N needs 1 <= N <= {count}: the model {limits}")
+        return spread_blocks(wanted, count)
+    indices: set[int] = set()
+    for item in text.split(","):
+        item = item.strip()
+        found = _BLOCK_RANGE.match(item)
+        if found:
+            first, last = int(found.group(1)), int(found.group(2))
+            if first > last:
+                raise LLMError(f"--block {spec}: range {item} runs backwards (write {last}-{first})")
+        elif re.fullmatch(r"-?[0-9]+", item):
+            first = last = int(item)
+        else:
+            raise LLMError(f"--block {spec}: {item!r} is not a block index; give {BLOCK_SPEC_HELP}")
+        for index in (first, last):
+            if not 0 <= index < count:
+                raise LLMError(f"--block {spec}: block {index} is out of range: the model {limits}")
+        indices.update(range(first, last + 1))
+    return sorted(indices)
+
+
+def preset_selection(model: nn.Module, block: int | str | None = None) -> tuple[list[str], list[str]]:
+    """(include, exclude) patterns of the preset: its block, or the blocks `block` names (block_indices),
+    one pattern per block so that records list them; the preset's exclusions."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     preset = PRESETS.get(model_type, Preset(""))
     path, blocks = block_container(model)
-    index = preset.default_block if block is None else block
-    if not 0 <= index < len(blocks):
-        raise LLMError(f"--block {index}: {type(model).__name__} has blocks 0..{len(blocks) - 1} ({path})")
-    return [f"{path}.{index}"], list(preset.exclude)
+    spec = preset.default_block if block is None else block
+    indices = block_indices(spec, len(blocks), f"{type(model).__name__}.{path}")
+    return [f"{path}.{index}" for index in indices], list(preset.exclude)
 
 
 def resolve_selection(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str],
-                      block: int | None) -> tuple[list[str] | None, list[str]]:
+                      block: int | str | None) -> tuple[list[str] | None, list[str]]:
     """The layer patterns every script uses for an LLM: the user's `--include_layer` when given (then
     `--block` is an error), else the preset's block; the user's `--exclude_layer` adds to the preset's."""
     if include:

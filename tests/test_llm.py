@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from nipa.crossbar import CrossbarLinear, convert, mapped_layer_names
 from nipa.inject import InjectedLinear, inject
 from nipa.llm import (
     LLMError,
+    block_indices,
     is_llm_name,
     llm_id,
     load_causal_lm,
@@ -74,27 +76,28 @@ def char_tokenizer(with_pad: bool = True):
                                                 **extra)
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    """A 2-block causal LM of the family, randomly initialised (dropout off), in eval mode."""
+def tiny_model(family: str, seed: int = 0, blocks: int = 2) -> nn.Module:
+    """A causal LM of the family with `blocks` blocks (default 2), randomly initialised (dropout off), in eval
+    mode."""
     transformers = pytest.importorskip("transformers")
     ids = {"vocab_size": VOCAB, "pad_token_id": PAD_ID, "bos_token_id": EOS_ID, "eos_token_id": EOS_ID}
     if family == "opt":
-        config = transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+        config = transformers.OPTConfig(hidden_size=32, num_hidden_layers=blocks, num_attention_heads=2, ffn_dim=64,
                                         max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0,
                                         attention_dropout=0.0, **ids)
         cls = transformers.OPTForCausalLM
     elif family == "gpt2":
-        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, resid_pdrop=0.0,
+        config = transformers.GPT2Config(n_embd=32, n_layer=blocks, n_head=2, n_positions=128, resid_pdrop=0.0,
                                          embd_pdrop=0.0, attn_pdrop=0.0, **ids)
         cls = transformers.GPT2LMHeadModel
     elif family == "llama":
-        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=blocks,
                                           num_attention_heads=2, num_key_value_heads=1,
                                           max_position_embeddings=128, **ids)
         cls = transformers.LlamaForCausalLM
     elif family == "mamba":
         config = transformers.MambaConfig(hidden_size=16, state_size=4, expand=2, conv_kernel=4,
-                                          num_hidden_layers=2, **ids)
+                                          num_hidden_layers=blocks, **ids)
         cls = transformers.MambaForCausalLM
     else:
         raise AssertionError(family)
@@ -183,6 +186,78 @@ def test_block_out_of_range_raises(block: int) -> None:
     model = tiny_model("gpt2")
     with pytest.raises(LLMError, match=rf"--block {block}: .*blocks 0\.\.1"):
         resolve_selection(model, None, [], block)
+
+
+@pytest.mark.parametrize(("spec", "count", "expected"), [
+    ("3", 30, [3]), (3, 30, [3]), ("0,5,10-12", 30, [0, 5, 10, 11, 12]), ("2-3,1,2", 6, [1, 2, 3]),
+    ("spread:4", 30, [0, 10, 19, 29]), ("spread:3", 6, [0, 3, 5]), ("spread:1", 30, [0]),
+    ("spread:30", 30, list(range(30))), ("all", 4, [0, 1, 2, 3]), (" ALL ", 2, [0, 1])])
+def test_block_indices_of_lists_ranges_spread_and_all(spec, count: int, expected: list[int]) -> None:
+    assert block_indices(spec, count) == expected
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("30", "block 30 is out of range: the model has blocks 0..29"), ("-1", "block -1 is out of range"),
+    ("4-2", "range 4-2 runs backwards"), ("0,x", "'x' is not a block index"), ("", "'' is not a block index"),
+    ("spread:0", "spread:N needs 1 <= N <= 30"), ("spread:31", "spread:N needs 1 <= N <= 30"),
+    ("0-30", "block 30 is out of range")])
+def test_block_spec_errors_name_the_value(spec: str, message: str) -> None:
+    with pytest.raises(LLMError, match=rf"^--block {re.escape(spec)}: .*{re.escape(message)}"):
+        block_indices(spec, 30)
+
+
+@pytest.mark.parametrize(("family", "path"), [("llama", "model.layers"), ("gpt2", "transformer.h"),
+                                              ("opt", "model.decoder.layers")])
+def test_multi_block_presets_map_the_named_blocks_and_nothing_else(family: str, path: str) -> None:
+    model = tiny_model(family, blocks=6)
+    include, exclude = resolve_selection(model, None, [], "spread:3")
+    assert include == [f"{path}.0", f"{path}.3", f"{path}.5"] and exclude == []
+    converted = convert(model, HWConfig(subArray=16), include=include, exclude=exclude)
+    per_block = len(PRESET_LAYERS[family])
+    mapped = mapped_layer_names(converted)
+    assert len(mapped) == 3 * per_block
+    assert {name[len(path) + 1:].split(".")[0] for name in mapped} == {"0", "3", "5"}
+    assert resolve_selection(model, None, [], "1-2")[0] == [f"{path}.1", f"{path}.2"]
+    assert len(resolve_selection(model, None, [], "all")[0]) == 6
+
+
+def test_multi_block_preset_through_main_stat_and_validate_layer_noise(tmp_path: Path, capsys) -> None:
+    """--block 0,2 on a 3-block model: main.py records both blocks' patterns, stat.py has their layers, and
+    validate.py --per_layer --layer_noise measures exactly those layers from the records' selection."""
+    import main
+    import validate
+    from nipa.stats import load_statistics
+
+    folder = tmp_path / "Tiny-Llama"
+    tiny_model("llama", seed=2, blocks=3).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    text = tmp_path / "notes.txt"
+    text.write_text("the crossbar adds noise to every product it computes.\n" * 8)
+    (tmp_path / "space.ini").write_text("[Algorithm_Level]\nwl_weight = 4\nwl_input = 6\n[Hardware_Level]\n"
+                                        "subArray = 16\nADCprecision = 3, 5, 8\n[Device_Level]\ncellBit = 1\n"
+                                        "vari = 0.2\n")
+    model = ["--model_name", str(folder), "--dataset", str(text), "--seq_len", "32", "--max_tokens", "128"]
+    records, stats = tmp_path / "accsim.jsonl", tmp_path / "stats.json"
+    assert main.main([*model, "--HWdes", str(tmp_path / "space.ini"), "--cycle", "1", "--out", str(records),
+                      "--device", "cpu", "--block", "0,2"]) == 0
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert {tuple(r["run"]["include"]) for r in lines} == {("model.layers.0", "model.layers.2")}
+    spec = importlib.util.spec_from_file_location("nipa_stat_script_llm", Path(__file__).parents[1] / "stat.py")
+    stat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stat)
+    assert stat.main([*model, "--HWdes", str(tmp_path / "space.ini"), "--out", str(stats), "--block", "0,2"]) == 0
+    expected = [f"model.layers.{b}.{n}" for b in (0, 2) for n in
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")]
+    assert list(load_statistics(stats).layers) == expected
+    capsys.readouterr()
+    out_dir = tmp_path / "val"
+    assert validate.main([*model, "--records", str(records), "--stats", str(stats), "--out_dir", str(out_dir),
+                          "--measure", "perplexity", "--bootstrap", "20", "--no_plot", "--per_layer",
+                          "--layer_noise", "--layer_noise_chips", "1", "--layer_noise_batch", "2"]) == 0
+    check = json.loads((out_dir / "notes-seq32-tok128_nipa_perplexity_summary.json").read_text())["layer_noise"]
+    assert sorted(check["per_layer_nipa_vs_measured"]) == sorted(expected)
+    assert "model.layers.2.mlp.down_proj" in capsys.readouterr().out
 
 
 def test_include_and_block_together_raise() -> None:
