@@ -35,7 +35,15 @@ from nipa.finetune import (
 from nipa.llm import is_llm_name
 from nipa.logs import open_log
 from nipa.mlc import ChipOptions, mlc_hw
-from nipa.records import RecordWriter, check_results_path, environment, read_records, timestamp
+from nipa.records import (
+    FINETUNE_KEY,
+    RecordWriter,
+    check_results_path,
+    done_keys,
+    environment,
+    read_records,
+    timestamp,
+)
 from nipa.runtime import resolve_device, seed_everything
 from nipa.workload import Workload
 
@@ -122,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                      vari_type=args.vari_type, spreads=args.vari, chips=args.chips, methods=args.methods,
                      settings=settings, options=options, SAF_prop=args.SAF_prop, onoffratio=args.onoffratio,
                      exclude=args.exclude_layer, include=args.include_layer, seed=args.seed)
-    done = {(r["run_key"], r["method"], r["chip"]) for r in previous}
+    done = done_keys(previous, FINETUNE_KEY)
     writer = RecordWriter(out)
     description = workload.describe()
     extra = {"checkpoint_top1": meta.get("test_top1"), **({"workload": description} if description else {}),

@@ -9,40 +9,37 @@ prediction with the slicing simulation.
   coefficients are computed in a few vectorized numpy passes, identical to what scipy gives on each
   resample. Fewer than 3 points, or a constant variable, give NaN with the n reported, never an
   exception: a subgroup of a sweep can be that small.
-- `group_records(records)`: the simulator's per-chip records -> one `PointResult` per hardware point
-  (mean, std and count of the chips), the float ("ideal") accuracy, and the run settings. No point is
-  ever dropped; records that do not belong together (other run settings, model or dataset, two different
-  results for one chip) are an error that says what differs.
+- per-point diagnostics of the ground truth (`chip_agreement`, `noise_ceiling`, `chip_count_curve`,
+  `one_factor_pairs`) on the points nipa.ground_truth reads (`group_records`, re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import stats as sps
 
-from nipa.config import HWConfig, config_from_dict
-from nipa.errors import UserError
+from nipa.config import HWConfig
+
+# The ground truth per point is read by nipa.ground_truth; its names stay importable from here.
+from nipa.ground_truth import (  # noqa: F401
+    LOWER_IS_BETTER,
+    MEASURES,
+    GroupedRecords,
+    PointResult,
+    RecordsError,
+    chip_mean,
+    chip_std,
+    group_records,
+    measure_sign,
+)
 
 COEFFICIENTS = ("kendall", "spearman", "pearson")
-# What a point's chips are judged by: accuracies in percent (higher is better), or the test loss (mean
-# cross-entropy, nats) and an LLM text's perplexity (lower is better).
-MEASURES = ("top1", "top5", "loss", "perplexity")
-LOWER_IS_BETTER = ("loss", "perplexity")
-
-
-def measure_sign(measure: str) -> int:
-    """+1 for an accuracy, -1 for loss and perplexity: the factor that makes agreement with a metric whose
-    larger values mean a better point (NIPA, a predicted accuracy) positive."""
-    if measure not in MEASURES:
-        raise ValueError(f"measure {measure!r} is not one of {MEASURES}")
-    return -1 if measure in LOWER_IS_BETTER else 1
 
 
 def sign_note(measure: str) -> str | None:
@@ -51,6 +48,8 @@ def sign_note(measure: str) -> str | None:
         return None
     return (f"lower {measure} is better: correlations are computed against -{measure}, so agreement is positive "
             f"(+1: the metric ranks the points exactly as the simulated {measure} does)")
+
+
 MIN_POINTS = 3  # below this no coefficient (and no p-value) is meaningful: NaN is reported
 # Work arrays of the vectorized Kendall bootstrap hold about this many pair entries at once (x 8 bytes):
 # the memory stays bounded whatever the number of points.
@@ -208,192 +207,8 @@ def agreement(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Ground truth per hardware point
+# Ground truth per hardware point (read by nipa.ground_truth)
 # ----------------------------------------------------------------------------------------------------
-
-
-def chip_mean(values: Sequence[float]) -> float:
-    """Mean of per-chip accuracies, rounded to 1e-9 so that equal means are equal floats: (97.9 + 97.2 +
-    97.2) / 3 and (97.5 + 97.4 + 97.4) / 3 differ in the last bit otherwise, and Kendall's tau-b would
-    count a tie as a concordant or discordant pair. NaN for no chips."""
-    return round(float(np.mean(values)), 9) if len(values) else math.nan
-
-
-def chip_std(values: Sequence[float]) -> float:
-    """Sample standard deviation (ddof = 1) of per-chip accuracies; NaN for fewer than 2 chips.
-
-    statistics.stdev is exact for equal values (numpy gives ~1e-14 for three equal floats).
-    """
-    return float(statistics.stdev(values)) if len(values) > 1 else math.nan
-
-
-class RecordsError(UserError):
-    """Records that cannot be combined into one validation (mixed runs, conflicting chips)."""
-
-
-@dataclass
-class PointResult:
-    """The simulated accuracy of one hardware point over its chips."""
-
-    key: str  # HWConfig.key(): the identity of the point
-    config: HWConfig
-    chips: tuple[int, ...]  # chip ids, ascending
-    top1: tuple[float, ...]  # per chip, same order
-    top5: tuple[float | None, ...]
-    samples: int | None
-    hw_file: str | None
-    loss: tuple[float | None, ...] = ()  # per chip, same order (empty: not recorded)
-    perplexity: tuple[float | None, ...] = ()
-
-    def values(self, measure: str) -> list[float]:
-        """The per-chip values of one measure (MEASURES) that were recorded."""
-        if measure not in MEASURES:
-            raise ValueError(f"measure {measure!r} is not one of {MEASURES}")
-        return [float(v) for v in getattr(self, measure) if v is not None]
-
-    def mean(self, measure: str) -> float:
-        return chip_mean(self.values(measure))
-
-    @property
-    def num_chips(self) -> int:
-        return len(self.chips)
-
-    @property
-    def top1_mean(self) -> float:
-        return chip_mean(self.values("top1"))  # NaN for a perplexity task's chips (no accuracy)
-
-    @property
-    def top1_std(self) -> float:
-        """Sample standard deviation over the chips (ddof = 1); NaN for a single chip."""
-        return chip_std(self.values("top1"))
-
-    @property
-    def top5_mean(self) -> float:
-        values = [v for v in self.top5 if v is not None]
-        return chip_mean(values)
-
-
-@dataclass
-class GroupedRecords:
-    """What a results file says: the hardware points (first-seen order), the float model, the run."""
-
-    points: list[PointResult]
-    ideal_top1: float | None
-    ideal_top5: float | None
-    run: dict[str, Any] | None
-    model: str | None
-    dataset: str | None
-    hw_files: list[str]
-    mapped_layers: list[str] | None
-    duplicates: int = 0  # identical repeated chip records (e.g. merged overlapping shards), counted once
-    ideal_loss: float | None = None
-    ideal_perplexity: float | None = None
-
-    def ideal(self, measure: str) -> float | None:
-        """The float model's value of one measure (None when not recorded)."""
-        return {"top1": self.ideal_top1, "top5": self.ideal_top5, "loss": self.ideal_loss,
-                "perplexity": self.ideal_perplexity}[measure]
-
-    def chip_counts(self) -> dict[int, int]:
-        """{chips per point: number of points with that many}."""
-        counts: dict[int, int] = {}
-        for point in self.points:
-            counts[point.num_chips] = counts.get(point.num_chips, 0) + 1
-        return dict(sorted(counts.items()))
-
-    def describe_chips(self) -> str:
-        """E.g. '90 points: 87 with 3 chips, 3 with 2 chips'."""
-        parts = [f"{count} with {chips} chip{'s' if chips != 1 else ''}"
-                 for chips, count in sorted(self.chip_counts().items(), reverse=True)]
-        return f"{len(self.points)} points: " + ", ".join(parts)
-
-
-def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def group_records(records: Iterable[Mapping[str, Any]], method: str = "sliced",
-                  measure: str = "top1") -> GroupedRecords:
-    """Average the chips of every hardware point among the `method` records; keep the "ideal" record.
-
-    Every point found is kept, whatever its chip count. Raises RecordsError when records disagree in
-    their run settings ("run"), model or dataset, give two different results for one chip, or lack the
-    `measure` (MEASURES; top5 may be missing) the caller will judge them by.
-    """
-    measure_sign(measure)  # an unknown measure fails here
-    by_key: dict[str, dict[str, Any]] = {}
-    ideal: Mapping[str, Any] | None = None
-    reference: Mapping[str, Any] | None = None  # the first record: every other must match its run
-    duplicates = 0
-    hw_files: dict[str, None] = {}
-    mapped: list[str] | None = None
-    for number, record in enumerate(records):
-        kind = record.get("method")
-        if kind not in (method, "ideal"):
-            continue
-        if reference is None:
-            reference = record
-        else:
-            for name in ("model", "dataset"):
-                if record.get(name) != reference.get(name):
-                    raise RecordsError(f"records of different {name}s in one results file: "
-                                       f"{reference.get(name)!r} and {record.get(name)!r} (record {number})")
-            if record.get("run") != reference.get("run"):
-                diff = _differences(reference.get("run") or {}, record.get("run") or {})
-                where = record.get("config_key") or "the ideal model"
-                raise RecordsError(f"records disagree in their run settings, so their accuracies are not "
-                                   f"comparable: record {number} ({where}) differs from the first in "
-                                   f"(first, this) {diff}; give each run its own results file (--out)")
-        if kind == "ideal":
-            ideal = ideal or record  # shards: only one writes it; a repeat would be the same model
-            continue
-        if record.get("hw_file"):
-            hw_files[str(record["hw_file"])] = None
-        if mapped is None and record.get("mapped_layers") is not None:
-            mapped = list(record["mapped_layers"])
-        config = config_from_dict(record["config"])  # a per-layer point's config holds "layers"
-        key = record.get("config_key") or config.key()
-        entry = by_key.setdefault(key, {"config": config, "chips": {}, "samples": record.get("samples"),
-                                        "hw_file": record.get("hw_file")})
-        if record.get("samples") != entry["samples"]:
-            raise RecordsError(f"point {config.describe()}: chips evaluated on different sample counts "
-                               f"({entry['samples']} and {record.get('samples')})")
-        chip = int(record.get("chip") or 0)
-        if measure in ("top1", "top5") and record.get("top1") is None:
-            raise RecordsError(f"point {config.describe()}, chip {chip}: the record holds no accuracy (a "
-                               f"perplexity task: perplexity {record.get('perplexity')}); judge it by its "
-                               "perplexity with --measure perplexity (or loss), or run main.py on a "
-                               "multiple-choice task")
-        if measure in LOWER_IS_BETTER and record.get(measure) is None:
-            held = [name for name in MEASURES if record.get(name) is not None]
-            raise RecordsError(f"point {config.describe()}, chip {chip}: the record holds no {measure} (it holds "
-                               f"{held}); choose a measure it holds with --measure")
-        result = tuple(None if record.get(name) is None else float(record[name]) for name in MEASURES)
-        if chip in entry["chips"]:
-            if entry["chips"][chip] != result:
-                raise RecordsError(f"point {config.describe()}, chip {chip}: two records with different "
-                                   f"results {entry['chips'][chip]} and {result}")
-            duplicates += 1
-            continue
-        entry["chips"][chip] = result
-    points = []
-    # Points in key order: every number reported (the bootstrap resamples by position) is then the same
-    # whatever the order of the records (one file or its shards, resumed runs).
-    for key, entry in sorted(by_key.items()):
-        chips = sorted(entry["chips"])
-        values = {name: tuple(entry["chips"][c][i] for c in chips) for i, name in enumerate(MEASURES)}
-        points.append(PointResult(key=key, config=entry["config"], chips=tuple(chips), samples=entry["samples"],
-                                  hw_file=entry["hw_file"], **values))
-    ref = reference or {}
-
-    def of_ideal(name: str) -> float | None:
-        return None if ideal is None or ideal.get(name) is None else float(ideal[name])
-
-    return GroupedRecords(
-        points=points, ideal_top1=of_ideal("top1"), ideal_top5=of_ideal("top5"),
-        run=ref.get("run"), model=ref.get("model"), dataset=ref.get("dataset"), hw_files=list(hw_files),
-        mapped_layers=mapped, duplicates=duplicates, ideal_loss=of_ideal("loss"),
-        ideal_perplexity=of_ideal("perplexity"))
 
 
 def split_by(points: Sequence[PointResult], attribute: str) -> dict[Any, list[int]]:

@@ -11,6 +11,7 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,22 @@ class RecordWriter:
             handle.write(line + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+# What identifies one result of a resumable run: a rerun skips the results whose key is recorded already.
+SWEEP_KEY = ("method", "config_key", "chip")  # main.py: the ideal model, and every chip of every point
+FAST_KEY = ("config_key", "draw")  # wrap_error.py: every injection draw of every point
+FINETUNE_KEY = ("run_key", "method", "chip")  # finetune.py: every method on every chip of a variation
+
+
+def resume_key(record: dict[str, Any], fields: Sequence[str]) -> tuple:
+    """The values of `fields` in a record (None where absent), in order: its key among the results."""
+    return tuple(record.get(name) for name in fields)
+
+
+def done_keys(records: Iterable[dict[str, Any]], fields: Sequence[str], method: str | None = None) -> set[tuple]:
+    """The resume keys of the records (of one `method` when given): the results a rerun skips."""
+    return {resume_key(r, fields) for r in records if method is None or r.get("method") == method}
 
 
 def environment() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from nipa.config import HWConfig, PerLayerConfig, SearchSpace, layered
 from nipa.crossbar import calibrate_adc, compile_mode, convert, mapped_layer_names, program_chip
 from nipa.errors import UserError
 from nipa.evaluate import describe_metrics, evaluate, resident_batches
-from nipa.records import RecordWriter, environment, read_records, timestamp
+from nipa.records import SWEEP_KEY, RecordWriter, done_keys, environment, read_records, timestamp
 from nipa.runtime import device_signature
 from nipa.zoo import dataset_id, model_id
 
@@ -130,10 +130,6 @@ def check_compatible(existing: list[dict], settings: SweepSettings, path: Path) 
                             "settings of the file's sweep to resume it")
 
 
-def done_keys(records: list[dict]) -> set[tuple]:
-    return {(r["method"], r.get("config_key"), r.get("chip")) for r in records}
-
-
 def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inputs: Sequence[torch.Tensor],
               device: torch.device,
               out_path: str | Path, writer: RecordWriter, log: Callable[[str], None] = print) -> list[dict]:
@@ -145,7 +141,7 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
     check_compatible(existing, settings, Path(out_path))
     # A test set that fits stays on the device: read and copied once, not once per chip.
     test_loader = resident_batches(test_loader, device)
-    done = done_keys(existing)
+    done = done_keys(existing, SWEEP_KEY)
     points = sweep_points(settings)
     common = {"model": model_id(settings.model_name), "dataset": dataset_id(settings.model_name, settings.dataset),
               "seed": settings.seed,

@@ -29,42 +29,19 @@ from nipa.config import HWConfig
 from nipa.crossbar import calibrate_adc, convert, release_workspaces
 from nipa.errors import UserError
 from nipa.evaluate import evaluate
+from nipa.ground_truth import GroundTruth, MissingGroundTruth, PointTruth, read_ground_truth  # noqa: F401
 from nipa.inject import AdcCalibration, InjectionModel, inject, redraw
-from nipa.records import RecordWriter, check_results_path, environment, read_records, sibling_files, timestamp
+from nipa.records import (
+    FAST_KEY,
+    RecordWriter,
+    check_results_path,
+    done_keys,
+    environment,
+    read_records,
+    timestamp,
+)
 from nipa.stats import ModelStats, combo_key
 from nipa.zoo import dataset_id, model_id, results_path
-
-
-class MissingGroundTruth(UserError):
-    """No simulated records to compare with."""
-
-
-@dataclass
-class PointTruth:
-    """The ground-truth records of one hardware point."""
-
-    config: HWConfig
-    key: str
-    top1: list[float] = field(default_factory=list)  # one per simulated chip (the measure judged by)
-    wall_s: list[float] = field(default_factory=list)
-    # Every measure the chips recorded (top1, loss, perplexity), one value per chip; a measure that one
-    # chip lacks is left out.
-    values: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.top1))
-
-
-@dataclass
-class GroundTruth:
-    ideal_top1: float | None
-    points: list[PointTruth]
-    run: dict[str, Any]  # the sweep's settings (batch_size, limit, seed, exclude, include, ...)
-    source: str
-    measure: str = "top1"  # what PointTruth.top1 holds: top1, loss or perplexity
-    ideal: dict[str, float | None] = field(default_factory=dict)  # the float model's value of each measure
-
 
 MEASURES = ("top1", "loss", "perplexity")
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -80,51 +57,14 @@ def main_command(model_name: str, dataset: str) -> str:
 
 
 def load_ground_truth(path: str | Path, model_name: str, dataset: str, measure: str = "top1") -> GroundTruth:
-    """The sliced records of a main.py results file, grouped by hardware point (in file order); each point's
-    `top1` holds the chips' `measure` (top1, loss or perplexity), `values` every measure recorded."""
+    """The sliced records of a main.py results file, grouped by hardware point by the one reader
+    (nipa.ground_truth); each point's `top1` holds the chips' `measure` (top1, loss or perplexity),
+    `values` every measure recorded."""
     if measure not in MEASURES:
         raise UserError(f"--measure {measure}: choose one of {', '.join(MEASURES)}")
-    path = Path(path)
-    records = read_records(path)
-    sliced = [r for r in records if r.get("method") == "sliced"]
-    if not sliced:
-        what = ("does not exist" if not sibling_files(path) else "holds no record" if not records
-                else "holds no simulated (method 'sliced') records")
-        raise MissingGroundTruth(f"{path} {what}: make the ground truth first with\n    "
-                                 f"{main_command(model_name, dataset)}")
-    runs = {json.dumps(r.get("run"), sort_keys=True) for r in sliced}
-    if len(runs) > 1:
-        raise UserError(f"{path} mixes records of sweeps with different settings: {sorted(runs)}; give each "
-                        "sweep its own results file")
-    points: dict[str, PointTruth] = {}
-    seen: dict[tuple[str, int], Any] = {}
-    for r in sliced:
-        key = r["config_key"]
-        point = points.setdefault(key, PointTruth(HWConfig.from_dict(r["config"]), key))
-        # A chip recorded twice (shards run twice, a file merged by hand) counts once, as in
-        # nipa.correlation.group_records; two different results for one chip are an error there and here.
-        chip_id = (key, int(r.get("chip") or 0))
-        if chip_id in seen:
-            if seen[chip_id] != r.get(measure):
-                raise UserError(f"{path}: point {point.config.describe()}, chip {chip_id[1]}: two records with "
-                                f"different {measure} {seen[chip_id]} and {r.get(measure)}")
-            continue
-        seen[chip_id] = r.get(measure)
-        if r.get(measure) is None:
-            held = [name for name in MEASURES if r.get(name) is not None]
-            hint = (" (a perplexity task: give --measure perplexity or loss)" if measure == "top1"
-                    and r.get("perplexity") is not None else f"; it holds {held}: choose one with --measure")
-            raise UserError(f"{path}: point {point.config.describe()} has no {measure}{hint}")
-        point.top1.append(float(r[measure]))
-        point.wall_s.append(float(r.get("wall_s", math.nan)))
-        for name in MEASURES:
-            if r.get(name) is not None:
-                point.values.setdefault(name, []).append(float(r[name]))
-    ideal = [r for r in records if r.get("method") == "ideal"]
-    ideal_values = {name: (None if not ideal or ideal[0].get(name) is None else float(ideal[0][name]))
-                    for name in MEASURES}
-    return GroundTruth(ideal_top1=ideal_values["top1"], points=list(points.values()),
-                       run=dict(sliced[0].get("run") or {}), source=str(path), measure=measure, ideal=ideal_values)
+    grouped = read_ground_truth(path, measure, main_command(model_name, dataset), model=model_id(model_name),
+                                dataset=dataset_id(model_name, dataset))
+    return GroundTruth.of(grouped, measure, str(path))
 
 
 def check_statistics(stats: ModelStats, points: Sequence[HWConfig], model_name: str, dataset: str,
@@ -225,10 +165,6 @@ class FastMethod:
         return results
 
 
-def done_keys(records: list[dict]) -> set[tuple]:
-    return {(r.get("config_key"), r.get("draw")) for r in records if r.get("method") == "fast"}
-
-
 def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
              log: Callable[[str], None] = print) -> list[dict]:
     """Evaluate every recorded point `cycle` times; records already in `out_path` (same settings)
@@ -236,7 +172,7 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
     settings = fast.settings
     signature = settings.signature()
     existing = [r for r in read_records(out_path) if r.get("run") == signature]
-    done = done_keys(existing)
+    done = done_keys(existing, FAST_KEY, method="fast")
     writer = RecordWriter(out_path)
     todo = [(p, d) for p in truth.points for d in range(settings.cycle) if (p.key, d) not in done]
     if fast.calibration is not None:
