@@ -18,6 +18,7 @@ import string
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,6 +259,52 @@ def test_multi_block_preset_through_main_stat_and_validate_layer_noise(tmp_path:
     check = json.loads((out_dir / "notes-seq32-tok128_nipa_perplexity_summary.json").read_text())["layer_noise"]
     assert sorted(check["per_layer_nipa_vs_measured"]) == sorted(expected)
     assert "model.layers.2.mlp.down_proj" in capsys.readouterr().out
+    # the estimate beside it, then the report of scripts/llm_validate.sh over both
+    import wrap_error
+    from nipa import llm_report
+
+    assert wrap_error.main([*model, "--ground_truth", str(records), "--stats", str(stats), "--cycle", "1",
+                            "--out", str(out_dir / "notes-seq32-tok128_wrap.jsonl"), "--time_points", "1",
+                            "--device", "cpu", "--measure", "perplexity"]) == 0
+    capsys.readouterr()
+    assert llm_report.main([*model, "--results", str(out_dir), "--stats", str(stats)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out_dir / "notes-seq32-tok128_llm_report.json").read_text())
+    assert [b["block"] for b in report["blocks"]] == ["model.layers.0", "model.layers.2"]
+    assert [b["layers"] for b in report["blocks"]] == [7, 7]
+    figures = report["figures"]
+    assert figures["points"] == 3 and figures["speedup"] > 0 and figures["estimate_mean_abs_relative_error_pct"] >= 0
+    assert "Kendall tau, NIPA vs simulated perplexity" in printed and "model.layers.2" in printed
+    assert len(report["layer_kendall_per_point"]) == 3
+
+
+def test_block_sensitivity_against_hand_computed_blocks() -> None:
+    from nipa.llm_report import block_of, block_sensitivity
+
+    assert block_of("model.layers.10.mlp.up_proj") == "model.layers.10" and block_of("lm_head") == "lm_head"
+    layers = ["m.layers.0.a", "m.layers.0.b", "m.layers.5.a", "m.layers.5.b"]
+    # two points; NIPA is an SNR, measured values are log2 SNR
+    nipa = np.array([[4.0, 4.0, 16.0, 16.0], [2.0, 2.0, 8.0, 8.0]])
+    measured = np.log2(np.array([[3.0, 5.0, 20.0, 10.0], [1.0, 3.0, 9.0, 9.0]]))
+    report = block_sensitivity(layers, nipa, measured)
+    first, second = report.blocks
+    assert (first.block, first.layers, second.block) == ("m.layers.0", 2, "m.layers.5")
+    # block 0's SNR from NIPA at the points: 4 and 2 -> mean log2 1.5; measured: 1 / mean(1/3, 1/5), ...
+    assert first.predicted_log2_snr == pytest.approx(1.5)
+    measured_first = -np.log2([np.mean([1 / 3, 1 / 5]), np.mean([1.0, 1 / 3])])
+    assert first.measured_log2_snr == pytest.approx(measured_first.mean())
+    assert first.kendall_over_points == pytest.approx(1.0) and second.kendall_over_points == pytest.approx(1.0)
+    assert (first.predicted_rank, first.measured_rank, second.measured_rank) == (1.0, 1.0, 2.0)
+    assert report.block_kendall_per_point == [None, None]  # two blocks rank nothing
+    assert report.layer_kendall_per_point[0] == pytest.approx(sps_kendall([2, 2, 4, 4], measured[0]))
+    with pytest.raises(ValueError, match="4 layers"):
+        block_sensitivity(layers, nipa[:, :3], measured[:, :3])
+
+
+def sps_kendall(x, y) -> float:
+    from scipy import stats as sps
+
+    return float(sps.kendalltau(x, y).statistic)
 
 
 def test_include_and_block_together_raise() -> None:
