@@ -20,14 +20,16 @@ trust the estimate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
 
+from nipa.absolute import WrapErrorSettings, run_wrap_error
 from nipa.cli import add_model_args, add_runtime_args, resolve_model_args, run_main
 from nipa.inject import ADC_FORMS, ADC_MODELS, DEVICE_MODELS, METHODS
 from nipa.logs import open_log
-from nipa.wrap import run_from_args
+from nipa.workload import Workload
 
 DEFAULT_METHOD = "calibrated"
 
@@ -97,7 +99,10 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_from_args(args, DEFAULT_METHOD, open_log(args.log_file))
+    settings = WrapErrorSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WrapErrorSettings)
+                                    if hasattr(args, f.name)}, default_method=DEFAULT_METHOD,
+                                 workload=Workload.from_args(args))
+    run_wrap_error(settings, open_log(args.log_file))
     return 0
 
 

@@ -11,8 +11,6 @@ the speedup, measured in the same run on the same machine, data and batch size o
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -34,14 +32,13 @@ from nipa.inject import AdcCalibration, InjectionModel, inject, redraw
 from nipa.records import (
     FAST_KEY,
     RecordWriter,
-    check_results_path,
     done_keys,
     environment,
     read_records,
     timestamp,
 )
 from nipa.stats import ModelStats, combo_key
-from nipa.zoo import dataset_id, model_id, results_path
+from nipa.zoo import dataset_id, model_id
 
 MEASURES = ("top1", "loss", "perplexity")
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -508,140 +505,3 @@ def plot(comparison: dict[str, Any], path: str | Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# The whole of wrap_error.py
-# ----------------------------------------------------------------------------------------------------
-
-
-def _stats_hint(truth: GroundTruth, model_name: str, dataset: str) -> str:
-    hw_files = sorted({r.get("hw_file") for r in read_records(truth.source) if r.get("hw_file")})
-    return (f"python stat.py --model_name {model_name} --dataset {dataset} "
-            f"--HWdes {' '.join(hw_files) or 'HW_config/Search_space.ini'}")
-
-
-def run_from_args(args, default_method: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """wrap_error.py after argument parsing: predictions, comparison, timing, summary and plot.
-    Returns the summary (also written as JSON)."""
-    from nipa.llm import is_llm_name
-    from nipa.mapping import select_layers
-    from nipa.runtime import default_memory_mb, resolve_device, seed_everything
-    from nipa.stats import check_stats_weights, load_statistics
-    from nipa.workload import Workload, check_workload
-    from nipa.zoo import statistics_path, weights_file, weights_sha256
-
-    errors = InjectionModel.of(args.method, args.device_error, args.adc_error, args.tile_factor,
-                               args.adc_form)
-    truth_path = Path(args.ground_truth or results_path(args.model_name, args.dataset, "accsim"))
-    measure = getattr(args, "measure", "top1")
-    # says which main.py run makes it
-    truth = load_ground_truth(truth_path, args.model_name, args.dataset, measure)
-    workload = Workload.from_args(args)  # the model and data, resolved once
-    description = workload.describe()
-    check_workload([r for r in read_records(truth_path) if r.get("method") == "sliced"], description, truth_path,
-                   "give the ground truth of this model and data with --ground_truth")
-    run = truth.run
-    # The ground truth's data: its batch size (which sets the dynamic ADC ranges) and test subset.
-    batch_size = args.batch_size or run.get("batch_size", 256)
-    limit = args.limit if args.limit is not None else run.get("limit")
-    if batch_size != run.get("batch_size", batch_size) or limit != run.get("limit"):
-        log(f"note: the ground truth ran with batch_size={run.get('batch_size')}, limit={run.get('limit')}; "
-            f"this run uses batch_size={batch_size}, limit={limit}")
-    exclude, include = run.get("exclude", []), run.get("include")
-    stats = None
-    if errors.device == "formula" or errors.adc == "formula":
-        stats_path = Path(args.stats or statistics_path(args.model_name, args.dataset))
-        if not stats_path.is_file():
-            raise FileNotFoundError(f"bit statistics {stats_path} do not exist; compute them with\n    "
-                                    + _stats_hint(truth, args.model_name, args.dataset))
-        stats = load_statistics(stats_path)
-    out = check_results_path(args.out or results_path(args.model_name, args.dataset, "wrap"))
-
-    def check_weights(weights: str) -> None:
-        """The ground truth and the statistics must come from the weights this run loads."""
-        if weights is not None and run.get("weights") not in (None, weights):
-            raise UserError(f"{truth.source} was simulated with other weights (sha256 {run['weights'][:12]}) "
-                            f"than {weights_file(args.model_name, args.dataset, args.ckpt_dir, args.ckpt)} "
-                            f"(sha256 {weights[:12]}); give the ground truth's --ckpt, or simulate these weights")
-        if stats is not None:
-            check_stats_weights(stats, weights, stats_path, log)
-
-    check_workload([r for r in read_records(out) if r.get("method") == "fast"], description, out)
-    if not is_llm_name(args.model_name):  # a CNN's checkpoint is checked before anything is loaded
-        check_weights(workload.weights_sha256())
-    device = resolve_device(args.device, args.gpu_id)
-    if args.memory_mb is None:
-        args.memory_mb = default_memory_mb(device)
-    seed_everything(args.seed)
-    model, meta, loader = workload.load(device=device, batch_size=batch_size, num_workers=args.num_workers,
-                                        limit=limit)
-    if is_llm_name(args.model_name):
-        check_weights(weights_sha256(weights_file(args.model_name, args.dataset, metadata=meta)))
-    if stats is not None:
-        check_statistics(stats, [p.config for p in truth.points], args.model_name, args.dataset,
-                         select_layers(model, exclude=exclude, include=include))
-    data = cached_batches(loader, device)
-
-    calib_data: list[torch.Tensor] = []
-    if errors.adc == "measured" or any(p.config.adc_mode == "calibrated" for p in truth.points):
-        # A CNN's training data, never its test set: the ADC error is a property of the layer inputs'
-        # statistics. An LLM's task items (its only data).
-        calib_data = workload.calibration_inputs(loader, args.calib_batches, batch_size=batch_size, seed=args.seed)
-
-    def new_calibration() -> AdcCalibration:
-        return AdcCalibration(model, calib_data, exclude=exclude, include=include, memory_mb=args.memory_mb,
-                              seed=args.seed)
-
-    settings = WrapSettings(model_name=args.model_name, dataset=args.dataset, cycle=args.cycle,
-                            seed=args.seed, errors=errors, calib_batches=args.calib_batches, exclude=exclude,
-                            include=include, batch_size=batch_size, limit=limit, paired=args.paired_chips,
-                            workload=description)
-    fast = FastMethod(model, settings, stats, new_calibration() if errors.adc == "measured" else None, device)
-    label = errors.label() + (", paired chips (diagnostic)" if args.paired_chips else "")
-    log(f"{len(truth.points)} hardware points from {truth.source}; injection {label}, "
-        f"{args.cycle} draws each -> {out}")
-    records = run_fast(truth, fast, data, out, log)
-
-    comparison = compare(truth, records, args.cycle)
-    log(format_table(comparison))
-    # The test loss beside top-1 (CNNs, multiple-choice tasks): a continuous second measure.
-    loss_beside = None
-    if measure == "top1" and all(len(p.values.get("loss", [])) == len(p.top1) for p in truth.points):
-        loss_beside = compare(truth, records, args.cycle, "loss")["summary"]
-        if loss_beside.get("points"):
-            tau = loss_beside.get("kendall_tau")
-            log(f"test loss beside top-1: mean |error| {loss_beside['mean_abs_error']:.4f} nats, max "
-                f"{loss_beside['max_abs_error']:.4f}, mean error {loss_beside['mean_error']:+.4f}, Kendall tau "
-                f"{'n/a' if tau is None else f'{tau:.3f}'} (float model {truth.ideal.get('loss') or math.nan:.4f})")
-    sample = timing_sample(truth.points, args.time_points)
-    if sample:
-        log(f"timing both methods on {len(sample)} of {len(truth.points)} points "
-            f"({args.cycle} draws / chips each, same data, batch size and device)")
-    timing = time_methods(sample, fast, model, data, calib_data, device, args.cycle, args.memory_mb, run,
-                          new_calibration if errors.adc == "measured" else None, log, truth.points)
-    if timing.get("points"):
-        timing["speedup_amortized_over_grid"] = amortized_speedup(timing)
-        timing["note"] = (f"both methods timed in this run on {timing['points']} of {len(truth.points)} "
-                          "points; a calibration pass is shared by every point with the same (wl_weight, "
-                          "subArray, cellBit, wl_input, ADC mode)")
-        log(f"speedup on {timing['points']} points: {timing['speedup']:.1f}x without the ADC calibration, "
-            f"{timing['speedup_amortized_over_grid']:.1f}x with each calibration shared by its points, "
-            f"{timing['speedup_with_calibration']:.1f}x with a fresh calibration for every point")
-    slug = errors.slug() + ("-paired" if args.paired_chips else "")
-    stem = out.stem + ("" if slug == default_method else f"_{slug}") + ("" if measure == "top1" else f"_{measure}")
-    summary = {"model": model_id(args.model_name), "dataset": dataset_id(args.model_name, args.dataset),
-               "injection": label,
-               "method": args.method, "cycle": args.cycle, "ground_truth": truth.source, "records": str(out),
-               "batch_size": batch_size, "limit": limit, **comparison["summary"], "timing": timing,
-               "recorded_simulated_s_per_point": float(np.nanmean([np.nansum(p.wall_s)
-                                                                   for p in truth.points])),
-               "rows": comparison["rows"], "loss_beside_top1": loss_beside, "time": timestamp(),
-               "device": str(device),
-               "torch_threads": torch.get_num_threads(), **environment()}
-    summary_path = out.with_name(f"{stem}_summary.json")
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-    figure = plot(comparison, args.plot or out.with_name(f"{stem}.png"),
-                  f"{model_id(args.model_name)} / {dataset_id(args.model_name, args.dataset)}: {label}")
-    log(f"summary {summary_path}, plot {figure}")
-    return summary
