@@ -394,11 +394,9 @@ def fast_estimates(grouped, stats: ModelStats, ctx: VerifyContext, settings: Ver
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """wrap_error's method on the verified points: nipa.wrap.compare's rows and summary."""
     from nipa.inject import AdcCalibration, InjectionModel
-    from nipa.wrap import FastMethod, GroundTruth, PointTruth, WrapSettings, cached_batches, compare, run_fast
+    from nipa.wrap import FastMethod, GroundTruth, WrapSettings, cached_batches, compare, run_fast
 
-    truth = GroundTruth(ideal_top1=grouped.ideal_top1,
-                        points=[PointTruth(p.config, p.key, top1=list(p.top1)) for p in grouped.points],
-                        run=dict(grouped.run or {}), source=str(ctx.records_path))
+    truth = GroundTruth.of(grouped, "top1", str(ctx.records_path))  # nipa.ground_truth's view
     errors = InjectionModel.of(settings.fast_method)
     wrap_settings = WrapSettings(model_name=ctx.model_name, dataset=ctx.dataset, cycle=settings.fast_draws,
                                  seed=ctx.seed, errors=errors, calib_batches=settings.calib_batches,
