@@ -1,4 +1,9 @@
-"""The ground-truth sweep of main.py: every hardware point, `cycle` chips each, one record per chip."""
+"""The ground-truth sweep of main.py: every hardware point, `cycle` chips each, one record per chip.
+
+`run_sweep(SweepSettings, model, ...)` sweeps a loaded model (explore.py --verify calls it too);
+`run_sweep_job(MainSettings)` is main.py's whole job: the checks before any work, the workload, the mapped
+layers, then run_sweep into the results file.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,20 @@ from torch import nn
 from tqdm import tqdm
 
 from nipa.compat import NO_COMPAT, Compat
-from nipa.config import HWConfig, PerLayerConfig, SearchSpace, layered
+from nipa.config import HWConfig, PerLayerConfig, SearchSpace, check_layer_patterns, layered, parse_layer_overrides
 from nipa.crossbar import calibrate_adc, compile_mode, convert, mapped_layer_names, program_chip
 from nipa.errors import UserError
 from nipa.evaluate import describe_metrics, evaluate, resident_batches
-from nipa.records import SWEEP_KEY, RecordWriter, done_keys, environment, read_records, timestamp
+from nipa.records import (
+    SWEEP_KEY,
+    RecordWriter,
+    check_results_path,
+    done_keys,
+    environment,
+    read_records,
+    shard_path,
+    timestamp,
+)
 from nipa.runtime import device_signature
 from nipa.zoo import dataset_id, model_id
 
@@ -201,3 +215,130 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
         log(f"{point.describe()}  chip {chip}: {describe_metrics(metrics)}  "
             f"({time.perf_counter() - started:.1f}s)")
     return written
+
+
+# -- main.py's job -----------------------------------------------------------------------------------
+
+
+@dataclass
+class MainSettings:
+    """What main.py is asked (its options, by the same names; nipa.workload.Workload.from_args reads the
+    model and data ones)."""
+
+    model_name: str = "smallcnn"
+    dataset: str = "mnist5k"
+    HWdes: str = "HW_config/Search_space.ini"
+    sample_num: int = 200  # 0: the full grid
+    cycle: int = 3
+    adc_mode: str | None = None  # overrides the INI's ADC mode when set
+    per_read: bool = False
+    compat: str | None = None  # --compat names (nipa.compat.Compat.parse)
+    simulate_identical_chips: bool = False
+    calib_batches: int = 4
+    memory_mb: float | None = None  # default: sized for the device (nipa.runtime.default_memory_mb)
+    layer_override: Sequence[str] = ()  # LAYER:FIELD=VALUE,... (nipa.config.parse_layer_overrides)
+    shard: tuple[int, int] | None = None
+    log_file: str | None = None
+    out: str | None = None  # default results/{model}/{dataset}_accsim.jsonl
+    exclude_layer: Sequence[str] = ()
+    include_layer: Sequence[str] | None = None
+    block: str | None = None
+    batch_size: int | None = None  # default: nipa.zoo.default_batch_size
+    limit: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    gpu_id: int | None = None
+    data_root: str = "data"
+    ckpt_dir: str = "ckpts"
+    ckpt: str | None = None
+    # A user's model or data
+    model_kwargs: str | None = None  # JSON
+    allow_pickle: bool = False
+    input_size: str | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    split: float | None = None
+
+
+@dataclass
+class SweepJobResult:
+    """What a main.py run wrote: the records file (of its shard) and the records new in this run."""
+
+    records_path: Path
+    new_records: list[dict]
+
+
+def _sweep_settings(job: MainSettings, exclude, include, weights: str | None,
+                    extra: dict | None = None, device: str = "cpu") -> SweepSettings:
+    return SweepSettings(
+        model_name=job.model_name, dataset=job.dataset, hw_file=job.HWdes, sample_num=job.sample_num,
+        cycle=job.cycle, seed=job.seed, batch_size=job.batch_size, limit=job.limit,
+        exclude=exclude, include=include, adc_mode=job.adc_mode,
+        per_read=job.per_read, calib_batches=job.calib_batches, memory_mb=job.memory_mb,
+        shard=job.shard, copy_identical_chips=not job.simulate_identical_chips, weights=weights,
+        compat=Compat.parse(job.compat), device=device, extra=extra or {},
+        layer_overrides=parse_layer_overrides(job.layer_override) or None)
+
+
+def run_sweep_job(job: MainSettings, log: Callable[[str], None] | None = None) -> SweepJobResult:
+    """main.py after argument parsing: checks, loads the model and data, and sweeps (run_sweep). `log`
+    receives the progress lines; None: printed and appended to `job.log_file` (opened after the checks)."""
+    from nipa.llm import is_llm_name, mapping_report
+    from nipa.logs import open_log
+    from nipa.mapping import digital_report, select_layers
+    from nipa.runtime import default_memory_mb, resolve_device, seed_everything
+    from nipa.workload import Workload, check_workload
+    from nipa.zoo import default_batch_size, layer_selection, weights_file, weights_sha256
+
+    # Every check the inputs allow comes before the model loads: the INI, the options, the device, the
+    # results file (and, for a CNN, whether the file's sweep is this one).
+    job = dataclasses.replace(job, batch_size=job.batch_size or default_batch_size(job.model_name))
+    Compat.parse(job.compat)  # an unknown name is reported before any work
+    space = SearchSpace.from_ini(job.HWdes)  # every bad value is reported before any work starts
+    modes = [job.adc_mode] if job.adc_mode else space.choices.get("adc_mode", [])
+    calibrated = "calibrated" in modes
+    if calibrated and job.calib_batches < 1:
+        raise UserError(f"--calib_batches {job.calib_batches}: the calibrated ADC mode "
+                        f"({'--adc_mode' if job.adc_mode else job.HWdes}) needs at least one batch to set "
+                        "its ranges")
+    device = resolve_device(job.device, job.gpu_id)
+    if job.memory_mb is None:
+        job = dataclasses.replace(job, memory_mb=default_memory_mb(device))
+    workload = Workload.from_args(job)  # the model and data, resolved once (nothing is loaded yet)
+    out = Path(job.out) if job.out else workload.results_path("accsim")
+    check_results_path(shard_path(out, job.shard))
+    existing = read_records(out)  # every shard: a damaged one is reported now, not after the model loads
+    description = workload.describe()
+    check_workload(existing, description, out)
+    weights = workload.weights_sha256()
+    if weights is not None:  # a CNN's layer selection is as given
+        include = None if job.include_layer is None else list(job.include_layer)
+        check_compatible(existing, _sweep_settings(job, list(job.exclude_layer), include, weights,
+                                                   device=str(device)), out)
+    log = log or open_log(job.log_file)
+    size = len(space)
+    log(f"{job.HWdes}: a grid of {size} distinct points; "
+        + (f"sampling {job.sample_num}" if 0 < job.sample_num < size else "running all of them"))
+    seed_everything(job.seed)
+    model, meta, test_loader = workload.load(device=device, batch_size=job.batch_size,
+                                             num_workers=job.num_workers, limit=job.limit)
+    if weights is None:
+        weights = weights_sha256(weights_file(job.model_name, job.dataset, job.ckpt_dir, job.ckpt, meta))
+    include, exclude = layer_selection(job.model_name, model, job.include_layer, job.exclude_layer, job.block)
+    mapped = select_layers(model, exclude=exclude, include=include)
+    if job.layer_override:  # a layer pattern that matches no mapped layer fails before any simulation
+        check_layer_patterns(list(parse_layer_overrides(job.layer_override)), mapped)
+    log(mapping_report(model, mapped))
+    if not is_llm_name(job.model_name):
+        log(digital_report(model, mapped))
+    settings = _sweep_settings(job, exclude, include, weights, {"checkpoint_top1": meta.get("test_top1"),
+                                                                **({"workload": description} if description else {})},
+                               device=str(device))
+    check_compatible(existing, settings, out)  # before the calibration data are read
+    calib_inputs = workload.calibration_inputs(test_loader, job.calib_batches if calibrated else 0,
+                                               batch_size=job.batch_size, seed=job.seed)
+    writer = RecordWriter(shard_path(out, job.shard))
+    written = run_sweep(settings, model, test_loader, calib_inputs, device, out, writer, log)
+    log(f"records in {writer.path}")
+    return SweepJobResult(writer.path, written)
