@@ -93,10 +93,12 @@ def _quantize_reads_eager(partial: torch.Tensor, lo: torch.Tensor, step: torch.T
 def _read_range(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of partial sums [t, z, n, K, out] over the rows and columns: [t, z, 1, K, 1] (float32).
     The contiguous column axis is reduced first: compiled, one reduction over (rows, columns) walked the
-    memory once per slice and was measured 2.6x slower (0.85 against 0.33 ns per partial sum)."""
-    lo = partial.amin(dim=-1, keepdim=True).amin(dim=2, keepdim=True)
-    hi = partial.amax(dim=-1, keepdim=True).amax(dim=2, keepdim=True)
-    return lo.float(), hi.float()
+    memory once per slice and was measured 2.6x slower (0.85 against 0.33 ns per partial sum). Widened to
+    float32 first (exact; fused into the same pass): int32 reductions compile 10x slower."""
+    values = partial.float()
+    lo = values.amin(dim=-1, keepdim=True).amin(dim=2, keepdim=True)
+    hi = values.amax(dim=-1, keepdim=True).amax(dim=2, keepdim=True)
+    return lo, hi
 
 
 def _read_range_eager(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,14 +251,24 @@ class CrossbarCore(nn.Module):
         return cached[2]
 
     def _product_dtype(self) -> torch.dtype:
-        """bfloat16 where it is exact and faster (integer cells, every partial sum within 2^8), else
-        float32. Measured on the CPU this was developed on (AVX-512 BF16 / AMX): 2.8x faster products."""
-        largest = self.rows * (2**self.hw.cellBit - 1)
+        """The product format: the first of bfloat16 (integer cells, every partial sum within 2^8), int8
+        on CPUs (integer cells within int8, int32 sums, any rows) and float32 that is exact here and was
+        timed faster than float32 on this device (`_product_seconds`). bfloat16 comes before int8: on
+        this project's CPU (AVX-512 BF16/VNNI) int8 products ran faster in cache, but their int32 sums
+        are twice the bytes, and SmallCNN's layers took as long or longer in int8 (conv2 0.62 s against
+        0.49 s). NIPA_BF16=0 / NIPA_INT8=0 leave a format out."""
+        if not self.exact_integer_cells or self.per_read:
+            return torch.float32
         device = self.slices.device
-        if (self.exact_integer_cells and not self.per_read and largest <= _BF16_EXACT_LIMIT
-                and os.environ.get("NIPA_BF16", "1") == "1" and _bf16_products_fast(device)):
-            return torch.bfloat16
-        return torch.float32
+        candidates = []
+        if self.rows * (2**self.hw.cellBit - 1) <= _BF16_EXACT_LIMIT and os.environ.get("NIPA_BF16", "1") == "1":
+            candidates.append(torch.bfloat16)
+        if device.type == "cpu" and 2**self.hw.cellBit - 1 <= 127 and os.environ.get("NIPA_INT8", "1") == "1":
+            candidates.append(torch.int8)
+        if not candidates:
+            return torch.float32
+        seconds = _product_seconds(device)
+        return next((dtype for dtype in candidates if seconds[dtype] < math.inf), torch.float32)
 
     def _partial_sums(self, magnitude: torch.Tensor, sign: torch.Tensor, tiles: slice, bits: range,
                       rows: slice, call: int) -> torch.Tensor:
@@ -266,6 +278,8 @@ class CrossbarCore(nn.Module):
         t, n, s = mag.shape
         z = len(bits)
         dtype = self._product_dtype()
+        if dtype == torch.int8:
+            sgn = sgn.to(torch.int8)  # integer bit planes: an int32 x float product cannot be written to int8
         if _Kernel.wanted():
             planes = BIT_PLANES(mag, sgn, torch.arange(bits.start, bits.stop, device=mag.device, dtype=mag.dtype),
                                  dtype)
@@ -280,18 +294,20 @@ class CrossbarCore(nn.Module):
             partial = torch.matmul(planes, columns)  # [t, z, n, K*out]
         else:
             columns = self._columns_as(dtype)[tiles]
-            partial = _workspace("partial", (t, z * n, self.num_slices * self.out_features), dtype, planes.device)
+            sum_dtype = _SUM_DTYPE.get(dtype, dtype)
+            partial = _workspace("partial", (t, z * n, self.num_slices * self.out_features), sum_dtype,
+                                 planes.device)
             flat = planes.view(t, z * n, s)
             # A short last tile is multiplied over its real rows only (smallcnn conv2: 16 of 128 rows).
             short = tiles.stop == self.num_tiles and self.last_tile_rows < self.rows
             full = t - 1 if short else t
             if full:
-                torch.bmm(flat[:full], columns[:full], out=partial[:full])  # [t, z*n, K*out]
+                _tile_product(flat[:full], columns[:full], partial[:full])  # [t, z*n, K*out]
             if short:
                 real = self.last_tile_rows
-                torch.mm(flat[full, :, :real], columns[full, :real], out=partial[full])
-            if dtype != torch.float32 and not _Kernel.wanted():
-                # Eager element-wise passes are slow on bfloat16 (each converts): widen once (exact).
+                _tile_product(flat[full:, :, :real], columns[full:, :real], partial[full:])
+            if sum_dtype != torch.float32 and not _Kernel.wanted():
+                # Eager element-wise passes are slow on bfloat16 and int32 (each converts): widen once (exact).
                 widened = _workspace("partial_float", partial.shape, torch.float32, partial.device)
                 partial = widened.copy_(partial)
         return partial.view(t, z, n, self.num_slices, self.out_features)
@@ -319,9 +335,10 @@ class CrossbarCore(nn.Module):
         place), the per-read sums over the slices and the input bit plane."""
         dtype = self._product_dtype()
         columns = self.num_slices * self.out_features
-        size = torch.empty((), dtype=dtype).element_size()
+        size = torch.empty((), dtype=_SUM_DTYPE.get(dtype, dtype)).element_size()
         widened = 4 * columns if dtype != torch.float32 and not _Kernel.wanted() else 0
-        return size * columns + widened + 4 * self.out_features + size * self.rows
+        plane = torch.empty((), dtype=dtype).element_size() * self.rows
+        return size * columns + widened + 4 * self.out_features + plane
 
     def _range(self, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The range (lo, hi) that this mode takes over one chunk of partial sums [t, z, n, K, out]:
@@ -453,29 +470,57 @@ class CrossbarCore(nn.Module):
         self.adc_range = torch.stack([torch.fmin(current[:, 0], lo), torch.fmax(current[:, 1], hi)], 1)
 
 
-_BF16_FAST: dict[str, bool] = {}
+_PRODUCT_SECONDS: dict[str, dict[torch.dtype, float]] = {}
+# The sums' dtype of a product format (int8 products accumulate and return int32).
+_SUM_DTYPE = {torch.int8: torch.int32}
 
 
-def _bf16_products_fast(device: torch.device) -> bool:
-    """bfloat16 products pay on CUDA and on CPUs with native bfloat16 matrix units (AVX-512 BF16 / AMX);
-    elsewhere they are emulated and slower. Decided once per device by timing one product of each kind."""
+def _tile_product(planes: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> None:
+    """out[t] = planes[t] @ columns[t] for [t, m, s] x [t, s, c]: one bmm, or per tile for int8 (whose
+    `torch._int_mm` is two-dimensional)."""
+    if planes.dtype == torch.int8:
+        for tile in range(planes.shape[0]):
+            torch._int_mm(planes[tile], columns[tile], out=out[tile])
+    elif planes.dim() == 2:
+        torch.mm(planes, columns, out=out)
+    else:
+        torch.bmm(planes, columns, out=out)
+
+
+def _product_seconds(device: torch.device) -> dict[torch.dtype, float]:
+    """Seconds of one tile product of crossbar shape (128 rows of {-1, 0, 1} inputs) per format, timed
+    once per device: bfloat16 pays on CUDA and on CPUs with bfloat16 units (AVX-512 BF16 / AMX) and is
+    emulated and slower elsewhere; int8 (CPU only) pays where VNNI/AMX-INT8 kernels run."""
     key = str(device)
-    if key not in _BF16_FAST:
-        if device.type == "cuda":
-            _BF16_FAST[key] = True
+    if key not in _PRODUCT_SECONDS:
+        if device.type == "cuda":  # bfloat16 tensor cores; int8 is not used on CUDA
+            _PRODUCT_SECONDS[key] = {torch.float32: 1.0, torch.bfloat16: 0.5, torch.int8: math.inf}
         else:
-            a = torch.ones(4, 512, 256, device=device)
-            b = torch.ones(4, 256, 256, device=device)
-            timings = {}
-            for dtype in (torch.float32, torch.bfloat16):
-                x, y = a.to(dtype), b.to(dtype)
-                torch.bmm(x, y)
-                started = time.perf_counter()
-                for _ in range(3):
-                    torch.bmm(x, y)
-                timings[dtype] = time.perf_counter() - started
-            _BF16_FAST[key] = timings[torch.bfloat16] < 0.8 * timings[torch.float32]
-    return _BF16_FAST[key]
+            # Sums of 4 MB per tile, beyond the caches as a layer's are; the fastest of 5 runs after two
+            # warm-ups (the first call of a format builds its kernels; the minimum ignores other load).
+            planes = torch.randint(-1, 2, (4, 2048, 128), device=device)
+            columns = torch.randint(-1, 2, (4, 128, 448), device=device)
+            seconds = {}
+            for dtype in (torch.float32, torch.bfloat16, torch.int8):
+                x, y = planes.to(dtype), columns.to(dtype)
+                out = torch.empty(4, 2048, 448, dtype=_SUM_DTYPE.get(dtype, dtype), device=device)
+                runs = []
+                for _ in range(7):
+                    started = time.perf_counter()
+                    _tile_product(x, y, out)
+                    runs.append(time.perf_counter() - started)
+                seconds[dtype] = min(runs[2:])
+            # A format must be clearly faster than float32 to be taken (timing noise on a loaded machine).
+            for dtype in (torch.bfloat16, torch.int8):
+                if seconds[dtype] > 0.8 * seconds[torch.float32]:
+                    seconds[dtype] = math.inf
+            _PRODUCT_SECONDS[key] = seconds
+    return _PRODUCT_SECONDS[key]
+
+
+def product_formats(device: torch.device | str = "cpu") -> dict[str, float]:
+    """The timed seconds per product format on `device` (inf: not faster than float32), for records."""
+    return {str(dtype).removeprefix("torch."): value for dtype, value in _product_seconds(torch.device(device)).items()}
 
 
 class CrossbarLinear(nn.Module):

@@ -3,6 +3,7 @@ budget, per-read device error, exact bfloat16 products, the compiled ADC chain a
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -136,34 +137,89 @@ def test_per_read_redraws_every_forward_but_keeps_faults() -> None:
 # ---- low-precision products ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("rows", "cell_bits"), [(128, 1), (256, 1), (64, 2), (32, 3)])
-def test_bfloat16_products_equal_float32(rows: int, cell_bits: int, monkeypatch) -> None:
-    """Integer cells and bit planes within 2^8 per partial sum: bfloat16 products are exact."""
+def _force_fastest(monkeypatch, fastest: torch.dtype) -> None:
+    """Pretend only `fastest` (besides float32) was timed faster than float32 on this CPU."""
+    import nipa.crossbar as crossbar
+
+    seconds = {d: (0.5 if d == fastest else math.inf) for d in (torch.bfloat16, torch.int8)}
+    monkeypatch.setitem(crossbar._PRODUCT_SECONDS, "cpu", {torch.float32: 1.0, **seconds})
+
+
+@pytest.mark.parametrize(("rows", "cell_bits"), [(128, 1), (256, 1), (64, 2), (32, 3), (512, 1), (128, 3)])
+def test_low_precision_products_equal_float32(rows: int, cell_bits: int, monkeypatch) -> None:
+    """Integer cells: bfloat16 products (partial sums within 2^8) and int8 ones (int32 sums, any rows)
+    are exact, bit-identical to float32; each is taken only where it is exact. The layer's fan-in leaves
+    a short last tile (7 rows), multiplied over its real rows only."""
     torch.manual_seed(rows + cell_bits)
     layer = nn.Linear(rows * 2 + 7, 24)
     x = torch.randn(32, rows * 2 + 7)
     hw = HWConfig(wl_weight=8, subArray=rows, ADCprecision=5, cellBit=cell_bits)
     model = convert(layer, hw)
-    monkeypatch.setenv("NIPA_BF16", "0")
+    assert model.core.last_tile_rows == 7
+    _force_fastest(monkeypatch, torch.float32)
     assert model.core._product_dtype() == torch.float32
     reference = run(model, x)
-    monkeypatch.setenv("NIPA_BF16", "1")
-    import nipa.crossbar as crossbar
-
-    monkeypatch.setitem(crossbar._BF16_FAST, "cpu", True)  # force the bfloat16 path on any CPU
-    assert model.core._product_dtype() == torch.bfloat16
-    assert torch.equal(run(model, x), reference)
+    bf16_exact = rows * (2**cell_bits - 1) <= 256
+    for fastest in (torch.bfloat16, torch.int8):
+        _force_fastest(monkeypatch, fastest)
+        expected = fastest if fastest == torch.int8 or bf16_exact else torch.float32
+        assert model.core._product_dtype() == expected
+        assert torch.equal(run(model, x), reference)
+    monkeypatch.setenv("NIPA_INT8", "0")
+    monkeypatch.setenv("NIPA_BF16", "0")
+    assert model.core._product_dtype() == torch.float32
     # Device error: the cells are no longer integers, so the products stay in float32.
     noisy = convert(layer, HWConfig(wl_weight=8, subArray=rows, ADCprecision=5, cellBit=cell_bits, vari=0.1))
+    monkeypatch.delenv("NIPA_INT8")
+    monkeypatch.delenv("NIPA_BF16")
     assert noisy.core._product_dtype() == torch.float32
 
 
-def test_wide_reads_stay_float32(monkeypatch) -> None:
-    import nipa.crossbar as crossbar
-
-    monkeypatch.setitem(crossbar._BF16_FAST, "cpu", True)
+def test_wide_reads_are_never_bfloat16(monkeypatch) -> None:
+    _force_fastest(monkeypatch, torch.bfloat16)
     model = convert(nn.Linear(512, 4), HWConfig(subArray=512))  # partial sums up to 512: not exact in bf16
+    assert model.core._product_dtype() == torch.int8
+    monkeypatch.setenv("NIPA_INT8", "0")
     assert model.core._product_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("fastest", [torch.float32, torch.bfloat16, torch.int8])
+def test_memory_budget_changes_no_number_in_any_format(fastest: torch.dtype, monkeypatch) -> None:
+    """Integer cells: bit-identical outputs for any budget whatever the product format."""
+    _force_fastest(monkeypatch, fastest)
+    net = small_net(8)
+    hw = HWConfig(wl_weight=8, subArray=32, ADCprecision=4, cellBit=2)
+    x = torch.randn(6, 3, 8, 8)
+    outputs = [run(convert(net, hw, memory_mb=memory_mb).eval(), x) for memory_mb in (1024, 0.03, 0.002)]
+    assert all(torch.equal(other, outputs[0]) for other in outputs[1:])
+
+
+def test_columns_cache_follows_the_cells(monkeypatch) -> None:
+    """The low-precision copy of the cells is redone when the cells change (reprogramming, snapping)."""
+    _force_fastest(monkeypatch, torch.int8)
+    layer = nn.Linear(40, 6, bias=False)
+    x = torch.randn(5, 40)
+    model = convert(layer, HWConfig(subArray=16, ADCprecision=8, cellBit=2))
+    first = run(model, x)
+    model.core.conductance = model.core.conductance * 0  # a new buffer
+    assert torch.equal(run(model, x), torch.zeros_like(first))
+    model.core.program(0, 0)
+    assert torch.equal(run(model, x), first)
+    model.core.conductance.mul_(0)  # in place
+    assert torch.equal(run(model, x), torch.zeros_like(first))
+
+
+def test_budget_counts_bytes_of_the_product_format(monkeypatch) -> None:
+    """A bfloat16 product holds twice the reads of a float32 one in the same budget (compiled kernels:
+    no float32 copy), so fewer chunks."""
+    monkeypatch.setenv("NIPA_COMPILE", "1")
+    model = convert(nn.Linear(128, 64), HWConfig(subArray=128, ADCprecision=5))
+    _force_fastest(monkeypatch, torch.float32)
+    as_float = model.core._bytes_per_read()
+    _force_fastest(monkeypatch, torch.bfloat16)
+    as_bf16 = model.core._bytes_per_read()
+    assert as_float == 4 * 7 * 64 + 4 * 64 + 4 * 128
+    assert as_bf16 == 2 * 7 * 64 + 4 * 64 + 2 * 128
 
 
 # ---- the compiled ADC chain ----------------------------------------------------------------------
