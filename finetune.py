@@ -16,36 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
-from pathlib import Path
 
 import torch
 
 from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args, run_main
 from nipa.config import VARI_TYPES
-from nipa.finetune import (
-    METHODS,
-    Experiment,
-    FinetuneSettings,
-    format_table,
-    plot_accuracy,
-    run_experiment,
-    summarize,
-)
+from nipa.finetune import METHODS, FinetuneJobSettings, FinetuneSettings, run_finetune_job
 from nipa.llm import is_llm_name
-from nipa.logs import open_log
-from nipa.mlc import ChipOptions, mlc_hw
-from nipa.records import (
-    FINETUNE_KEY,
-    RecordWriter,
-    check_results_path,
-    done_keys,
-    environment,
-    read_records,
-    timestamp,
-)
-from nipa.runtime import resolve_device, seed_everything
-from nipa.workload import Workload
+from nipa.mlc import mlc_hw
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,49 +87,10 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device, args.gpu_id)
-    workload = Workload.from_args(args)  # the model and data, resolved once
-    out = Path(args.out) if args.out else workload.results_path("finetune")
-    check_results_path(out)  # before the model loads: a file that is not records is refused, never touched
-    previous = [r for r in read_records(out) if r.get("kind") == "finetune"] if out.is_file() else []
-    seed_everything(args.seed)
-    log = open_log(args.log_file)
-    model, meta, test_loader = workload.load(device=device, batch_size=args.batch_size,
-                                             num_workers=args.num_workers, limit=args.limit)
-    train_set = workload.dataset_split("train")  # calibration and fine-tuning data: never the test split
-    settings = FinetuneSettings(**{f.name: getattr(args, f"ft_{f.name}")
-                                   for f in dataclasses.fields(FinetuneSettings)})
-    if settings.calib_samples > len(train_set):
-        log(f"--calib_samples {settings.calib_samples} > {len(train_set)} train images: using all of them")
-        settings.calib_samples = len(train_set)
-    options = ChipOptions(input_bits=args.input_bits, read_noise=args.read_noise, adc_bits=args.adc_bits,
-                          adc_rows=args.adc_rows)
-    exp = Experiment(model_name=args.model_name, dataset=args.dataset, cell_bits=args.cellbit,
-                     vari_type=args.vari_type, spreads=args.vari, chips=args.chips, methods=args.methods,
-                     settings=settings, options=options, SAF_prop=args.SAF_prop, onoffratio=args.onoffratio,
-                     exclude=args.exclude_layer, include=args.include_layer, seed=args.seed)
-    done = done_keys(previous, FINETUNE_KEY)
-    writer = RecordWriter(out)
-    description = workload.describe()
-    extra = {"checkpoint_top1": meta.get("test_top1"), **({"workload": description} if description else {}),
-             "device": str(device), "timestamp": timestamp(),
-             **environment()}
-    started = time.perf_counter()
-    records = run_experiment(exp, model, test_loader, train_set, device, writer.append, done, log, extra)
-    log(f"{len(records)} new records in {writer.path} ({time.perf_counter() - started:.0f} s)")
-
-    # The summary covers this run's settings: the new records and the finished ones they resumed.
-    keys = {exp.run_key(mlc_hw(args.cellbit, args.vari_type, s, args.SAF_prop, args.onoffratio))
-            for s in args.vari}
-    mine = [r for r in previous + records if r["run_key"] in keys and r["method"] in args.methods
-            and r["chip"] < args.chips]
-    table = summarize(mine)
-    log(format_table(table))
-    table.to_csv(out.with_suffix(".csv"), index=False)
-    plot = out.with_suffix(".png")
-    plot_accuracy(table, plot, title=f"{args.model_name} on {args.dataset}, {args.cellbit}-bit cells, "
-                                     f"one-to-one, {args.chips} chips")
-    log(f"summary {out.with_suffix('.csv')}, plot {plot}")
+    hyper = FinetuneSettings(**{f.name: getattr(args, f"ft_{f.name}") for f in dataclasses.fields(FinetuneSettings)})
+    job = FinetuneJobSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneJobSettings)
+                                 if hasattr(args, f.name)}, finetune=hyper)
+    run_finetune_job(job)
     return 0
 
 

@@ -38,6 +38,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader
 
 from nipa.config import HWConfig
 from nipa.evaluate import evaluate
+from nipa.logs import open_log
 from nipa.mlc import (
     ChipOptions,
     calibrate_adc,
@@ -61,6 +63,17 @@ from nipa.mlc import (
     set_trainable,
 )
 from nipa.quant import quantize_weight_tiles
+from nipa.records import (
+    FINETUNE_KEY,
+    RecordWriter,
+    check_results_path,
+    done_keys,
+    environment,
+    read_records,
+    timestamp,
+)
+from nipa.runtime import resolve_device, seed_everything
+from nipa.workload import Workload
 
 METHODS = ("none", "bn_only", "label_only", "vat", "vat_bn", "proposed_digital", "proposed_cells")
 # What each method may change on the chip (nipa.mlc.set_trainable modes).
@@ -496,3 +509,110 @@ def plot_accuracy(table, path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# finetune.py's job: the workload, the experiment, its records, summary table and plot
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneJobSettings:
+    """What finetune.py is asked (its options, by the same names; nipa.workload.Workload.from_args reads
+    the model and data ones). `finetune` holds the methods' hyper-parameters (its --ft_* options)."""
+
+    model_name: str = "smallcnn"
+    dataset: str = "mnist5k"
+    cellbit: int = 3  # bits per cell; weights get cellbit + 1 bits
+    vari_type: str = "state_dependent"
+    vari: Sequence[float] = (0.6,)  # spreads of vari_type; several sweep
+    SAF_prop: float = 0.0
+    onoffratio: float = 1e8
+    chips: int = 5
+    input_bits: int | None = None
+    read_noise: float = 0.0
+    adc_bits: int | None = None
+    adc_rows: int = 128
+    methods: Sequence[str] = METHODS
+    finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
+    out: str | None = None  # default results/{model}/{dataset}_finetune.jsonl
+    log_file: str | None = None
+    exclude_layer: Sequence[str] = ()
+    include_layer: Sequence[str] | None = None
+    batch_size: int | None = None  # of the test set
+    limit: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    gpu_id: int | None = None
+    data_root: str = "data"
+    ckpt_dir: str = "ckpts"
+    ckpt: str | None = None
+    # A user's model or data
+    model_kwargs: str | None = None  # JSON
+    allow_pickle: bool = False
+    input_size: str | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    split: float | None = None
+
+
+@dataclass
+class FinetuneJobResult:
+    """What a finetune.py run wrote: its records file, the records new in this run, the summary of this
+    run's settings (a pandas DataFrame) and where its CSV and plot went."""
+
+    records_path: Path
+    new_records: list[dict[str, Any]]
+    table: Any
+    csv_path: Path
+    plot_path: Path
+
+
+def run_finetune_job(job: FinetuneJobSettings, log: Callable[[str], None] | None = None) -> FinetuneJobResult:
+    """finetune.py after argument parsing: every method on every chip of every spread (resumable
+    records), then the summary CSV and plot. `log` receives the progress lines and the table; None:
+    printed and appended to `job.log_file` (opened once the results file has been checked)."""
+    device = resolve_device(job.device, job.gpu_id)
+    workload = Workload.from_args(job)  # the model and data, resolved once
+    out = Path(job.out) if job.out else workload.results_path("finetune")
+    check_results_path(out)  # before the model loads: a file that is not records is refused, never touched
+    previous = [r for r in read_records(out) if r.get("kind") == "finetune"] if out.is_file() else []
+    seed_everything(job.seed)
+    log = log or open_log(job.log_file)
+    model, meta, test_loader = workload.load(device=device, batch_size=job.batch_size,
+                                             num_workers=job.num_workers, limit=job.limit)
+    train_set = workload.dataset_split("train")  # calibration and fine-tuning data: never the test split
+    settings = dataclasses.replace(job.finetune)  # a copy: the calibration size may shrink to the train split
+    if settings.calib_samples > len(train_set):
+        log(f"--calib_samples {settings.calib_samples} > {len(train_set)} train images: using all of them")
+        settings.calib_samples = len(train_set)
+    options = ChipOptions(input_bits=job.input_bits, read_noise=job.read_noise, adc_bits=job.adc_bits,
+                          adc_rows=job.adc_rows)
+    exp = Experiment(model_name=job.model_name, dataset=job.dataset, cell_bits=job.cellbit,
+                     vari_type=job.vari_type, spreads=job.vari, chips=job.chips, methods=job.methods,
+                     settings=settings, options=options, SAF_prop=job.SAF_prop, onoffratio=job.onoffratio,
+                     exclude=job.exclude_layer, include=job.include_layer, seed=job.seed)
+    done = done_keys(previous, FINETUNE_KEY)
+    writer = RecordWriter(out)
+    description = workload.describe()
+    extra = {"checkpoint_top1": meta.get("test_top1"), **({"workload": description} if description else {}),
+             "device": str(device), "timestamp": timestamp(),
+             **environment()}
+    started = time.perf_counter()
+    records = run_experiment(exp, model, test_loader, train_set, device, writer.append, done, log, extra)
+    log(f"{len(records)} new records in {writer.path} ({time.perf_counter() - started:.0f} s)")
+
+    # The summary covers this run's settings: the new records and the finished ones they resumed.
+    keys = {exp.run_key(mlc_hw(job.cellbit, job.vari_type, s, job.SAF_prop, job.onoffratio))
+            for s in job.vari}
+    mine = [r for r in previous + records if r["run_key"] in keys and r["method"] in job.methods
+            and r["chip"] < job.chips]
+    table = summarize(mine)
+    log(format_table(table))
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    plot = out.with_suffix(".png")
+    plot_accuracy(table, plot, title=f"{job.model_name} on {job.dataset}, {job.cellbit}-bit cells, "
+                                     f"one-to-one, {job.chips} chips")
+    log(f"summary {out.with_suffix('.csv')}, plot {plot}")
+    return FinetuneJobResult(writer.path, records, table, out.with_suffix(".csv"), plot)
