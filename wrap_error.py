@@ -54,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "draw (weight); default: the method's")
     parser.add_argument("--tile_factor", choices=("tiles", "one"), default="tiles",
                         help="k_T of the formula ADC term (SPEC: the tile count T)")
-    parser.add_argument("--calib_batches", type=int, default=1,
-                        help="training batches (of --batch_size) on which the ADC error is measured")
+    parser.add_argument("--calib_batches", type=int, default=4,
+                        help="training batches (of --batch_size) on which the ADC error is measured (a dynamic "
+                             "range is one batch's: one batch misjudges the error up to 3x, README)")
     parser.add_argument("--measure", choices=("top1", "loss", "perplexity"), default="top1",
                         help="what is predicted and compared: top1 (default; the test loss is reported beside "
                              "it), loss, or perplexity (an LLM's text task); a measure other than top1 names its "

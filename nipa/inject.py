@@ -96,8 +96,9 @@ from nipa.stats import ComboStats, ModelStats, model_statistics
 
 DEVICE_MODELS = ("formula", "cells")
 ADC_MODELS = ("formula", "measured", "none")
-ADC_FORMS = ("weight", "output")
-METHODS = {"published": ("formula", "formula", "weight"), "calibrated": ("cells", "measured", "output")}
+ADC_FORMS = ("weight", "output", "conditional")
+METHODS = {"published": ("formula", "formula", "weight"), "calibrated": ("cells", "measured", "output"),
+           "conditional": ("cells", "measured", "conditional")}
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class InjectionModel:
     device: str = "formula"
     adc: str = "formula"
     tile_factor: str = "tiles"  # k_T of the formula ADC term ("tiles" = T, "one" = 1)
-    adc_form: str = "weight"  # measured ADC error as weight noise, or as fresh output noise per forward
+    # measured ADC error as weight noise, as fresh output noise per forward, or as a function of the ideal
+    # output (per bin of it, the error's mean plus fresh noise of its deviation)
+    adc_form: str = "weight"
 
     def __post_init__(self) -> None:
         if self.adc_form not in ADC_FORMS:
@@ -131,11 +134,11 @@ class InjectionModel:
             if (self.device, self.adc, self.tile_factor, self.adc_form) == (device, adc, "tiles", form):
                 return name
         return (f"{self.device}-{self.adc}" + ("-kT1" if self.tile_factor == "one" else "")
-                + ("-out" if self.adc_form == "output" and self.adc == "measured" else ""))
+                + ({"output": "-out", "conditional": "-cond"}.get(self.adc_form, "") if self.adc == "measured" else ""))
 
     def label(self) -> str:
         return (f"device={self.device},adc={self.adc}" + (",kT=1" if self.tile_factor == "one" else "")
-                + (",adc_form=output" if self.adc_form == "output" and self.adc == "measured" else ""))
+                + (f",adc_form={self.adc_form}" if self.adc_form != "weight" and self.adc == "measured" else ""))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,7 +155,8 @@ class InjectedCore(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, hw: HWConfig, name: str, weight_var: torch.Tensor,
-                 cells: bool, output_power: torch.Tensor | None = None) -> None:
+                 cells: bool, output_power: torch.Tensor | None = None,
+                 conditional: tuple[torch.Tensor, ...] | None = None) -> None:
         super().__init__()
         self.hw = hw
         self.name = name
@@ -180,6 +184,16 @@ class InjectedCore(nn.Module):
             power = (output_power.double() * self.weight_scale.double() ** 2).sum(-1)
             output_std = power.sqrt().float()
         self.register_buffer("output_std", output_std, persistent=False)
+        # adc_form="conditional": per output channel, equal-width bins of u = (y - bias) / scale_in and per
+        # bin the error's mean and deviation (flattened [out * bins] for one gather per forward).
+        self.conditional_bins = 0
+        for buffer in ("cond_lo", "cond_inv_width", "cond_mean", "cond_std"):
+            self.register_buffer(buffer, None, persistent=False)
+        if conditional is not None:
+            lo, width, mean, std = conditional
+            self.conditional_bins = mean.shape[1]
+            self.cond_lo, self.cond_inv_width = lo.float(), (1 / width).float()
+            self.cond_mean, self.cond_std = mean.reshape(-1).float(), std.reshape(-1).float()
 
     def effective_weight(self, seed: int, draw: int, paired: bool = False) -> torch.Tensor:
         """One draw of the error-injected weight, in the original weight's shape (float32, CPU).
@@ -225,7 +239,7 @@ class _InjectedLayer(nn.Module):
         self.weight = weight.to(self.weight.device, self.weight.dtype)
         self.noise_pool = None
         self.output_generator, self.output_stream = None, None
-        if self.core.output_std is not None:
+        if self.core.output_std is not None or self.core.conditional_bins:
             name = f"inject-out:{self.core.name}".encode()
             self.output_stream = (seed, draw, zlib.crc32(name))
             self.offset_generator = chip_generator(seed, draw, zlib.crc32(name + b":offset"))
@@ -240,10 +254,12 @@ class _InjectedLayer(nn.Module):
         return torch.div(x, scale).round_().clamp_(-levels, levels).mul_(scale), scale
 
     def _output_noise(self, y: torch.Tensor, scale_in: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        if self.core.output_std is None:
-            return y
         shape = [1] * y.dim()
         shape[channel_dim] = -1
+        if self.core.conditional_bins:
+            return self._conditional_noise(y, scale_in, channel_dim, shape)
+        if self.core.output_std is None:
+            return y
         std = self.core.output_std.to(dtype=y.dtype).view(shape) * scale_in  # already on y's device
         # Standard normals come from a pool drawn once per draw, 1.25 times the output size, read at a
         # random offset by every forward: generating fresh normals for every output costs as much as
@@ -259,6 +275,33 @@ class _InjectedLayer(nn.Module):
         offset = int(torch.randint(0, self.noise_pool.numel() - numel + 1, (1,),
                                    generator=self.offset_generator))
         return y.addcmul_(self.noise_pool[offset:offset + numel].view(y.shape), std)
+
+    def _conditional_noise(self, y: torch.Tensor, scale_in: torch.Tensor, channel_dim: int,
+                           shape: list[int]) -> torch.Tensor:
+        """y + scale_in (mean[o, bin(u)] + std[o, bin(u)] N(0, 1)), u = (y - bias) / scale_in."""
+        core, bins = self.core, self.core.conditional_bins
+        u = y if self.bias is None else y - self.bias.view(shape)
+        u = u / scale_in
+        index = (u - core.cond_lo.view(shape)).mul_(core.cond_inv_width.view(shape)).floor_().clamp_(0, bins - 1)
+        base = (torch.arange(y.shape[channel_dim], device=y.device, dtype=y.dtype) * bins).view(shape)
+        index = index.add_(base).long()
+        noise = self._normals(y)
+        error = torch.take(core.cond_mean, index).addcmul_(torch.take(core.cond_std, index), noise)
+        return y.add_(error.mul_(scale_in))
+
+    def _normals(self, y: torch.Tensor) -> torch.Tensor:
+        """Standard normals shaped as y, from this draw's pool (see _output_noise)."""
+        numel = y.numel()
+        if self.output_generator is None or self.output_generator.device != y.device:
+            seed, draw, stream = self.output_stream
+            self.output_generator = chip_generator(seed, draw, stream, y.device)
+            self.noise_pool = None
+        if self.noise_pool is None or self.noise_pool.numel() < numel or self.noise_pool.dtype != y.dtype:
+            self.noise_pool = torch.randn(numel + numel // 4 + 1, generator=self.output_generator,
+                                          device=y.device, dtype=y.dtype)
+        offset = int(torch.randint(0, self.noise_pool.numel() - numel + 1, (1,),
+                                   generator=self.offset_generator))
+        return self.noise_pool[offset:offset + numel].view(y.shape)
 
 
 class InjectedLinear(_InjectedLayer):
@@ -341,6 +384,8 @@ class _Reads:
         self.input_power = (x_tiles.double() ** 2).sum(-1).mean(0)  # [T]
         self.z, self.k, self.out = hw.wl_input - 1, hw.num_slices, core.out_features
         self.tiles = [_distinct_rows(x_tiles[:, t]) for t in range(self.num_tiles)]
+        self.x_tiles = x_tiles
+        self.weight_scale = core.weight_scale.to(rows.device)  # [out, T]
         self.slices = core.slices.to(rows.device, torch.float32)
         budget = max(1, int(memory_mb * 2**20 / 4))
         self.chunk = max(1, budget // max(1, 3 * self.z * (self.k * self.out + self.r)))
@@ -403,6 +448,66 @@ class _Reads:
                     power[a][:, t] += (total.double().square_() * w).sum(0)
         return power
 
+    def joint_errors(self, lo: torch.Tensor, hi: torch.Tensor, adc_bits: Sequence[int],
+                     cell_bits: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(u [m, out], {a: err [m, out]}) for `sample_rows` rows drawn uniformly (the same rows in every
+        tile): the ideal layer output u = sum_t scale_w[o, t] y_{t,o} and its ADC error
+        sum_t scale_w[o, t] E_{t,o}, in units of the input scale (u times scale_in is the layer output)."""
+        device = self.slices.device
+        significance = (2.0 ** torch.arange(self.z, device=device)).view(-1, 1, 1, 1) * (
+            2.0 ** (cell_bits * torch.arange(self.k, device=device))).view(1, 1, -1, 1)  # [Z, 1, K, 1]
+        if self.n > self.sample_rows:
+            pick = torch.randint(0, self.n, (self.sample_rows,), generator=self.generator).to(device)
+            x = self.x_tiles[pick]
+        else:
+            x = self.x_tiles
+        u = torch.zeros(x.shape[0], self.out, dtype=torch.float64, device=device)
+        errors = {a: torch.zeros_like(u) for a in adc_bits}
+        for t in range(self.num_tiles):
+            lo_t = lo[t].view(self.z, 1, self.k, 1)
+            span = hi[t].view(self.z, 1, self.k, 1) - lo_t
+            scale = self.weight_scale[:, t].double()
+            for start in range(0, x.shape[0], self.chunk):
+                reads = self._products(t, x[start:start + self.chunk, t]).view(self.z, -1, self.k, self.out)
+                u[start:start + self.chunk] += (reads * significance).sum(dim=(0, 2)).double() * scale
+                for a in adc_bits:
+                    step = span / 2**a
+                    divisor = torch.where(step > 0, step, torch.ones_like(step))
+                    index = (reads - lo_t).div_(divisor).round_().clamp_(0, 2**a)
+                    error = index.mul_(step).add_(lo_t).sub_(reads)
+                    errors[a][start:start + self.chunk] += error.mul_(significance).sum(dim=(0, 2)).double() * scale
+        return u, errors
+
+
+CONDITIONAL_BINS = 256
+
+
+def conditional_error(u: torch.Tensor, error: torch.Tensor, bins: int = CONDITIONAL_BINS
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ADC error as a function of the ideal output: per output channel, `bins` equal-width bins
+    of u over its sampled range; per bin the mean and the standard deviation of the error.
+
+    (lo [out], width [out], mean [out, bins], std [out, bins]). A deterministic ADC rounds the same
+    read the same way on every input, so its error is largely a function of the read: a background
+    row that every image repeats gets the same error each time (only the bin mean, no noise), a coarse
+    range whose grid misses zero shifts every read alike, reads below half a step lose their signal.
+    An empty bin takes the channel's overall mean and deviation."""
+    u, error = u.double(), error.double()
+    lo, hi = u.amin(0), u.amax(0)
+    width = ((hi - lo) / bins).clamp(min=1e-12)
+    index = ((u - lo) / width).floor().clamp(0, bins - 1).long()  # [m, out]
+    out = u.shape[1]
+    flat = (index + torch.arange(out, device=u.device) * bins).reshape(-1)
+    count = torch.zeros(out * bins, dtype=torch.float64, device=u.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float64))
+    total = torch.zeros_like(count).index_add_(0, flat, error.reshape(-1))
+    square = torch.zeros_like(count).index_add_(0, flat, error.square().reshape(-1))
+    overall_mean, overall_var = error.mean(0), error.var(0, unbiased=False)
+    filled = count > 0
+    mean = torch.where(filled, total / count.clamp(min=1), overall_mean.repeat_interleave(bins))
+    var = torch.where(filled, square / count.clamp(min=1) - mean.square(), overall_var.repeat_interleave(bins))
+    return lo, width, mean.view(out, bins), var.clamp(min=0).sqrt().view(out, bins)
+
 
 @dataclass
 class AdcError:
@@ -410,6 +515,8 @@ class AdcError:
 
     output_power: torch.Tensor  # [out, T] E (sum_{z,k} 2^z 2^(ck) e_{t,z,k})^2 per read row, integer units
     input_power: torch.Tensor  # [T] E ||x_q,t||^2, integer input levels
+    # The error as a function of the ideal output (`conditional_error`): (lo, width, mean, std).
+    conditional: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def weight_variance(self) -> torch.Tensor:
         """[out, T]: the integer-weight noise variance with the same output error power."""
@@ -455,13 +562,15 @@ class AdcCalibration:
     def __contains__(self, hw: HWConfig) -> bool:
         return (*self.key_of(hw), hw.ADCprecision) in self._cache
 
-    def errors(self, hw: HWConfig) -> dict[str, AdcError]:
-        """Per layer name, the measured ADC error of `hw` (see `AdcError`)."""
-        if hw not in self:
+    def errors(self, hw: HWConfig, conditional: bool = False) -> dict[str, AdcError]:
+        """Per layer name, the measured ADC error of `hw` (see `AdcError`); conditional: also the error
+        as a function of the ideal output (a second sample of rows, adc_form="conditional")."""
+        cached = self._cache.get((*self.key_of(hw), hw.ADCprecision))
+        if cached is None or (conditional and any(e.conditional is None for e in cached.values())):
             key = self.key_of(hw)
             bits = sorted(self._wanted.get(key, set()) | {hw.ADCprecision})
             started = time.perf_counter()
-            for a, noise in self._measure(hw, bits).items():
+            for a, noise in self._measure(hw, bits, conditional).items():
                 self._cache[(*key, a)] = noise
             self.seconds += time.perf_counter() - started
         return self._cache[(*self.key_of(hw), hw.ADCprecision)]
@@ -498,7 +607,7 @@ class AdcCalibration:
             for hook in hooks:
                 hook.remove()
 
-    def _measure(self, hw: HWConfig, bits: list[int]) -> dict[int, dict[str, AdcError]]:
+    def _measure(self, hw: HWConfig, bits: list[int], conditional: bool = False) -> dict[int, dict[str, AdcError]]:
         fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if hw.adc_mode == "calibrated":
             # One fixed range per slice, over every tile, input bit and batch (as calibrate_adc).
@@ -512,6 +621,7 @@ class AdcCalibration:
             self._run(hw, collect)
         sums: dict[str, dict[int, torch.Tensor]] = {}
         input_power: dict[str, torch.Tensor] = {}
+        samples: dict[str, list[tuple[torch.Tensor, dict[int, torch.Tensor]]]] = {}
 
         def measure(_i, name, layer, reads):
             if hw.adc_mode == "dynamic":  # one range over every tile (SPEC section 4, step 6)
@@ -529,6 +639,9 @@ class AdcCalibration:
             for a, power in reads.error_power(lo, hi, bits, hw.cellBit).items():
                 sums.setdefault(name, {}).setdefault(a, torch.zeros_like(power))
                 sums[name][a] += power
+            if conditional:
+                u, errors = reads.joint_errors(lo, hi, bits, hw.cellBit)
+                samples.setdefault(name, []).append((u.cpu(), {a: e.cpu() for a, e in errors.items()}))
             input_power[name] = input_power.get(name, 0) + reads.input_power
 
         self._run(hw, measure)
@@ -536,8 +649,14 @@ class AdcCalibration:
         for name, per_bits in sums.items():
             power_in = (input_power[name] / len(self.batches)).double().cpu()
             for a, power in per_bits.items():
-                result[a][name] = AdcError(output_power=(power / len(self.batches)).cpu(),
-                                           input_power=power_in)
+                fit = None
+                if conditional:
+                    fit = conditional_error(torch.cat([sample[0] for sample in samples[name]]),
+                                            torch.cat([sample[1][a] for sample in samples[name]]))
+                # Pooled over the batches: a range that changes from batch to batch moves the bins' means,
+                # and the pooled deviation holds that spread.
+                result[a][name] = AdcError(output_power=(power / len(self.batches)).cpu(), input_power=power_in,
+                                           conditional=fit)
         return result
 
 
@@ -594,11 +713,11 @@ def inject(
         names = select_layers(model, exclude=exclude, include=include)
         converted = copy.deepcopy(model)
         modules = {name: converted.get_submodule(name) for name in names}
-    noise, output_power = _noise_variances(model, hw, errors, names, exclude, include, stats, calibration)
+    noise, measured = _noise_variances(model, hw, errors, names, exclude, include, stats, calibration)
     for name in names:
         layer = as_linear(modules[name])  # a transformers Conv1D becomes its nn.Linear twin
         core = InjectedCore(layer.weight, hw, name, noise[name], cells=errors.device == "cells",
-                            output_power=output_power.get(name))
+                            **measured.get(name, {}))
         cls = InjectedLinear if isinstance(layer, nn.Linear) else InjectedConv2d
         injected = cls(layer, core).to(layer.weight.device)
         injected.paired = paired
@@ -614,9 +733,10 @@ def _noise_variances(model: nn.Module, hw: HWConfig, errors: InjectionModel, nam
                      exclude: Sequence[str], include: Sequence[str] | None,
                      stats: ModelStats | ComboStats | None,
                      calibration: AdcCalibration | None,
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """Per layer, the variance added to every integer weight level, broadcastable to [out, T], and
-    (adc_form="output") the measured ADC output error power [out, T]."""
+    the measured ADC error as InjectedCore's keyword arguments: (adc_form="output") the output error
+    power [out, T]; (adc_form="conditional") the error's mean and deviation per bin of the ideal output."""
     noise = {name: torch.zeros(1, 1, dtype=torch.float64) for name in names}
     formula_device = errors.device == "formula" and hw.has_device_error
     if formula_device or errors.adc == "formula":
@@ -636,9 +756,11 @@ def _noise_variances(model: nn.Module, hw: HWConfig, errors: InjectionModel, nam
     if errors.adc == "measured":
         if calibration is None:
             raise ValueError("adc='measured' needs calibration=AdcCalibration(model, batches)")
-        measured = calibration.errors(hw)
+        measured = calibration.errors(hw, conditional=errors.adc_form == "conditional")
         if errors.adc_form == "output":
-            return noise, {name: measured[name].output_power for name in names}
+            return noise, {name: {"output_power": measured[name].output_power} for name in names}
+        if errors.adc_form == "conditional":
+            return noise, {name: {"conditional": measured[name].conditional} for name in names}
         for name in names:
             noise[name] = noise[name] + measured[name].weight_variance()
     return noise, {}

@@ -141,10 +141,13 @@ class FastMethod:
 
     def calibrate(self, point: HWConfig) -> float:
         """Seconds spent measuring the ADC error for `point` now (0 when cached or not needed)."""
-        if self.calibration is None or self.settings.errors.adc != "measured" or point in self.calibration:
+        if self.calibration is None or self.settings.errors.adc != "measured":
+            return 0.0
+        conditional = self.settings.errors.adc_form == "conditional"
+        if point in self.calibration and not conditional:
             return 0.0
         started = time.perf_counter()
-        self.calibration.errors(point)
+        self.calibration.errors(point, conditional=conditional)  # a no-op when already measured
         return time.perf_counter() - started
 
     def draws(self, point: HWConfig, draws: Sequence[int], data) -> list[tuple[int, dict, float]]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nipa.config import VARI_TYPES, HWConfig
-from nipa.crossbar import convert
+from nipa.crossbar import calibrate_adc, convert
 from nipa.inject import AdcCalibration, InjectedConv2d, InjectedLinear, inject, injected_layers, redraw
 from nipa.metric import layer_slice_noise
 from nipa.quant import fake_quantize_input, fake_quantize_weight
@@ -167,7 +167,7 @@ def test_every_variation_type_runs(net, vari_type, method):
     assert not torch.equal(injected.fc.weight, ideal.fc.weight)
 
 
-@pytest.mark.parametrize("adc_form", ["weight", "output"])
+@pytest.mark.parametrize("adc_form", ["weight", "output", "conditional"])
 def test_measured_adc_error_power_matches_the_simulator(adc_form):
     """The measured ADC error, injected in either form, has the simulator's output error power
     (no device error, dynamic 4-bit ADC, unstructured inputs; calibrated on other inputs)."""
@@ -182,6 +182,45 @@ def test_measured_adc_error_power_matches_the_simulator(adc_form):
                 for d in range(4)]
     predicted = sum((m(x) - reference).pow(2).mean().item() for m in injected) / len(injected)
     assert 0.75 < predicted / simulated < 1.33
+
+
+def test_conditional_form_holds_an_error_that_is_a_function_of_the_read():
+    """With one input bit, one slice and one tile, each output is one read: an ADC with a fixed range
+    (calibrated mode) makes an error that is a function of the ideal output, which the conditional
+    form reproduces point by point (up to its bin width), where the output form draws noise of the
+    same power. (A dynamic range moves its grid with every batch, so there only the part of the
+    function that all batches share is held.)"""
+    torch.manual_seed(5)
+    layer = nn.Linear(128, 32, bias=False)
+    hw = HWConfig(wl_weight=4, wl_input=2, subArray=128, ADCprecision=3, cellBit=3, adc_mode="calibrated")
+    assert hw.num_slices == 1
+    batches = [torch.randn(512, 128) for _ in range(2)]
+    x = torch.randn(512, 128)
+    reference = inject(layer, hw, method="calibrated", adc="none")(x)
+    chip = convert(layer, hw)
+    calibrate_adc(chip, batches)
+    simulated = chip(x) - reference
+    calibration = AdcCalibration(layer, batches)
+    conditional = inject(layer, hw, method="conditional", calibration=calibration)
+    assert conditional.core.conditional_bins > 0
+    miss_conditional = (conditional(x) - reference - simulated).pow(2).mean()
+    output = inject(layer, hw, method="calibrated", calibration=calibration)
+    miss_output = (output(x) - reference - simulated).pow(2).mean()
+    assert miss_conditional < 0.25 * miss_output
+    assert miss_conditional < 0.25 * simulated.pow(2).mean()
+
+
+def test_calibration_pools_its_batches():
+    """Several calibration batches: the measured power is their mean (each batch has its own dynamic
+    range, and the test set's batches differ as much)."""
+    torch.manual_seed(6)
+    layer = nn.Linear(64, 16, bias=False)
+    hw = HWConfig(wl_weight=6, wl_input=6, subArray=64, ADCprecision=3)
+    batches = [torch.randn(32, 64), 3 * torch.randn(32, 64)]
+    single = [AdcCalibration(layer, [b]).errors(hw)[""].output_power for b in batches]
+    pooled = AdcCalibration(layer, batches).errors(hw)[""].output_power
+    assert torch.allclose(pooled, (single[0] + single[1]) / 2, rtol=1e-6)
+    assert not torch.allclose(single[0], single[1], rtol=0.1)
 
 
 def test_output_noise_is_fresh_per_forward_and_repeats_per_draw(net):
