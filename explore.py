@@ -17,10 +17,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args, run_main
-from nipa.explore import COSTS, ExploreSettings, MetricOptions, VerifySettings, run_explore
-from nipa.inject import METHODS
-from nipa.layer_search import SEARCH_FIELDS, PerLayerSettings, SearchOptions
+from nipa.cli import (
+    add_layer_args,
+    add_model_args,
+    add_per_layer_search_args,
+    add_runtime_args,
+    add_verify_args,
+    resolve_model_args,
+    resolve_per_layer_search_args,
+    run_main,
+)
+from nipa.explore import ExploreSettings, MetricOptions, VerifySettings, outcome_lines, run_explore
+from nipa.layer_search import PerLayerSettings, SearchOptions
 from nipa.logs import open_log
 from nipa.metric import DEVICE_MODELS, INPUT_TERMS, REDUCTIONS, TILE_FACTORS
 
@@ -43,51 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--random_init", action="store_true", help="untrained weights (tests and benchmarks)")
     parser.add_argument("--out_dir", default=None, help="output folder (default results/{model})")
     parser.add_argument("--log_file", default=None, help="readable progress lines are appended here")
-    verify = parser.add_argument_group("verification against the ground truth")
-    verify.add_argument("--verify", type=int, default=0, metavar="N",
-                        help="simulate N points (fronts first, then stratified over NIPA); 0: no verification")
-    verify.add_argument("--cycle", type=int, default=3, help="minimum chips per verified point")
-    verify.add_argument("--target_se", type=float, default=0.25,
-                        help="add chips until the standard error of a point's mean is below this (accuracy points)")
-    verify.add_argument("--max_cycle", type=int, default=20, help="at most this many chips per point")
-    verify.add_argument("--fast_draws", type=int, default=3, help="draws of the fast estimate per point")
-    verify.add_argument("--fast_method", choices=tuple(METHODS), default="calibrated",
-                        help="wrap_error.py's method for the fast estimate")
-    verify.add_argument("--records", default=None,
-                        help="ground-truth records (default results/{model}/{dataset}_explore_accsim.jsonl)")
-    verify.add_argument("--memory_mb", type=float, default=None,
-                        help="memory budget of one crossbar product (default: 256 on a CPU, a quarter of the "
-                             "free memory on a GPU)")
-    per_layer = parser.add_argument_group("per-layer search (nipa.layer_search)")
-    per_layer.add_argument("--per_layer", action="store_true",
-                           help="under a few cost budgets, start from a uniform point and raise the ADC, weight or "
-                                "input bits of the layers where NIPA gains most per cost; simulate each result "
-                                "against the uniform point of highest NIPA within the same budget")
-    per_layer.add_argument("--per_layer_cost", choices=COSTS, default="energy_nj", help="the cost the budgets limit")
-    per_layer.add_argument("--per_layer_budget", type=float, action="append", default=None, metavar="B",
-                           help="a budget (repeatable; default: the 5th, 10th, 25th and 50th percentiles of the "
-                                "cost over the space's points without device error)")
-    per_layer.add_argument("--per_layer_start", type=float, default=0.8,
-                           help="the search starts at the best uniform point within this share of the budget")
-    per_layer.add_argument("--per_layer_fields", default=",".join(SEARCH_FIELDS),
-                           help=f"the per-layer fields the search may raise (default {','.join(SEARCH_FIELDS)})")
-    per_layer.add_argument("--per_layer_knobs", default="16,256", metavar="ADC_SHARE,COLUMNS",
-                           help="the cost-only knobs of the searched points (default 16,256)")
+    add_verify_args(parser)
+    add_per_layer_search_args(parser)
     add_layer_args(parser)
     add_runtime_args(parser)
-    args = resolve_model_args(parser, parser.parse_args(argv))
-    args.per_layer_fields = [f.strip() for f in args.per_layer_fields.split(",") if f.strip()]
-    unknown = [f for f in args.per_layer_fields if f not in SEARCH_FIELDS]
-    if unknown or not args.per_layer_fields:
-        parser.error(f"--per_layer_fields {unknown or '(none)'}: choose among {', '.join(SEARCH_FIELDS)}")
-    try:
-        args.per_layer_knobs = [int(v) for v in args.per_layer_knobs.split(",")]
-        if len(args.per_layer_knobs) != 2 or min(args.per_layer_knobs) < 1:
-            raise ValueError
-    except ValueError:
-        parser.error(f"--per_layer_knobs {args.per_layer_knobs!r}: give ADC_SHARE,COLUMNS, two whole numbers >= 1")
-    if not 0 < args.per_layer_start <= 1 or any(b <= 0 for b in args.per_layer_budget or ()):
-        parser.error("need 0 < --per_layer_start <= 1 and positive --per_layer_budget values")
+    args = resolve_per_layer_search_args(parser, resolve_model_args(parser, parser.parse_args(argv)))
     for name in ("max_area", "max_energy", "max_latency", "target_se"):
         value = getattr(args, name)
         if value is not None and not value > 0:
@@ -132,21 +100,8 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     log = open_log(args.log_file)
     result = run_explore(settings_from_args(args), log)
-    summary = result.get("verify")
-    if summary:
-        def fmt(value):
-            return "n/a" if value is None else f"{value:.3f}"
-        log(f"verified {summary['points']} points ({summary['chips_total']} chips): Kendall tau NIPA "
-            f"{fmt(summary['kendall_nipa'])} (noise ceiling {fmt(summary['kendall_noise_ceiling'])}), fast "
-            f"estimate {fmt(summary['kendall_fast'])} with mean |error| {fmt(summary['fast_mean_abs_error'])}; "
-            f"regret of NIPA's choice: max {fmt(summary['regret_nipa_max'])}, mean {fmt(summary['regret_nipa_mean'])}"
-            f" accuracy points -> {result['summary']}")
-    per_layer = result.get("per_layer")
-    if per_layer and per_layer["compared"]:
-        log(f"per-layer search: simulated gain over the best uniform point of the same budget: mean "
-            f"{per_layer['per_layer_gain_mean']:+.2f}, worst {per_layer['per_layer_gain_min']:+.2f} accuracy points "
-            f"({per_layer['per_layer_wins']} of {per_layer['compared']} budgets better)")
-    log(f"done in {result['seconds']:.1f} s")
+    for line in outcome_lines(result):
+        log(line)
     return 0
 
 

@@ -166,3 +166,66 @@ def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace
                      f"{', '.join(DATASET_NAMES)}, an image folder or a tensor file (.pt, .npz) "
                      "(or give an LLM with --model_name)")
     return args
+
+
+def add_verify_args(parser: argparse.ArgumentParser) -> None:
+    """explore.py's verification against the ground truth (nipa.explore.VerifySettings)."""
+    from nipa.inject import METHODS
+
+    verify = parser.add_argument_group("verification against the ground truth")
+    verify.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="simulate N points (fronts first, then stratified over NIPA); 0: no verification")
+    verify.add_argument("--cycle", type=int, default=3, help="minimum chips per verified point")
+    verify.add_argument("--target_se", type=float, default=0.25,
+                        help="add chips until the standard error of a point's mean is below this (accuracy points)")
+    verify.add_argument("--max_cycle", type=int, default=20, help="at most this many chips per point")
+    verify.add_argument("--fast_draws", type=int, default=3, help="draws of the fast estimate per point")
+    verify.add_argument("--fast_method", choices=tuple(METHODS), default="calibrated",
+                        help="wrap_error.py's method for the fast estimate")
+    verify.add_argument("--records", default=None,
+                        help="ground-truth records (default results/{model}/{dataset}_explore_accsim.jsonl)")
+    verify.add_argument("--memory_mb", type=float, default=None,
+                        help="memory budget of one crossbar product (default: 256 on a CPU, a quarter of the "
+                             "free memory on a GPU)")
+
+
+def add_per_layer_search_args(parser: argparse.ArgumentParser) -> None:
+    """explore.py --per_layer and its options (nipa.layer_search.PerLayerSettings); checked and split into
+    lists by resolve_per_layer_search_args."""
+    from nipa.explore import COSTS
+    from nipa.layer_search import SEARCH_FIELDS
+
+    per_layer = parser.add_argument_group("per-layer search (nipa.layer_search)")
+    per_layer.add_argument("--per_layer", action="store_true",
+                           help="under a few cost budgets, start from a uniform point and raise the ADC, weight or "
+                                "input bits of the layers where NIPA gains most per cost; simulate each result "
+                                "against the uniform point of highest NIPA within the same budget")
+    per_layer.add_argument("--per_layer_cost", choices=COSTS, default="energy_nj", help="the cost the budgets limit")
+    per_layer.add_argument("--per_layer_budget", type=float, action="append", default=None, metavar="B",
+                           help="a budget (repeatable; default: the 5th, 10th, 25th and 50th percentiles of the "
+                                "cost over the space's points without device error)")
+    per_layer.add_argument("--per_layer_start", type=float, default=0.8,
+                           help="the search starts at the best uniform point within this share of the budget")
+    per_layer.add_argument("--per_layer_fields", default=",".join(SEARCH_FIELDS),
+                           help=f"the per-layer fields the search may raise (default {','.join(SEARCH_FIELDS)})")
+    per_layer.add_argument("--per_layer_knobs", default="16,256", metavar="ADC_SHARE,COLUMNS",
+                           help="the cost-only knobs of the searched points (default 16,256)")
+
+
+def resolve_per_layer_search_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """--per_layer_fields and --per_layer_knobs into lists; every bad per-layer value is a parser error."""
+    from nipa.layer_search import SEARCH_FIELDS
+
+    args.per_layer_fields = [f.strip() for f in args.per_layer_fields.split(",") if f.strip()]
+    unknown = [f for f in args.per_layer_fields if f not in SEARCH_FIELDS]
+    if unknown or not args.per_layer_fields:
+        parser.error(f"--per_layer_fields {unknown or '(none)'}: choose among {', '.join(SEARCH_FIELDS)}")
+    try:
+        args.per_layer_knobs = [int(v) for v in args.per_layer_knobs.split(",")]
+        if len(args.per_layer_knobs) != 2 or min(args.per_layer_knobs) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--per_layer_knobs {args.per_layer_knobs!r}: give ADC_SHARE,COLUMNS, two whole numbers >= 1")
+    if not 0 < args.per_layer_start <= 1 or any(b <= 0 for b in args.per_layer_budget or ()):
+        parser.error("need 0 < --per_layer_start <= 1 and positive --per_layer_budget values")
+    return args

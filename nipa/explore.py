@@ -787,3 +787,27 @@ def per_layer_search(settings: ExploreSettings, space: SearchSpace, grid: Explor
     log(f"per-layer search: {summary['per_layer_wins']} of {summary['compared']} budgets simulated better than the "
         f"uniform point of highest NIPA within the same budget -> {path}")
     return summary
+
+
+def outcome_lines(result: dict[str, Any]) -> list[str]:
+    """The closing lines explore.py prints for run_explore's result: the verification's agreement and
+    regret, the per-layer search's gain, the time taken."""
+    lines = []
+    summary = result.get("verify")
+    if summary:
+        def fmt(value):
+            return "n/a" if value is None else f"{value:.3f}"
+        lines.append(
+            f"verified {summary['points']} points ({summary['chips_total']} chips): Kendall tau NIPA "
+            f"{fmt(summary['kendall_nipa'])} (noise ceiling {fmt(summary['kendall_noise_ceiling'])}), fast "
+            f"estimate {fmt(summary['kendall_fast'])} with mean |error| {fmt(summary['fast_mean_abs_error'])}; "
+            f"regret of NIPA's choice: max {fmt(summary['regret_nipa_max'])}, mean {fmt(summary['regret_nipa_mean'])}"
+            f" accuracy points -> {result['summary']}")
+    per_layer = result.get("per_layer")
+    if per_layer and per_layer["compared"]:
+        lines.append(
+            f"per-layer search: simulated gain over the best uniform point of the same budget: mean "
+            f"{per_layer['per_layer_gain_mean']:+.2f}, worst {per_layer['per_layer_gain_min']:+.2f} accuracy points "
+            f"({per_layer['per_layer_wins']} of {per_layer['compared']} budgets better)")
+    lines.append(f"done in {result['seconds']:.1f} s")
+    return lines
