@@ -376,7 +376,7 @@ class _Reads:
     chunk by chunk within the memory budget."""
 
     def __init__(self, rows: torch.Tensor, scale_in: torch.Tensor, core: InjectedCore, memory_mb: float,
-                 sample_rows: int, generator: torch.Generator) -> None:
+                 sample_rows: int, generator: torch.Generator, cells: torch.Tensor | None = None) -> None:
         hw = core.hw
         x_q, _ = quantize_input(rows.float(), hw.wl_input, scale_in)
         x_tiles = tile_columns(x_q, core.rows)  # [n, T, rows]
@@ -386,7 +386,8 @@ class _Reads:
         self.tiles = [_distinct_rows(x_tiles[:, t]) for t in range(self.num_tiles)]
         self.x_tiles = x_tiles
         self.weight_scale = core.weight_scale.to(rows.device)  # [out, T]
-        self.slices = core.slices.to(rows.device, torch.float32)
+        # The cells read: the ideal slices, or one programmed chip's differential reads (device_reads).
+        self.slices = (core.slices if cells is None else cells).to(rows.device, torch.float32)
         budget = max(1, int(memory_mb * 2**20 / 4))
         self.chunk = max(1, budget // max(1, 3 * self.z * (self.k * self.out + self.r)))
         self.sample_rows = sample_rows
@@ -536,7 +537,7 @@ class AdcCalibration:
 
     def __init__(self, model: nn.Module, batches: Iterable, *, exclude: Sequence[str] = (),
                  include: Sequence[str] | None = None, memory_mb: float = 256, sample_rows: int = 2048,
-                 seed: int = 0) -> None:
+                 seed: int = 0, device_reads: bool = True) -> None:
         self.model = model
         self.batches = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
         if not self.batches:
@@ -545,35 +546,41 @@ class AdcCalibration:
         self.memory_mb = memory_mb
         self.sample_rows = sample_rows
         self.seed = seed
+        # Reads through one programmed chip where the point has device error: a dynamic range spans
+        # the device-perturbed reads, so its step (and the ADC error) grows with the variation.
+        self.device_reads = device_reads
         self._wanted: dict[tuple, set[int]] = {}
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.seconds = 0.0  # total time spent measuring (for honest timing of the fast method)
 
     @staticmethod
-    def key_of(hw: HWConfig) -> tuple:
-        """What the measured reads depend on, ADC bits excepted."""
-        return hw.wl_weight, hw.subArray, hw.cellBit, hw.wl_input, hw.adc_mode
+    def key_of(hw: HWConfig, device_reads: bool = True) -> tuple:
+        """What the measured reads depend on, ADC bits excepted (with device_reads, the device error)."""
+        key = (hw.wl_weight, hw.subArray, hw.cellBit, hw.wl_input, hw.adc_mode)
+        if device_reads and hw.has_device_error:
+            key += (hw.vari_type, hw.vari, hw.ind_vari, hw.laplace_b, hw.SAF_prop, hw.onoffratio)
+        return key
 
     def prefetch(self, points: Iterable[HWConfig]) -> None:
         """Measure these points' ADC resolutions together, when the first of them is asked for."""
         for hw in points:
-            self._wanted.setdefault(self.key_of(hw), set()).add(hw.ADCprecision)
+            self._wanted.setdefault(self.key_of(hw, self.device_reads), set()).add(hw.ADCprecision)
 
     def __contains__(self, hw: HWConfig) -> bool:
-        return (*self.key_of(hw), hw.ADCprecision) in self._cache
+        return (*self.key_of(hw, self.device_reads), hw.ADCprecision) in self._cache
 
     def errors(self, hw: HWConfig, conditional: bool = False) -> dict[str, AdcError]:
         """Per layer name, the measured ADC error of `hw` (see `AdcError`); conditional: also the error
         as a function of the ideal output (a second sample of rows, adc_form="conditional")."""
-        cached = self._cache.get((*self.key_of(hw), hw.ADCprecision))
+        cached = self._cache.get((*self.key_of(hw, self.device_reads), hw.ADCprecision))
         if cached is None or (conditional and any(e.conditional is None for e in cached.values())):
-            key = self.key_of(hw)
+            key = self.key_of(hw, self.device_reads)
             bits = sorted(self._wanted.get(key, set()) | {hw.ADCprecision})
             started = time.perf_counter()
             for a, noise in self._measure(hw, bits, conditional).items():
                 self._cache[(*key, a)] = noise
             self.seconds += time.perf_counter() - started
-        return self._cache[(*self.key_of(hw), hw.ADCprecision)]
+        return self._cache[(*self.key_of(hw, self.device_reads), hw.ADCprecision)]
 
     @torch.no_grad()
     def _run(self, hw: HWConfig, visit) -> None:
@@ -590,7 +597,9 @@ class AdcCalibration:
             lambda _m, args, name=name: captured.__setitem__(name, args[0].detach()))
             for name, layer in layers.items()]
         # The row sample is seeded per key: the same points always get the same calibration.
-        generator = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, self.key_of(hw))).encode()))
+        key = self.key_of(hw, self.device_reads)
+        generator = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, key)).encode()))
+        cells: dict[str, torch.Tensor] = {}
         try:
             ideal.eval()
             device = next(iter(layers.values())).weight.device
@@ -600,8 +609,12 @@ class AdcCalibration:
                 for name, x in captured.items():
                     layer = layers[name]
                     scale_in = quantize_input(x.float(), hw.wl_input)[1]
+                    if name not in cells and self.device_reads and hw.has_device_error:
+                        # A calibration chip of its own stream (neither a prediction's nor the simulator's).
+                        chip = chip_generator(self.seed, 0, zlib.crc32(f"calibrate:{name}".encode()))
+                        cells[name] = program_pairs(layer.core.slices.float(), hw, chip)
                     reads = _Reads(_layer_rows(layer, x), scale_in, layer.core, self.memory_mb,
-                                   self.sample_rows, generator)
+                                   self.sample_rows, generator, cells.get(name))
                     visit(index, name, layer, reads)
         finally:
             for hook in hooks:

@@ -5,6 +5,7 @@ and wrap_error.py end to end on a tiny ground truth."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from nipa.config import VARI_TYPES, HWConfig
 from nipa.crossbar import calibrate_adc, convert
 from nipa.inject import AdcCalibration, InjectedConv2d, InjectedLinear, inject, injected_layers, redraw
 from nipa.metric import layer_slice_noise
-from nipa.quant import fake_quantize_input, fake_quantize_weight
+from nipa.quant import fake_quantize_input, fake_quantize_weight, quantize_input
 from nipa.records import read_records
 from nipa.stats import model_statistics
 
@@ -208,6 +209,31 @@ def test_conditional_form_holds_an_error_that_is_a_function_of_the_read():
     miss_output = (output(x) - reference - simulated).pow(2).mean()
     assert miss_conditional < 0.25 * miss_output
     assert miss_conditional < 0.25 * simulated.pow(2).mean()
+
+
+def test_calibration_reads_through_a_programmed_chip_where_the_point_has_device_error():
+    """Variation widens the reads, a dynamic range widens with them and so does the ADC step: the
+    calibration through one programmed chip measures a larger ADC error, close to the simulator's
+    (its error with this ADC minus its error with a 16-bit one, same chip); without device error both
+    calibrations are the same."""
+    torch.manual_seed(7)
+    layer = nn.Linear(128, 64, bias=False)
+    hw = HWConfig(wl_weight=6, wl_input=6, subArray=128, ADCprecision=3, vari=0.3)
+    batches = [torch.randn(256, 128)]
+    through_chip = AdcCalibration(layer, batches).errors(hw)[""].output_power.mean()
+    ideal_reads = AdcCalibration(layer, batches, device_reads=False).errors(hw)[""].output_power.mean()
+    assert through_chip > 1.05 * ideal_reads
+    x = batches[0]
+    fine = replace(hw, ADCprecision=16)
+    per_channel = sum((convert(layer, hw, chip=chip)(x) - convert(layer, fine, chip=chip)(x)).pow(2).mean(0)
+                      for chip in range(3)) / 3
+    # In integer units, as the calibration measures it: divided by (scale_in scale_w[o])^2 (one tile).
+    units = (convert(layer, hw).core.weight_scale[:, 0] * quantize_input(x, hw.wl_input)[1]) ** 2
+    simulated = (per_channel / units).mean()
+    assert abs(through_chip / simulated - 1) < abs(ideal_reads / simulated - 1)
+    plain = HWConfig(wl_weight=6, wl_input=6, subArray=128, ADCprecision=3)
+    assert torch.equal(AdcCalibration(layer, batches).errors(plain)[""].output_power,
+                       AdcCalibration(layer, batches, device_reads=False).errors(plain)[""].output_power)
 
 
 def test_calibration_pools_its_batches():
