@@ -39,7 +39,13 @@ ADC error (``adc=``)
                  input has the same read in every bit plane, and similar ranges round them alike, so the
                  bit errors add coherently (3x the power of independent errors in SmallCNN's conv1).
                  One pass serves every ADC resolution of a (wl_weight, subArray, cellBit, wl_input,
-                 ADC mode); the reads are those of ideal cells (device errors shift them a little).
+                 ADC mode); the reads are those of ideal cells. ``AdcCalibration(device_reads=True)``
+                 reads through one programmed chip of the calibration's own stream at a point with
+                 device error (one pass per device setting then): a dynamic range widens with the
+                 device's spread and the ADC step with it (the largest term at 3-bit ADCs with
+                 variation 0.3, docs/estimate_analysis.md; off by default: it triples the calibration
+                 passes of the main grid and was measured on 13 of its points only). A dynamic range is one
+                 batch's: calibrate on several batches (wrap_error.py: 4), one misjudges it up to 3x.
   ``"none"``     an ideal ADC.
 
 form of the measured ADC error (``adc_form=``)
@@ -51,9 +57,15 @@ form of the measured ADC error (``adc_form=``)
                  E||x_q,t||^2. It matches the mean error power but not its form: a fixed perturbation
                  of the function misclassifies whole groups of inputs at once, so draws scatter widely
                  and 4-bit ADC points come out too pessimistic (README, "Error injection").
+  ``"conditional"`` the error as a function of the ideal output: per output channel, bins of the ideal
+                 output u (measured on a second sample of rows, the same rows in every tile); each
+                 forward adds the bin's mean error (exactly) and fresh noise of the bin's deviation.
+                 A fixed-range ADC's error is a function of the read, which this holds; a dynamic
+                 range moves its grid with every batch, so only what the batches share is held.
 
 Presets (``method=``): ``"published"`` = formula + formula (SPEC section 7 as written);
-``"calibrated"`` = cells + measured + output form (the default of wrap_error.py).
+``"calibrated"`` = cells + measured + output form (the default of wrap_error.py); ``"conditional"`` =
+cells + measured + conditional form.
 
 Draws. `inject(..., seed, draw)` and `redraw(model, seed, draw)` are deterministic: layer `name` of
 draw `d` draws from `chip_generator(seed, d, crc32("inject:" + name))`, a stream independent of the
@@ -537,7 +549,7 @@ class AdcCalibration:
 
     def __init__(self, model: nn.Module, batches: Iterable, *, exclude: Sequence[str] = (),
                  include: Sequence[str] | None = None, memory_mb: float = 256, sample_rows: int = 2048,
-                 seed: int = 0, device_reads: bool = True) -> None:
+                 seed: int = 0, device_reads: bool = False) -> None:
         self.model = model
         self.batches = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
         if not self.batches:
@@ -554,7 +566,7 @@ class AdcCalibration:
         self.seconds = 0.0  # total time spent measuring (for honest timing of the fast method)
 
     @staticmethod
-    def key_of(hw: HWConfig, device_reads: bool = True) -> tuple:
+    def key_of(hw: HWConfig, device_reads: bool = False) -> tuple:
         """What the measured reads depend on, ADC bits excepted (with device_reads, the device error)."""
         key = (hw.wl_weight, hw.subArray, hw.cellBit, hw.wl_input, hw.adc_mode)
         if device_reads and hw.has_device_error:

@@ -220,8 +220,8 @@ def test_calibration_reads_through_a_programmed_chip_where_the_point_has_device_
     layer = nn.Linear(128, 64, bias=False)
     hw = HWConfig(wl_weight=6, wl_input=6, subArray=128, ADCprecision=3, vari=0.3)
     batches = [torch.randn(256, 128)]
-    through_chip = AdcCalibration(layer, batches).errors(hw)[""].output_power.mean()
-    ideal_reads = AdcCalibration(layer, batches, device_reads=False).errors(hw)[""].output_power.mean()
+    through_chip = AdcCalibration(layer, batches, device_reads=True).errors(hw)[""].output_power.mean()
+    ideal_reads = AdcCalibration(layer, batches).errors(hw)[""].output_power.mean()
     assert through_chip > 1.05 * ideal_reads
     x = batches[0]
     fine = replace(hw, ADCprecision=16)
@@ -232,8 +232,8 @@ def test_calibration_reads_through_a_programmed_chip_where_the_point_has_device_
     simulated = (per_channel / units).mean()
     assert abs(through_chip / simulated - 1) < abs(ideal_reads / simulated - 1)
     plain = HWConfig(wl_weight=6, wl_input=6, subArray=128, ADCprecision=3)
-    assert torch.equal(AdcCalibration(layer, batches).errors(plain)[""].output_power,
-                       AdcCalibration(layer, batches, device_reads=False).errors(plain)[""].output_power)
+    assert torch.equal(AdcCalibration(layer, batches, device_reads=True).errors(plain)[""].output_power,
+                       AdcCalibration(layer, batches).errors(plain)[""].output_power)
 
 
 def test_calibration_pools_its_batches():
