@@ -278,6 +278,9 @@ class CrossbarCore(nn.Module):
         t, n, s = mag.shape
         z = len(bits)
         dtype = self._product_dtype()
+        split = dtype == torch.float32 and self._splits_cells()
+        if split:
+            dtype = torch.int8  # the bit planes of the int8 parts' products
         if dtype == torch.int8:
             sgn = sgn.to(torch.int8)  # integer bit planes: an int32 x float product cannot be written to int8
         if _Kernel.wanted():
@@ -292,6 +295,8 @@ class CrossbarCore(nn.Module):
         if self.per_read:
             columns = self._read_columns(call, tiles, bits)  # [t, z, S, K*out]
             partial = torch.matmul(planes, columns)  # [t, z, n, K*out]
+        elif split:
+            partial = self._split_product(planes.view(t, z * n, s), tiles)
         else:
             columns = self._columns_as(dtype)[tiles]
             sum_dtype = _SUM_DTYPE.get(dtype, dtype)
@@ -311,6 +316,65 @@ class CrossbarCore(nn.Module):
                 widened = _workspace("partial_float", partial.shape, torch.float32, partial.device)
                 partial = widened.copy_(partial)
         return partial.view(t, z, n, self.num_slices, self.out_features)
+
+    def _splits_cells(self) -> bool:
+        """Float cells (device error) computed as three int8 parts (`_split_columns`): opt-in with
+        NIPA_SPLIT=1, on a CPU where int8 products were timed at least 4x faster than float32. Not the
+        default: on this project's CPU the three-part int8 product alone ran 1.7x faster than float32,
+        but with the eager recombination SmallCNN's layers took longer (conv3 0.85 s against 0.55 s,
+        conv1, 9 rows, 0.74 s against 0.23 s)."""
+        if self.per_read or self.slices.device.type != "cpu" or os.environ.get("NIPA_SPLIT", "0") != "1":
+            return False
+        seconds = _product_seconds(self.slices.device, raw=True)
+        return 4 * seconds[torch.int8] < seconds[torch.float32]
+
+    def _split_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cells as three int8 parts, G = s (h0 + h1 / 2^7 + h2 / 2^14) per (tile, column), s the
+        power of two with max |G| / s <= 127 over the column's rows: [T, rows, 3 * K*out] int8 and the
+        three scales [T, 1, 3 * K*out]. Powers of two keep every scaling exact, so a cell on a grid of
+        2^-14 s or coarser (the benchmark's 2^-10 snapped cells) is held exactly; any other to within
+        2^-15 s, at most 2^-21 of the column's largest cell. Cached per programming, like `_columns_as`."""
+        source = self.conductance
+        cached = getattr(self, "_split_cache", None)
+        if cached is not None and cached[0] is source and cached[1] == source._version:
+            return cached[2]
+        largest = source.abs().amax(dim=1, keepdim=True).clamp_min(2.0**-100)  # [T, 1, C]
+        scale = torch.exp2(torch.ceil(torch.log2(largest / 127)))
+        scale = torch.where(largest / scale > 127, scale * 2, scale)  # log2 rounding at the boundary
+        scaled = source / scale
+        parts = []
+        for _ in range(3):
+            digit = torch.round(scaled)
+            parts.append(digit)
+            scaled = (scaled - digit) * 128
+        columns = torch.cat(parts, dim=2).clamp_(-127, 127).to(torch.int8)
+        scales = torch.cat([scale, scale / 128, scale / 16384], dim=2)
+        self._split_cache = (source, source._version, (columns, scales))
+        return columns, scales
+
+    def _split_product(self, planes: torch.Tensor, tiles: slice) -> torch.Tensor:
+        """Float32 partial sums [t, z*n, K*out] from the int8 parts: per tile and block of rows, one
+        int8 product of the three parts side by side (int32 sums, exact), then s0 P0 + s1 P1 + s2 P2 in
+        float32 on the block while it is in cache (each scaling exact, two roundings: within float32
+        rounding of the exact sum of the parts' products)."""
+        columns, scales = self._split_columns()
+        width = self.num_slices * self.out_features
+        t, m, _ = planes.shape
+        partial = _workspace("partial", (t, m, width), torch.float32, planes.device)
+        block_rows = max(16, (4 << 20) // (3 * width * 4))  # int32 sums of about 4 MB
+        block = _workspace("split_block", (block_rows, 3 * width), torch.int32, planes.device)
+        for offset, tile in enumerate(range(tiles.start, tiles.stop)):
+            real = self.last_tile_rows if tile == self.num_tiles - 1 else self.rows
+            parts, scale = columns[tile, :real], scales[tile, 0]
+            for r0 in range(0, m, block_rows):
+                r1 = min(m, r0 + block_rows)
+                sums = block[: r1 - r0]
+                torch._int_mm(planes[offset, r0:r1, :real], parts, out=sums)
+                target = partial[offset, r0:r1]
+                torch.mul(sums[:, :width], scale[:width], out=target)
+                target.addcmul_(sums[:, width:2 * width], scale[width:2 * width])
+                target.addcmul_(sums[:, 2 * width:], scale[2 * width:])
+        return partial
 
     def _chunking(self, n: int) -> tuple[int, int, int]:
         """Tiles, bits and rows per product so that the live tensors (`_bytes_per_read`) stay within the
@@ -487,7 +551,10 @@ def _tile_product(planes: torch.Tensor, columns: torch.Tensor, out: torch.Tensor
         torch.bmm(planes, columns, out=out)
 
 
-def _product_seconds(device: torch.device) -> dict[torch.dtype, float]:
+_RAW_PRODUCT_SECONDS: dict[str, dict[torch.dtype, float]] = {}
+
+
+def _product_seconds(device: torch.device, raw: bool = False) -> dict[torch.dtype, float]:
     """Seconds of one tile product of crossbar shape (128 rows of {-1, 0, 1} inputs) per format, timed
     once per device: bfloat16 pays on CUDA and on CPUs with bfloat16 units (AVX-512 BF16 / AMX) and is
     emulated and slower elsewhere; int8 (CPU only) pays where VNNI/AMX-INT8 kernels run."""
@@ -510,11 +577,14 @@ def _product_seconds(device: torch.device) -> dict[torch.dtype, float]:
                     _tile_product(x, y, out)
                     runs.append(time.perf_counter() - started)
                 seconds[dtype] = min(runs[2:])
+            _RAW_PRODUCT_SECONDS[key] = dict(seconds)
             # A format must be clearly faster than float32 to be taken (timing noise on a loaded machine).
             for dtype in (torch.bfloat16, torch.int8):
                 if seconds[dtype] > 0.8 * seconds[torch.float32]:
                     seconds[dtype] = math.inf
             _PRODUCT_SECONDS[key] = seconds
+    if raw:
+        return _RAW_PRODUCT_SECONDS.get(key, _PRODUCT_SECONDS[key])
     return _PRODUCT_SECONDS[key]
 
 

@@ -175,6 +175,36 @@ def test_low_precision_products_equal_float32(rows: int, cell_bits: int, monkeyp
     assert noisy.core._product_dtype() == torch.float32
 
 
+@pytest.mark.parametrize("memory_mb", [1024, 0.01])
+def test_split_float_cells_equal_naive(memory_mb: float, monkeypatch) -> None:
+    """NIPA_SPLIT=1: float cells as three int8 parts. Cells on a 2^-10 grid are held exactly, so every
+    layer equals the naive loop to float rounding; raw cells are held to 2^-21 of a column's largest."""
+    import nipa.crossbar as crossbar
+    from nipa.reference import compare_layerwise, naive_convert
+
+    monkeypatch.setenv("NIPA_SPLIT", "1")
+    monkeypatch.setitem(crossbar._RAW_PRODUCT_SECONDS, "cpu", {torch.float32: 1.0, torch.bfloat16: 0.5,
+                                                                torch.int8: 0.1})
+    net = small_net(9)
+    hw = HWConfig(wl_weight=8, subArray=32, ADCprecision=5, cellBit=2, vari=0.1, SAF_prop=0.01)
+    x = torch.randn(6, 3, 8, 8)
+    fast = convert(net, hw, seed=4, memory_mb=memory_mb).eval()
+    naive = naive_convert(net, hw, seed=4).eval()
+    cores = crossbar_cores(fast)
+    assert all(core._splits_cells() for core in cores)
+    for core in cores:
+        columns, scales = core._split_columns()
+        width = columns.shape[2] // 3
+        held = sum(columns[..., i * width:(i + 1) * width].double() * scales[..., i * width:(i + 1) * width]
+                   for i in range(3))
+        largest = core.conductance.abs().amax(dim=1, keepdim=True).double()
+        assert ((held - core.conductance.double()).abs() / largest).max() <= 2**-21
+    for model in (fast, naive):
+        for core in crossbar_cores(model):
+            core.conductance = torch.round(core.conductance * 2**10) / 2**10
+    assert max(compare_layerwise(fast, naive, x).values()) < 1e-5
+
+
 def test_wide_reads_are_never_bfloat16(monkeypatch) -> None:
     import nipa.crossbar as crossbar
 
