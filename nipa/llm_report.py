@@ -143,7 +143,9 @@ def headline(validate_summary: dict[str, Any], wrap_summary: dict[str, Any]) -> 
     return {
         "points": overall["n"], "chips": overall.get("chips"),
         "ideal_perplexity": validate_summary.get("ideal_perplexity"),
-        "nipa_kendall": overall["kendall"]["value"], "nipa_kendall_ci": overall["kendall"].get("ci"),
+        "nipa_kendall": overall["kendall"]["value"],
+        "nipa_kendall_ci": [overall["kendall"]["ci_low"], overall["kendall"]["ci_high"]]
+        if overall["kendall"].get("ci_low") is not None else None,
         "estimate_kendall": wrap_summary.get("kendall_tau"),
         "estimate_mean_abs_error": wrap_summary.get("mean_abs_error"),
         "estimate_max_abs_error": wrap_summary.get("max_abs_error"),

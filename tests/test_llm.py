@@ -275,6 +275,7 @@ def test_multi_block_preset_through_main_stat_and_validate_layer_noise(tmp_path:
     figures = report["figures"]
     assert figures["points"] == 3 and figures["speedup"] > 0 and figures["estimate_mean_abs_relative_error_pct"] >= 0
     assert "Kendall tau, NIPA vs simulated perplexity" in printed and "model.layers.2" in printed
+    assert len(figures["nipa_kendall_ci"]) == 2 and figures["nipa_kendall_ci"][0] <= figures["nipa_kendall"]
     assert len(report["layer_kendall_per_point"]) == 3
 
 
