@@ -8,8 +8,8 @@
 # prints the figures of the issue with python -m nipa.llm_report. Records resume: a killed run continues.
 #   bash scripts/llm_validate.sh                                   # 4 blocks, 12 points x 3 chips, 512 tokens
 #   BLOCKS=0-3 CYCLE=5 MAX_TOKENS=1024 bash scripts/llm_validate.sh
-# About 50 minutes on this project's 2-core CPU when it shares the machine (one chip: 25 s alone, 40-120 s
-# shared); the cost grows with BLOCKS x MAX_TOKENS x chips.
+# 55 minutes on this project's 2-core CPU shared with four other jobs (2026-12-01; one chip 22-30 s at the
+# lowest load, up to 137 s at the highest); the cost grows with BLOCKS x MAX_TOKENS x chips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh
