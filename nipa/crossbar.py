@@ -45,6 +45,7 @@ _RANGE_ACROSS_TILES = ("dynamic",)
 # Products run in bfloat16 when that is exact: cells and input bit planes are small integers, the
 # backends accumulate in float32, and a bfloat16 result holds every integer up to 2^8 exactly.
 _BF16_EXACT_LIMIT = 256
+_RECOMPILE_LIMIT = 64  # compiled variants per kernel (see _Kernel)
 _FAULT_STREAM = 2**31 - 1  # the per-read stream index that holds a chip's stuck-at masks
 
 
@@ -133,6 +134,12 @@ class _Kernel:
         if self.wanted() and self.mode != "eager-fallback":
             try:
                 if self._compiled is None:
+                    # Sizes of 1 (one tile, one bit per chunk) and each sums' dtype are compiled apart:
+                    # a sweep meets more variants than dynamo's default 8 per function, past which it
+                    # would silently run the pure (not in-place) function eagerly, slow and memory-hungry.
+                    import torch._dynamo.config as dynamo_config
+
+                    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
                     self._compiled = torch.compile(self.pure, dynamic=True)
                 result = self._compiled(*args)
                 self.mode = "compiled"
