@@ -4,7 +4,8 @@
 slice, as the original tool computed) and "naive" (one small product per tile, input bit and slice),
 and against plain float inference of the same model, in one run on one machine.
 
-    python bench/simulator.py [--quick] [--device cpu|cuda] [--out results/bench/simulator.json]
+    python bench/simulator.py [--quick] [--batch N] [--device cpu|cuda] [--memory_mb MB] [--vari V]
+                              [--compile on|off] [--out results/bench/simulator.json]
 
 Workloads: the default SmallCNN on a batch of 1x28x28 inputs; ResNet-18 (CIFAR shapes) on a batch of
 3x32x32 inputs, the whole model and a representative subset of its layers (one 3x3 conv per stage,
@@ -18,6 +19,12 @@ of ru_maxrss; CUDA: torch.cuda peak allocation over the allocation before them).
 warmed up once on 2 samples, then timed `--repeats` times (median), with fewer repeats when one forward
 exceeds `--budget` seconds (the JSON says how many ran). Wall and process CPU time are both recorded:
 on a machine shared with other jobs the CPU-time ratio is the steadier figure.
+
+Every simulator runs with the product memory budget main.py takes on the device (256 MB on a CPU, a
+quarter of the free memory on a GPU; `--memory_mb` sets another), so peak memory is what a user sees.
+`product_seconds` records the one timing per product format that chose the fast simulator's (see
+`nipa.crossbar.CrossbarCore._product_dtype`); `profile_fast` the top operators of one fast forward and
+the shares of products, compiled kernels and the rest.
 
 The fast simulator runs with its element-wise kernels compiled (`--compile on`, as main.py with
 NIPA_COMPILE=1; each record's "kernels" says what ran) or eager (`--compile off`).
@@ -59,6 +66,7 @@ from workloads import HW_POINT, RESNET_SUBSET, LayerSubset, build_workload, firs
 METHODS = ("plain", "fast", "original", "naive")
 SNAP_BITS = 10
 HW_OVERRIDES: dict[str, Any] = {}  # --vari
+BUDGET: dict[str, float] = {}  # --memory_mb (default: the scripts' budget for the device)
 
 
 # ---- workloads ----------------------------------------------------------------------------------
@@ -80,14 +88,22 @@ def prepare(method: str, model: nn.Module, snap: bool) -> nn.Module:
     if method == "plain":
         return model
     hw = HWConfig(**{**HW_POINT, **HW_OVERRIDES})
+    memory_mb = BUDGET.get("memory_mb") or default_budget(next(model.parameters()).device)
     if method == "fast":
-        converted = convert(model, hw, seed=0, chip=0).eval()
+        converted = convert(model, hw, seed=0, chip=0, memory_mb=memory_mb).eval()
     else:  # the baselines: the original's structure, or the naive per-(tile, bit, slice) loop
-        converted = naive_convert(model, hw, seed=0, chip=0, structure=method).eval()
+        converted = naive_convert(model, hw, seed=0, chip=0, structure=method, memory_mb=memory_mb).eval()
     if snap:
         for core in crossbar_cores(converted):
             core.conductance = torch.round(core.conductance * 2**SNAP_BITS) / 2**SNAP_BITS
     return converted
+
+
+def default_budget(device: torch.device) -> float:
+    """The product memory budget main.py and the other scripts take on this device (--memory_mb unset)."""
+    from nipa.runtime import default_memory_mb
+
+    return default_memory_mb(device)
 
 
 def kernel_mode(method: str) -> str | None:
@@ -291,29 +307,53 @@ def oracle_check(workload: str, batch: int, device: torch.device) -> dict[str, f
     return result
 
 
-def profile_fast(workload: str, batch: int, device: torch.device, rows: int = 12) -> list[dict[str, Any]]:
-    """The operators where one fast forward spends its time (torch.profiler, self time)."""
+PRODUCT_OPS = ("aten::bmm", "aten::mm", "aten::_int_mm", "aten::matmul", "aten::addmm")
+
+
+def op_group(op: str) -> str:
+    """Where an operator's time belongs: the crossbar products, the compiled element-wise kernels (ADC
+    range, quantize-weight-sum chain, bit planes), compilation, or the rest (eager element-wise work)."""
+    if op in PRODUCT_OPS:
+        return "products"
+    if "CompiledFxGraph" in op:
+        return "compiled kernels"
+    if "dynamo" in op or "compile" in op.lower() or "Dispatch" in op:
+        return "compilation"
+    return "other"
+
+
+def profile_fast(workload: str, batch: int, device: torch.device, rows: int = 12) -> dict[str, Any]:
+    """Where one fast forward spends its time (torch.profiler, self time): the top operators and the
+    shares of each `op_group`. Warmed up on the full batch first, so no compilation is profiled."""
     from torch.profiler import ProfilerActivity, profile
 
     model, inputs, _ = build_workload(workload, batch, device)
     fast = prepare("fast", model, snap=False)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad():
-        fast(first_samples(inputs, 2))
+        fast(inputs)
+        synchronize(device)
         with profile(activities=activities) as prof:
             fast(inputs)
             synchronize(device)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
-    return [
-        {
-            "op": e.key,
-            "self_cpu_ms": e.self_cpu_time_total / 1e3,
-            "share": e.self_cpu_time_total / total,
-            "calls": e.count,
-        }
-        for e in events[:rows]
-    ]
+    groups: dict[str, float] = {}
+    for e in events:
+        groups[op_group(e.key)] = groups.get(op_group(e.key), 0.0) + e.self_cpu_time_total / total
+    return {
+        "top_ops": [
+            {
+                "op": e.key,
+                "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                "share": e.self_cpu_time_total / total,
+                "calls": e.count,
+            }
+            for e in events[:rows]
+        ],
+        "shares": dict(sorted(groups.items(), key=lambda item: -item[1])),
+        "total_self_cpu_ms": total / 1e3,
+    }
 
 
 # ---- orchestration ------------------------------------------------------------------------------
@@ -377,7 +417,8 @@ def run_worker(
         str(save),
         "--compile",
         args.compile,
-    ] + (["--vari", str(args.vari)] if args.vari is not None else [])
+    ] + (["--vari", str(args.vari)] if args.vari is not None else []) + (
+        ["--memory_mb", str(args.memory_mb)] if args.memory_mb is not None else [])
     env = {**os.environ, "NIPA_COMPILE": "1" if args.compile == "on" else "0"}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -495,8 +536,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vari", type=float, default=None,
                         help="state-dependent variation of the hardware point (default 0.1, the original's "
                              "point; 0 gives integer cells and the exact bfloat16 products)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size of every workload (default: smallcnn 256, ResNet-18 16; --quick 64 / 8)")
+    parser.add_argument("--memory_mb", type=float, default=None,
+                        help="product memory budget of the simulators (default: what main.py takes on the "
+                             "device: 256 MB on a CPU, a quarter of the free memory on a GPU)")
     parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -505,6 +550,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.vari is not None:
         HW_OVERRIDES["vari"] = args.vari
+    if args.batch is not None and args.batch < 1:
+        print(f"--batch {args.batch}: a batch holds at least 1 sample", file=sys.stderr)
+        return 2
+    if args.memory_mb is not None:
+        if args.memory_mb <= 0:
+            print(f"--memory_mb {args.memory_mb:g}: the budget must be positive", file=sys.stderr)
+            return 2
+        BUDGET["memory_mb"] = args.memory_mb
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA requested but not available", file=sys.stderr)
@@ -524,11 +577,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sizes = batch_sizes(args.quick)
+    if args.batch is not None:
+        sizes = dict.fromkeys(sizes, args.batch)
+    from nipa.crossbar import product_formats
+
     results: dict[str, Any] = {
         "benchmark": "bench/simulator.py",
         "quick": args.quick,
         "machine": machine_info(device),
         "hw_point": {**HW_POINT, **HW_OVERRIDES},
+        "memory_mb": BUDGET.get("memory_mb") or default_budget(device),
+        "product_seconds": product_formats(device),
         "fast_kernels_requested": args.compile,
         "repeats_requested": args.repeats,
         "repeat_budget_s": args.budget,
@@ -605,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["profile_fast"] = {
                     "workload": workload,
                     "batch": sizes[workload],
-                    "top_ops": profile_fast(workload, sizes[workload], device),
+                    **profile_fast(workload, sizes[workload], device),
                 }
     results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["total_seconds"] = time.perf_counter() - started
