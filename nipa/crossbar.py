@@ -488,8 +488,10 @@ class CrossbarCore(nn.Module):
             scale_in = input_scale(x, hw.wl_input)
         levels = max_level(hw.wl_input)
         x_tiles = tile_columns(torch.clamp(torch.round(x / scale_in), -levels, levels), self.rows)  # [n, T, S]
-        magnitude = x_tiles.abs().to(torch.int32)
-        sign = torch.sign(x_tiles)
+        # The narrowest integers that hold them: with the im2col rows these are the largest tensors
+        # outside the product budget (SmallCNN conv2 at batch 256: 51 MB each as int32/float32).
+        magnitude = x_tiles.abs().to(torch.uint8 if levels <= 255 else torch.int32)
+        sign = torch.sign(x_tiles).to(torch.int8)
         del x_tiles
         n = x.shape[0]
         call = self.read_calls
