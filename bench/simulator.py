@@ -193,9 +193,10 @@ def measure(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         cuda_before = torch.cuda.memory_allocated(device)
-    sampler = RssSampler().__enter__()
-    runner(first_samples(inputs, 2))  # warm-up
+    runner(first_samples(inputs, 2))  # warm-up (and compilation: its memory stays with the process)
     synchronize(device)
+    rss_warm = current_rss_mb()
+    sampler = RssSampler().__enter__()
 
     layer_times: dict[str, list[float]] = {}
     if isinstance(runner, LayerSubset):
@@ -246,11 +247,14 @@ def measure(
     else:
         result["peak_memory_mb"] = peak_rss_mb()
         result["ru_maxrss_delta_mb"] = peak_rss_mb() - max_rss_before
-        if rss_before is not None and sampler.peak is not None:
+        if rss_before is not None and rss_warm is not None and sampler.peak is not None:
             result["peak_memory_delta_mb"] = sampler.peak - rss_before
+            result["warm_up_memory_mb"] = rss_warm - rss_before
             result["memory_measure"] = (
-                "peak RSS during the forwards (sampled every 2 ms from /proc/self/statm) minus the RSS "
-                "before them; ru_maxrss_delta_mb: growth of the process's ru_maxrss (hidden by earlier peaks)"
+                "peak RSS during the timed forwards (sampled every 2 ms from /proc/self/statm) minus the RSS "
+                "before the warm-up on 2 samples; warm_up_memory_mb: what the warm-up left (compiled "
+                "kernels' code and caches when compiled: a fixed cost per process, not per forward); "
+                "ru_maxrss_delta_mb: growth of the process's ru_maxrss (hidden by earlier peaks)"
             )
         else:
             result["peak_memory_delta_mb"] = result["ru_maxrss_delta_mb"]
