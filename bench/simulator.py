@@ -661,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
                 else next(iter(results["workloads"]), None)
             )
             if workload:
+                # The profile runs in this process: the fast simulator's kernels as the workers ran them.
+                os.environ["NIPA_COMPILE"] = "1" if args.compile == "on" else "0"
                 print(
                     f"[{time.perf_counter() - started:7.1f}s] profile of one fast forward ({workload}) ...",
                     flush=True,
