@@ -27,10 +27,10 @@ from nipa.cli import (
     resolve_per_layer_search_args,
     run_main,
 )
-from nipa.explore import ExploreSettings, MetricOptions, VerifySettings, outcome_lines, run_explore
-from nipa.layer_search import PerLayerSettings, SearchOptions
+from nipa.estimation.metric import DEVICE_MODELS, INPUT_TERMS, REDUCTIONS, TILE_FACTORS
 from nipa.logs import open_log
-from nipa.metric import DEVICE_MODELS, INPUT_TERMS, REDUCTIONS, TILE_FACTORS
+from nipa.pipelines.explore import ExploreSettings, MetricOptions, VerifySettings, outcome_lines, run_explore
+from nipa.pipelines.layer_search import PerLayerSettings, SearchOptions
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device_model", choices=DEVICE_MODELS, default="published", help="NIPA's device term")
     parser.add_argument("--input_term", choices=INPUT_TERMS, default="rounding",
                         help="NIPA's input term: rounding (default here: the input bits' rounding noise, "
-                             "nipa.metric.input_rounding_share) or none (the published metric)")
+                             "nipa.estimation.metric.input_rounding_share) or none (the published metric)")
     parser.add_argument("--tokens", type=int, default=1,
                         help="language models: tokens per inference for the cost (default 1: cost per token)")
     parser.add_argument("--random_init", action="store_true", help="untrained weights (tests and benchmarks)")

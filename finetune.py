@@ -20,10 +20,10 @@ import sys
 import torch
 
 from nipa.cli import add_layer_args, add_model_args, add_runtime_args, resolve_model_args, run_main
-from nipa.config import VARI_TYPES
-from nipa.finetune import METHODS, FinetuneJobSettings, FinetuneSettings, run_finetune_job
-from nipa.llm import is_llm_name
-from nipa.mlc import mlc_hw
+from nipa.hardware.config import VARI_TYPES
+from nipa.llm.load import is_llm_name
+from nipa.pipelines.finetune import METHODS, FinetuneJobSettings, FinetuneSettings, run_finetune_job
+from nipa.simulator.mlc import mlc_hw
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,9 +17,9 @@ import dataclasses
 import sys
 
 from nipa.cli import add_layer_args, add_model_args, add_runtime_args, parse_shard, resolve_model_args, run_main
-from nipa.compat import SWITCHES
-from nipa.config import ADC_MODES, parse_layer_overrides
-from nipa.sweep import MainSettings, run_sweep_job
+from nipa.hardware.compat import SWITCHES
+from nipa.hardware.config import ADC_MODES, parse_layer_overrides
+from nipa.pipelines.sweep import MainSettings, run_sweep_job
 
 
 def parse_args(argv=None) -> argparse.Namespace:

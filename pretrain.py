@@ -14,12 +14,12 @@ import dataclasses
 import sys
 
 from nipa.cli import add_runtime_args, add_user_data_args, add_user_model_args, run_main
-from nipa.data import DATASET_NAMES
 from nipa.logs import open_log
-from nipa.pretraining import PretrainSettings, run_pretrain
-from nipa.train import default_recipe
-from nipa.userdata import is_user_dataset
-from nipa.zoo import CHECKPOINT_DIR
+from nipa.pipelines.pretraining import PretrainSettings, run_pretrain
+from nipa.pipelines.train import default_recipe
+from nipa.workloads.datasets import DATASET_NAMES
+from nipa.workloads.userdata import is_user_dataset
+from nipa.workloads.zoo import CHECKPOINT_DIR
 
 
 def parse_args(argv=None) -> argparse.Namespace:

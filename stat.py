@@ -25,16 +25,16 @@ from nipa.cli import (
     resolve_model_args,
     run_main,
 )
-from nipa.data import DATASET_NAMES
-from nipa.stat_pipeline import DEFAULT_HWDES, StatSettings, run_stat
-from nipa.zoo import CHECKPOINT_DIR
+from nipa.pipelines.stat import DEFAULT_HWDES, StatSettings, run_stat
+from nipa.workloads.datasets import DATASET_NAMES
+from nipa.workloads.zoo import CHECKPOINT_DIR
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name", default="smallcnn",
-                        help="a CNN of models.MODEL_NAMES (default smallcnn) or a causal LM (see nipa/llm.py)")
+                        help="a CNN of models.MODEL_NAMES (default smallcnn) or a causal LM (see nipa/llm/load.py)")
     parser.add_argument("--dataset", default="mnist5k",
                         help=f"CNN: one of {', '.join(DATASET_NAMES)}; LLM: the task the records use (it names "
                              "the statistics file; the statistics depend on the weights only)")
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     padding = parser.add_mutually_exclusive_group()
     padding.add_argument("--count_padding", action="store_true",
                          help="average each tile row over all subArray rows, the zero padding of a short tile "
-                              "included (the statistics of nipa 0.1's first release; see nipa/stats.py)")
+                              "included (the statistics of nipa 0.1's first release; see nipa/estimation/stats.py)")
     padding.add_argument("--exclude_padding", action="store_true",
                          help="average each tile row over its real rows only (the default; kept for scripts)")
     parser.add_argument("--out", default=None,

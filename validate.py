@@ -41,10 +41,17 @@ from nipa.cli import (
     resolve_model_args,
     run_main,
 )
-from nipa.data import DATASET_NAMES
-from nipa.metric import ADC_TERMS, DEVICE_MODELS, REDUCTIONS, TILE_FACTORS
-from nipa.validation import COLOR_FIELDS, DEFAULT_GROUPS, DEFAULTS, GROUP_FIELDS, ValidateSettings, run_validation
-from nipa.validation_report import format_report
+from nipa.estimation.metric import ADC_TERMS, DEVICE_MODELS, REDUCTIONS, TILE_FACTORS
+from nipa.pipelines.validation import (
+    COLOR_FIELDS,
+    DEFAULT_GROUPS,
+    DEFAULTS,
+    GROUP_FIELDS,
+    ValidateSettings,
+    run_validation,
+)
+from nipa.results.validation_report import format_report
+from nipa.workloads.datasets import DATASET_NAMES
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -73,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device_model", choices=DEVICE_MODELS, default=DEFAULTS["device_model"],
                         help="device term: published (sigma_dev,k^2 as the paper writes it) or cells (the "
                              "expected read error of the slice's differential pair under the simulator's "
-                             "cell model; exact stuck-at faults, both cells' noise; see nipa/metric.py)")
+                             "cell model; exact stuck-at faults, both cells' noise; see nipa/estimation/metric.py)")
     parser.add_argument("--accuracy", choices=("top1", "top5"), default="top1",
                         help="top1 (for an LLM's multiple-choice task: acc) or top5")
     parser.add_argument("--measure", choices=("top1", "top5", "loss", "perplexity"), default=None,
@@ -127,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = ValidateSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ValidateSettings)
                                    if hasattr(args, f.name)})
     if args.layer_noise:  # the model and data the chips are programmed for
-        from nipa.workload import Workload
+        from nipa.workloads.workload import Workload
 
         settings.workload = Workload.from_args(args)
     result = run_validation(settings)

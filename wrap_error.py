@@ -25,11 +25,11 @@ import sys
 
 import torch
 
-from nipa.absolute import WrapErrorSettings, run_wrap_error
 from nipa.cli import add_model_args, add_runtime_args, resolve_model_args, run_main
-from nipa.inject import ADC_FORMS, ADC_MODELS, DEVICE_MODELS, METHODS
+from nipa.estimation.inject import ADC_FORMS, ADC_MODELS, DEVICE_MODELS, METHODS
 from nipa.logs import open_log
-from nipa.workload import Workload
+from nipa.pipelines.absolute import WrapErrorSettings, run_wrap_error
+from nipa.workloads.workload import Workload
 
 DEFAULT_METHOD = "calibrated"
 

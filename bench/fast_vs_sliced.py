@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Evaluation time of the error-injection method (`nipa.inject`, SPEC section 7) against our batched
-bit-and-crossbar simulator (`nipa.crossbar.convert`) and the naive loop baseline of the simulator
-benchmark (`nipa.reference.naive_convert`), in one run, same inputs, same hardware point.
+"""Evaluation time of the error-injection method (`nipa.estimation.inject`, SPEC section 7) against our batched
+bit-and-crossbar simulator (`nipa.simulator.crossbar.convert`) and the naive loop baseline of the simulator
+benchmark (`nipa.simulator.reference.naive_convert`), in one run, same inputs, same hardware point.
 
     python bench/fast_vs_sliced.py [--quick] [--device cpu|cuda] [--out results/bench/fast_vs_sliced.json]
 
@@ -45,10 +45,10 @@ from workloads import (  # noqa: E402
     synchronize,
 )
 
-from nipa.config import HWConfig  # noqa: E402
-from nipa.crossbar import convert, release_workspaces  # noqa: E402
-from nipa.inject import AdcCalibration, inject  # noqa: E402
-from nipa.reference import naive_convert  # noqa: E402
+from nipa.estimation.inject import AdcCalibration, inject  # noqa: E402
+from nipa.hardware.config import HWConfig  # noqa: E402
+from nipa.simulator.crossbar import convert, release_workspaces  # noqa: E402
+from nipa.simulator.reference import naive_convert  # noqa: E402
 
 METHODS = ("plain", "fast", "sliced", "naive")
 
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "hw_point": HW_POINT, "fast_method": "inject(method='calibrated'): cell-model device error in the "
         "effective weight, fake-quantized input, one F.conv2d/F.linear per layer, measured ADC error "
         "added as output noise (one scaled add from a pool drawn per draw)",
-        "baselines": {"sliced": "nipa.crossbar.convert (batched bit-and-crossbar simulator)",
-                      "naive": "nipa.reference.naive_convert (one product per tile, input bit and slice)",
+        "baselines": {"sliced": "nipa.simulator.crossbar.convert (batched bit-and-crossbar simulator)",
+                      "naive": "nipa.simulator.reference.naive_convert (one product per tile, input bit and slice)",
                       "plain": "the float model"},
         "repeats_requested": args.repeats, "repeat_budget_s": args.budget,
         "timing": "median of interleaved repeats of one forward on the batch, after one warm-up forward",

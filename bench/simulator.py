@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Speed of the batched crossbar simulator (`nipa.crossbar.convert`) against two baselines,
-`nipa.reference.naive_convert` with structure "original" (one product over all tiles per input bit and
+"""Speed of the batched crossbar simulator (`nipa.simulator.crossbar.convert`) against two baselines,
+`nipa.simulator.reference.naive_convert` with structure "original" (one product over all tiles per input bit and
 slice, as the original tool computed) and "naive" (one small product per tile, input bit and slice),
 and against plain float inference of the same model, in one run on one machine.
 
@@ -23,7 +23,7 @@ on a machine shared with other jobs the CPU-time ratio is the steadier figure.
 Every simulator runs with the product memory budget main.py takes on the device (256 MB on a CPU, a
 quarter of the free memory on a GPU; `--memory_mb` sets another), so peak memory is what a user sees.
 `product_seconds` records the one timing per product format that chose the fast simulator's (see
-`nipa.crossbar.CrossbarCore._product_dtype`); `profile_fast` the top operators of one fast forward and
+`nipa.simulator.crossbar.CrossbarCore._product_dtype`); `profile_fast` the top operators of one fast forward and
 the shares of products, compiled kernels and the rest.
 
 The fast simulator runs with its element-wise kernels compiled (`--compile on`, as main.py with
@@ -81,9 +81,9 @@ def batch_sizes(quick: bool) -> dict[str, int]:
 
 
 def prepare(method: str, model: nn.Module, snap: bool) -> nn.Module:
-    from nipa.config import HWConfig
-    from nipa.crossbar import convert, crossbar_cores
-    from nipa.reference import naive_convert
+    from nipa.hardware.config import HWConfig
+    from nipa.simulator.crossbar import convert, crossbar_cores
+    from nipa.simulator.reference import naive_convert
 
     if method == "plain":
         return model
@@ -110,7 +110,7 @@ def kernel_mode(method: str) -> str | None:
     """How the fast simulator's element-wise kernels ran: 'compiled', 'eager' or 'eager-fallback'."""
     if method != "fast":
         return None
-    from nipa.crossbar import compile_mode
+    from nipa.simulator.crossbar import compile_mode
 
     return compile_mode()
 
@@ -268,7 +268,7 @@ def measure(
 def exactness_check(workload: str, batch: int, device: torch.device) -> dict[str, float]:
     """Fast vs naive on the same chip with cells snapped to a dyadic grid, layer by layer (each layer of
     the naive model fed the input its fast twin saw): every layer must agree to float rounding."""
-    from nipa.reference import compare_layerwise
+    from nipa.simulator.reference import compare_layerwise
 
     model, inputs, _ = build_workload(workload, batch, device)
     fast = prepare("fast", model, snap=True)
@@ -284,7 +284,7 @@ def oracle_check(workload: str, batch: int, device: torch.device) -> dict[str, f
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import oracle
 
-    from nipa.crossbar import CrossbarConv2d, CrossbarLinear
+    from nipa.simulator.crossbar import CrossbarConv2d, CrossbarLinear
 
     model, inputs, _ = build_workload(workload, batch, device)
     fast = prepare("fast", model, snap=True)
@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = batch_sizes(args.quick)
     if args.batch is not None:
         sizes = dict.fromkeys(sizes, args.batch)
-    from nipa.crossbar import product_formats
+    from nipa.simulator.crossbar import product_formats
 
     results: dict[str, Any] = {
         "benchmark": "bench/simulator.py",

@@ -15,7 +15,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import nipa  # noqa: E402
-from nipa.data import get_dataset  # noqa: E402
+from nipa.workloads.datasets import get_dataset  # noqa: E402
 
 
 class DigitsNet(nn.Module):

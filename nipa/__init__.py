@@ -12,7 +12,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "Workload":
-        from nipa.workload import Workload
+        from nipa.workloads.workload import Workload
 
         return Workload
     raise AttributeError(f"module 'nipa' has no attribute {name!r}")

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nipa.config import HWConfig
 from nipa.errors import UserError
-from nipa.stats import ModelStats
+from nipa.estimation.stats import ModelStats
+from nipa.hardware.config import HWConfig
 
 Hardware = HWConfig | Mapping[str, Any]
 
@@ -86,8 +86,8 @@ def simulate(model: nn.Module, data: Any, hw: Hardware | Sequence[Hardware], chi
              calibration: torch.Tensor | Iterable | None = None, device: str | torch.device = "cpu",
              memory_mb: float = 256, batch_size: int = 256) -> SimulationResult | list[SimulationResult]:
     """Top-1 accuracy of `chips` simulated chips per point (the ground truth main.py records)."""
-    from nipa.crossbar import calibrate_adc, convert, program_chip
-    from nipa.evaluate import evaluate
+    from nipa.simulator.crossbar import calibrate_adc, convert, program_chip
+    from nipa.simulator.evaluate import evaluate
 
     points, single = as_points(hw)
     loader = as_loader(data, batch_size)
@@ -124,15 +124,15 @@ def statistics(model: nn.Module, combos: Iterable[Any], *, exclude: Sequence[str
                include: Sequence[str] | None = None) -> ModelStats:
     """Bit statistics (stat.py) for (wl_weight, subArray, cellBit) triples, or for the combinations of
     hardware points (HWConfig / dict)."""
-    from nipa.stats import model_statistics
+    from nipa.estimation.stats import model_statistics
 
     return model_statistics(model, [_combo(c) for c in combos], exclude, include, model_name="api")
 
 
 def score(stats: ModelStats, hw: Hardware | Sequence[Hardware], **options: str) -> float | list[float]:
-    """NIPA of each point from the statistics (higher = more robust); options as nipa.metric.nipa_metric's
+    """NIPA of each point from the statistics (higher = more robust); options as nipa.estimation.metric.nipa_metric's
     (reduction, tile_factor, device_model, adc_term)."""
-    from nipa.metric import nipa_metric
+    from nipa.estimation.metric import nipa_metric
 
     points, single = as_points(hw)
     missing = sorted({"w{}_s{}_c{}".format(*_combo(p)) for p in points} - set(stats.combos))
@@ -150,9 +150,9 @@ def estimate(model: nn.Module, data: Any, hw: Hardware | Sequence[Hardware], dra
     """The fast prediction of each point (wrap_error.py): `draws` error-injection draws. method
     "calibrated" (default) measures the ADC error on `calibration` inputs; "published" uses the formula
     terms of `stats` (computed here when not given)."""
-    from nipa.evaluate import evaluate
-    from nipa.inject import AdcCalibration, InjectionModel
-    from nipa.wrap import FastMethod, WrapSettings
+    from nipa.estimation.inject import AdcCalibration, InjectionModel
+    from nipa.pipelines.wrap import FastMethod, WrapSettings
+    from nipa.simulator.evaluate import evaluate
 
     points, single = as_points(hw)
     loader = as_loader(data, batch_size)

@@ -7,10 +7,10 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from nipa.data import DATASET_NAMES
 from nipa.errors import UserError
 from nipa.runtime import configure_precision
-from nipa.zoo import CHECKPOINT_DIR
+from nipa.workloads.datasets import DATASET_NAMES
+from nipa.workloads.zoo import CHECKPOINT_DIR
 
 # Exit codes: 2 for a user error (argparse's code for a bad option), 130 for Ctrl-C (128 + SIGINT).
 EXIT_USER_ERROR = 2
@@ -51,10 +51,10 @@ def run_main(script: str, parse: Callable[[Sequence[str] | None], argparse.Names
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_name", default="smallcnn",
                         help="a CNN of models.MODEL_NAMES, or a causal LM: a local checkpoint folder, a .gguf "
-                             "file, a model id in your transformers cache, or smollm2-135m (see nipa/llm.py)")
+                             "file, a model id in your transformers cache, or smollm2-135m (see nipa/llm/load.py)")
     parser.add_argument("--dataset", default="mnist5k",
                         help=f"CNN: one of {', '.join(DATASET_NAMES)}; LLM: a PIQA/ARC-schema .jsonl, a .txt "
-                             "(perplexity) or lm-eval task names (see nipa/lm_tasks.py)")
+                             "(perplexity) or lm-eval task names (see nipa/llm/tasks.py)")
     parser.add_argument("--tasks", default=None, help="LLM: lm-eval task names, e.g. piqa,arc_easy (sets --dataset)")
     parser.add_argument("--data_root", default="data", help="where cifar10/cifar100/imagenet files are")
     parser.add_argument("--ckpt_dir", default=CHECKPOINT_DIR)
@@ -78,7 +78,8 @@ def add_text_window_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_user_model_args(parser: argparse.ArgumentParser) -> None:
-    """Options of a user's own model (--model_name file.py:ClassName, model.pt, model.pt2; nipa/usermodel.py)."""
+    """Options of a user's own model (--model_name file.py:ClassName, model.pt, model.pt2;
+    nipa/workloads/usermodel.py)."""
     group = parser.add_argument_group("your own model (--model_name file.py:ClassName | model.pt | model.pt2)")
     group.add_argument("--model_kwargs", default=None, metavar="JSON",
                        help="keyword arguments of ClassName, e.g. '{\"num_classes\": 10}'")
@@ -87,7 +88,7 @@ def add_user_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_user_data_args(parser: argparse.ArgumentParser) -> None:
-    """Options of a user's own data (--dataset folder | data.pt | data.npz; nipa/userdata.py)."""
+    """Options of a user's own data (--dataset folder | data.pt | data.npz; nipa/workloads/userdata.py)."""
     group = parser.add_argument_group("your own data (--dataset image folder | data.pt | data.npz)")
     group.add_argument("--input_size", default=None, metavar="N|HxW",
                        help="image folder: resize and centre-crop every image to this size")
@@ -135,14 +136,14 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """--tasks into --dataset; a CNN's dataset must be one of the project's (checked before any work)."""
-    from nipa.llm import is_llm_name
-    from nipa.userdata import is_user_dataset
+    from nipa.llm.load import is_llm_name
+    from nipa.workloads.userdata import is_user_dataset
 
     if getattr(args, "tasks", None):
         args.dataset = args.tasks
     seq_len, max_tokens = getattr(args, "seq_len", None), getattr(args, "max_tokens", None)
     if seq_len is not None or max_tokens is not None:
-        from nipa.lm_tasks import TaskFileError, with_windows
+        from nipa.llm.tasks import TaskFileError, with_windows
 
         if not is_llm_name(args.model_name):
             parser.error("--seq_len/--max_tokens: apply to a language model's perplexity text")
@@ -169,8 +170,8 @@ def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def add_verify_args(parser: argparse.ArgumentParser) -> None:
-    """explore.py's verification against the ground truth (nipa.explore.VerifySettings)."""
-    from nipa.inject import METHODS
+    """explore.py's verification against the ground truth (nipa.pipelines.explore.VerifySettings)."""
+    from nipa.estimation.inject import METHODS
 
     verify = parser.add_argument_group("verification against the ground truth")
     verify.add_argument("--verify", type=int, default=0, metavar="N",
@@ -190,12 +191,12 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_per_layer_search_args(parser: argparse.ArgumentParser) -> None:
-    """explore.py --per_layer and its options (nipa.layer_search.PerLayerSettings); checked and split into
+    """explore.py --per_layer and its options (nipa.pipelines.layer_search.PerLayerSettings); checked and split into
     lists by resolve_per_layer_search_args."""
-    from nipa.explore import COSTS
-    from nipa.layer_search import SEARCH_FIELDS
+    from nipa.pipelines.explore import COSTS
+    from nipa.pipelines.layer_search import SEARCH_FIELDS
 
-    per_layer = parser.add_argument_group("per-layer search (nipa.layer_search)")
+    per_layer = parser.add_argument_group("per-layer search (nipa.pipelines.layer_search)")
     per_layer.add_argument("--per_layer", action="store_true",
                            help="under a few cost budgets, start from a uniform point and raise the ADC, weight or "
                                 "input bits of the layers where NIPA gains most per cost; simulate each result "
@@ -214,7 +215,7 @@ def add_per_layer_search_args(parser: argparse.ArgumentParser) -> None:
 
 def resolve_per_layer_search_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """--per_layer_fields and --per_layer_knobs into lists; every bad per-layer value is a parser error."""
-    from nipa.layer_search import SEARCH_FIELDS
+    from nipa.pipelines.layer_search import SEARCH_FIELDS
 
     args.per_layer_fields = [f.strip() for f in args.per_layer_fields.split(",") if f.strip()]
     unknown = [f for f in args.per_layer_fields if f not in SEARCH_FIELDS]

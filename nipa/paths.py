@@ -10,7 +10,8 @@ reads and writes where the others expect:
     results/{model}/{dataset}_nipa{variant}_*        validate.py's points CSV, summary JSON and plot
     results/{model}/{dataset}_explore*               explore.py's table, plots, summary
 
-`model` and `dataset` are the ids of nipa.workload.Workload (nipa.zoo.model_id / dataset_id): a CNN's
+`model` and `dataset` are the ids of nipa.workloads.workload.Workload
+(nipa.workloads.zoo.model_id / dataset_id): a CNN's
 lower-case name, an LLM's folder or file name, a user model's file stem and class, a user dataset's stem.
 """
 

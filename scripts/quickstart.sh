@@ -18,4 +18,4 @@ python main.py --model_name "$MODEL" --dataset "$DATASET" --HWdes HW_config/Sear
 python stat.py --model_name "$MODEL" --dataset "$DATASET" --HWdes HW_config/Search_space.ini
 python validate.py --model_name "$MODEL" --dataset "$DATASET"
 python wrap_error.py --model_name "$MODEL" --dataset "$DATASET" --cycle 3 --log_file "results/$MODEL/${DATASET}_wrap.log"
-python -m nipa.pipeline_summary --model_name "$MODEL" --dataset "$DATASET"
+python -m nipa.results.pipeline_summary --model_name "$MODEL" --dataset "$DATASET"

@@ -1,12 +1,12 @@
-"""The table of what each --compat switch changes (nipa.compat_report)."""
+"""The table of what each --compat switch changes (nipa.results.compat_report)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from nipa.compat_report import compat_table, main
-from nipa.config import HWConfig
+from nipa.hardware.config import HWConfig
+from nipa.results.compat_report import compat_table, main
 
 
 def write_records(path: Path, accuracies: dict[HWConfig, list[float]]) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nipa.config import ConfigError, HWConfig, SearchSpace
+from nipa.hardware.config import ConfigError, HWConfig, SearchSpace
 
 HW_DIR = Path(__file__).resolve().parent.parent / "HW_config"
 

@@ -1,4 +1,4 @@
-"""nipa.cost: counts of a hand-computed layer, monotonicity in ADC bits, the ADC_share trade of area for
+"""nipa.hardware.cost: counts of a hand-computed layer, monotonicity in ADC bits, the ADC_share trade of area for
 latency, coefficient overrides, layer shapes from hooks, and ISAAC's published ADC share of tile power
 and area."""
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from nipa.config import HWConfig
-from nipa.cost import CostCoefficients, LayerShape, hardware_cost, layer_shapes, point_cost
+from nipa.hardware.config import HWConfig
+from nipa.hardware.cost import CostCoefficients, LayerShape, hardware_cost, layer_shapes, point_cost
 
 
 def test_counts_of_a_hand_computed_layer():

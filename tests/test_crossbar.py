@@ -1,5 +1,5 @@
 """The bit-and-crossbar slicing simulator (SPEC section 4) against the fake-quantized layer, against the
-naive per-(tile, bit, slice) loop of `nipa.reference`, and its device-error and ADC behaviour."""
+naive per-(tile, bit, slice) loop of `nipa.simulator.reference`, and its device-error and ADC behaviour."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import get_model
-from nipa.config import HWConfig
-from nipa.crossbar import (
+from nipa.hardware.config import HWConfig
+from nipa.hardware.device_errors import leak_level, perturb_conductance
+from nipa.hardware.quant import fake_quantize_input, fake_quantize_weight, slice_magnitude
+from nipa.simulator.crossbar import (
     CrossbarConv2d,
     CrossbarCore,
     CrossbarLinear,
@@ -24,9 +26,7 @@ from nipa.crossbar import (
     mapped_layer_names,
     program_chip,
 )
-from nipa.device_errors import leak_level, perturb_conductance
-from nipa.quant import fake_quantize_input, fake_quantize_weight, slice_magnitude
-from nipa.reference import NaiveCrossbarCore, compare_layerwise, naive_convert, pair_conductances
+from nipa.simulator.reference import NaiveCrossbarCore, compare_layerwise, naive_convert, pair_conductances
 
 IDEAL_ADC = 24  # enough bits that the dynamic ADC is exact to float rounding
 
@@ -194,7 +194,7 @@ def fast_and_naive(net: nn.Module, hw: HWConfig, x: torch.Tensor, snap: bool = F
 
 def layerwise_rel_err(reference: nn.Module, other: nn.Module, x: torch.Tensor) -> float:
     """The largest per-layer relative difference, every layer fed the same input (see
-    `nipa.reference.compare_layerwise`)."""
+    `nipa.simulator.reference.compare_layerwise`)."""
     per_layer = compare_layerwise(reference, other, x)
     assert len(per_layer) == len(crossbar_cores(reference)) > 0
     return max(per_layer.values())

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from nipa.compat import SWITCHES, Compat, CompatError
-from nipa.config import HWConfig
-from nipa.crossbar import ADC_CHAIN, calibrate_adc, convert, crossbar_cores, final_classifier
+from nipa.hardware.compat import SWITCHES, Compat, CompatError
+from nipa.hardware.config import HWConfig
+from nipa.simulator.crossbar import ADC_CHAIN, calibrate_adc, convert, crossbar_cores, final_classifier
 
 
 def small_net(seed: int) -> nn.Sequential:
@@ -139,7 +139,7 @@ def test_per_read_redraws_every_forward_but_keeps_faults() -> None:
 
 def _force_fastest(monkeypatch, fastest: torch.dtype) -> None:
     """Pretend only `fastest` (besides float32) was timed faster than float32 on this CPU."""
-    import nipa.crossbar as crossbar
+    import nipa.simulator.crossbar as crossbar
 
     seconds = {d: (0.5 if d == fastest else math.inf) for d in (torch.bfloat16, torch.int8)}
     monkeypatch.setitem(crossbar._PRODUCT_SECONDS, "cpu", {torch.float32: 1.0, **seconds})
@@ -179,8 +179,8 @@ def test_low_precision_products_equal_float32(rows: int, cell_bits: int, monkeyp
 def test_split_float_cells_equal_naive(memory_mb: float, monkeypatch) -> None:
     """NIPA_SPLIT=1: float cells as three int8 parts. Cells on a 2^-10 grid are held exactly, so every
     layer equals the naive loop to float rounding; raw cells are held to 2^-21 of a column's largest."""
-    import nipa.crossbar as crossbar
-    from nipa.reference import compare_layerwise, naive_convert
+    import nipa.simulator.crossbar as crossbar
+    from nipa.simulator.reference import compare_layerwise, naive_convert
 
     monkeypatch.setenv("NIPA_SPLIT", "1")
     monkeypatch.setitem(crossbar._RAW_PRODUCT_SECONDS, "cpu", {torch.float32: 1.0, torch.bfloat16: 0.5,
@@ -206,7 +206,7 @@ def test_split_float_cells_equal_naive(memory_mb: float, monkeypatch) -> None:
 
 
 def test_wide_reads_are_never_bfloat16(monkeypatch) -> None:
-    import nipa.crossbar as crossbar
+    import nipa.simulator.crossbar as crossbar
 
     both = {torch.float32: 1.0, torch.bfloat16: 0.3, torch.int8: 0.5}  # both timed faster than float32
     monkeypatch.setitem(crossbar._PRODUCT_SECONDS, "cpu", both)

@@ -1,4 +1,5 @@
-"""Datasets (nipa.data) and transforms (nipa.transforms): shapes, splits, normalisation, file formats."""
+"""Datasets (nipa.workloads.datasets) and transforms (nipa.workloads.transforms): shapes, splits, normalisation,
+file formats."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from nipa import data
-from nipa import transforms as T
 from nipa.errors import UserError
+from nipa.workloads import datasets as data
+from nipa.workloads import transforms as T
 
 # ----------------------------------------------------------------------------------------------------
 # helpers

@@ -1,4 +1,4 @@
-"""explore.py and nipa.explore: the exploration space's INI (cost knobs, [Cost] overrides, skipped
+"""explore.py and nipa.pipelines.explore: the exploration space's INI (cost knobs, [Cost] overrides, skipped
 unsliceable pairs, bad values named by file/section/key/value), NIPA over the grid against per-point
 NIPA, Pareto flags on a hand-made set, point selection and chip counts for the verification, and the
 script end to end on the digits fixture with a tiny --verify."""
@@ -15,9 +15,11 @@ import pytest
 import torch
 
 import explore
-from nipa.config import COST_KNOBS, ConfigError, HWConfig, SearchSpace
-from nipa.cost import CostCoefficients, LayerShape
-from nipa.explore import (
+from nipa.estimation.metric import nipa_metric
+from nipa.estimation.stats import model_statistics
+from nipa.hardware.config import COST_KNOBS, ConfigError, HWConfig, SearchSpace
+from nipa.hardware.cost import CostCoefficients, LayerShape
+from nipa.pipelines.explore import (
     COSTS,
     add_fronts,
     chips_wanted,
@@ -26,10 +28,8 @@ from nipa.explore import (
     rank_points,
     select_verification_points,
 )
-from nipa.metric import nipa_metric
-from nipa.records import read_records
-from nipa.stats import model_statistics
-from nipa.zoo import build_model
+from nipa.results.records import read_records
+from nipa.workloads.zoo import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,7 +295,7 @@ def test_a_language_model_is_ranked_like_a_cnn(tmp_path):
     """A tiny OPT saved as a local checkpoint folder: the preset block is mapped, every linear layer sees
     --tokens positions, and the ranking is written as for a CNN."""
     transformers = pytest.importorskip("transformers")
-    from nipa.explore import ExploreSettings, run_explore
+    from nipa.pipelines.explore import ExploreSettings, run_explore
 
     config = transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
                                     max_position_embeddings=64, word_embed_proj_dim=32, vocab_size=50,

@@ -1,4 +1,5 @@
-"""The one-to-one MLC chip (nipa.mlc) and the device fine-tuning methods (nipa.finetune, finetune.py)."""
+"""The one-to-one MLC chip (nipa.simulator.mlc) and the device fine-tuning methods (nipa.pipelines.finetune,
+finetune.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from nipa.device_errors import chip_generator, program_pairs
-from nipa.finetune import (
+from nipa.hardware.device_errors import chip_generator, program_pairs
+from nipa.hardware.quant import fake_quantize_weight
+from nipa.pipelines.finetune import (
     METHODS,
     TRAINABLE_MODE,
     FinetuneSettings,
@@ -18,7 +20,7 @@ from nipa.finetune import (
     noisy_weight,
     reestimate_bn,
 )
-from nipa.mlc import (
+from nipa.simulator.mlc import (
     ChipOptions,
     MLCLayer,
     calibrate_adc,
@@ -30,7 +32,6 @@ from nipa.mlc import (
     reprogram_chip,
     set_trainable,
 )
-from nipa.quant import fake_quantize_weight
 
 
 class Tiny(nn.Module):
@@ -75,7 +76,7 @@ def test_one_to_one_levels_and_ideal_chip_equals_fake_quantized_layer(tiny):
 
 
 def test_one_to_one_needs_a_single_slice(tiny):
-    from nipa.config import HWConfig
+    from nipa.hardware.config import HWConfig
 
     with pytest.raises(ValueError, match="one-to-one"):
         MLCLayer(tiny.fc, HWConfig(wl_weight=8, cellBit=2), "fc")
@@ -298,7 +299,7 @@ def test_variation_aware_training_runs_on_the_device(tiny, device):
     """VAT draws its noise with a generator on the training device, every step; same seed, same model."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from nipa.finetune import train_vat
+    from nipa.pipelines.finetune import train_vat
 
     data = TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 5, (32,)))
     settings = FinetuneSettings(vat_epochs=1, vat_batch_size=16)

@@ -1,6 +1,6 @@
-"""The one reader of main.py records (nipa.ground_truth): validate's group_records and wrap_error's
+"""The one reader of main.py records (nipa.results.ground_truth): validate's group_records and wrap_error's
 load_ground_truth read a file with the same rules (a repeated chip once, two results for one chip, other
-run settings or another model refused), and resume keys come from one builder (nipa.records)."""
+run settings or another model refused), and resume keys come from one builder (nipa.results.records)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import math
 
 import pytest
 
-from nipa.config import HWConfig
-from nipa.correlation import group_records
 from nipa.errors import UserError
-from nipa.ground_truth import MissingGroundTruth, RecordsError, read_ground_truth
-from nipa.records import FAST_KEY, SWEEP_KEY, done_keys, read_records
-from nipa.wrap import load_ground_truth
+from nipa.hardware.config import HWConfig
+from nipa.pipelines.wrap import load_ground_truth
+from nipa.results.correlation import group_records
+from nipa.results.ground_truth import MissingGroundTruth, RecordsError, read_ground_truth
+from nipa.results.records import FAST_KEY, SWEEP_KEY, done_keys, read_records
 
 RUN = {"model": "smallcnn", "dataset": "digits", "seed": 0}
 

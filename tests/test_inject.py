@@ -1,4 +1,4 @@
-"""Error injection (nipa.inject) and wrap_error.py: exactness without errors, determinism, the injected
+"""Error injection (nipa.estimation.inject) and wrap_error.py: exactness without errors, determinism, the injected
 variances against their formulas, stuck-at faults, every variation type, cellBit 2, layer selection,
 and wrap_error.py end to end on a tiny ground truth."""
 
@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from nipa.config import VARI_TYPES, HWConfig
-from nipa.crossbar import calibrate_adc, convert
-from nipa.inject import AdcCalibration, InjectedConv2d, InjectedLinear, inject, injected_layers, redraw
-from nipa.metric import layer_slice_noise
-from nipa.quant import fake_quantize_input, fake_quantize_weight, quantize_input
-from nipa.records import read_records
-from nipa.stats import model_statistics
+from nipa.estimation.inject import AdcCalibration, InjectedConv2d, InjectedLinear, inject, injected_layers, redraw
+from nipa.estimation.metric import layer_slice_noise
+from nipa.estimation.stats import model_statistics
+from nipa.hardware.config import VARI_TYPES, HWConfig
+from nipa.hardware.quant import fake_quantize_input, fake_quantize_weight, quantize_input
+from nipa.results.records import read_records
+from nipa.simulator.crossbar import calibrate_adc, convert
 
 
 class TinyNet(nn.Module):
@@ -101,7 +101,7 @@ def test_deterministic_per_seed_and_draw(net):
 
 def integer_error(layer: nn.Linear, injected: nn.Module, hw: HWConfig) -> torch.Tensor:
     """Injected minus quantized weight in integer levels, [out, T, rows]."""
-    from nipa.quant import quantize_weight_tiles, tile_columns
+    from nipa.hardware.quant import quantize_weight_tiles, tile_columns
 
     rows = min(hw.subArray, layer.in_features)
     q, scale = quantize_weight_tiles(tile_columns(layer.weight.detach(), rows), hw.wl_weight)

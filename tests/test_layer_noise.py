@@ -1,4 +1,4 @@
-"""nipa.layer_noise and validate.py --layer_noise: the measured noise of the crossbar layers grows with
+"""nipa.estimation.layer_noise and validate.py --layer_noise: the measured noise of the crossbar layers grows with
 every error source, matches the float layer where the crossbar is exact, and is reported by validate.py."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import validate
-from nipa.config import HWConfig
-from nipa.layer_noise import float_layer_io, measure_layer_noise, relative_noise_power
-from nipa.stats import model_statistics, save_statistics
-from nipa.zoo import build_model, save_checkpoint
+from nipa.estimation.layer_noise import float_layer_io, measure_layer_noise, relative_noise_power
+from nipa.estimation.stats import model_statistics, save_statistics
+from nipa.hardware.config import HWConfig
+from nipa.workloads.zoo import build_model, save_checkpoint
 from tests.test_validate import record
 
 

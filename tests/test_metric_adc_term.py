@@ -1,5 +1,5 @@
-"""The metric's ADC term that follows the ground truth's ADC mode (nipa.metric.adc_step) and the tile
-range ratio of the statistics it uses (nipa.stats)."""
+"""The metric's ADC term that follows the ground truth's ADC mode (nipa.estimation.metric.adc_step) and the tile
+range ratio of the statistics it uses (nipa.estimation.stats)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from nipa.config import HWConfig
 from nipa.errors import UserError
-from nipa.metric import adc_step, nipa_metric, per_layer_nipa
-from nipa.stats import model_statistics
+from nipa.estimation.metric import adc_step, nipa_metric, per_layer_nipa
+from nipa.estimation.stats import model_statistics
+from nipa.hardware.config import HWConfig
 
 
 def stats_of(*layers: nn.Module, combos=((8, 128, 1),)):
@@ -113,7 +113,7 @@ def test_input_bits_term_scales_the_adc_noise_by_the_input_shift_and_add() -> No
     """adc_term "input_bits": the ground-truth ADC noise times input_adc_factor(wl_input), which is 1 at 8-bit
     inputs (so the published 8-bit spaces rank as before) and 3 (4^(a-1) - 1) / (2^(a-1) - 1)^2 over its
     8-bit value otherwise."""
-    from nipa.metric import input_adc_factor, layer_slice_noise
+    from nipa.estimation.metric import input_adc_factor, layer_slice_noise
 
     torch.manual_seed(0)
     stats = stats_of(nn.Linear(300, 16), combos=((6, 128, 1),))

@@ -1,7 +1,8 @@
 """The crossbar simulator against an independent float64 oracle of SPEC section 4 (tests/helpers/oracle.py).
 
-The oracle shares no code with `nipa.quant` / `nipa.crossbar` / `nipa.device_errors`, so a misreading
-of the method that both the fast path and `nipa.reference` would share shows up here. With device
+The oracle shares no code with `nipa.hardware.quant` / `nipa.simulator.crossbar` /
+`nipa.hardware.device_errors`, so a misreading
+of the method that both the fast path and `nipa.simulator.reference` would share shows up here. With device
 error both are handed the same programmed conductances (the simulator's `core.conductance`).
 
 Agreement is asked to float32 rounding: |y_sim - y_oracle| <= 1e-5 max|y_oracle|, plus, only with
@@ -20,8 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from nipa.config import HWConfig
-from nipa.crossbar import calibrate_adc, convert, crossbar_cores
+from nipa.hardware.config import HWConfig
+from nipa.simulator.crossbar import calibrate_adc, convert, crossbar_cores
 from tests.helpers import oracle
 
 REL_TOL = 1e-5

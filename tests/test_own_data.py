@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import main
-from nipa.userdata import ImageOptions, image_folder_split, tensor_file_split, user_dataset_id
-from nipa.workload import Workload
+from nipa.workloads.userdata import ImageOptions, image_folder_split, tensor_file_split, user_dataset_id
+from nipa.workloads.workload import Workload
 
 SPACE = """
 [Algorithm_Level]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nipa import paths, zoo
-from nipa.workload import Workload
+from nipa import paths
+from nipa.workloads import zoo
+from nipa.workloads.workload import Workload
 
 
 def test_default_layout_of_a_registry_cnn():

@@ -1,5 +1,5 @@
-"""Per-layer hardware points (nipa.config.PerLayerConfig) through the simulator, the metric, the cost model,
-the records and the per-layer search of explore.py --per_layer (nipa.layer_search)."""
+"""Per-layer hardware points (nipa.hardware.config.PerLayerConfig) through the simulator, the metric, the cost model,
+the records and the per-layer search of explore.py --per_layer (nipa.pipelines.layer_search)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 import torch
 
 import explore
-from nipa.config import ConfigError, HWConfig, PerLayerConfig, config_from_dict, layered, parse_layer_overrides
-from nipa.cost import CostCoefficients, LayerShape, point_cost
-from nipa.crossbar import convert, crossbar_cores
 from nipa.errors import UserError
-from nipa.layer_search import SearchOptions, search, search_nipa
-from nipa.mapping import select_layers
-from nipa.metric import nipa_metric, per_layer_nipa
-from nipa.stats import model_statistics
-from nipa.sweep import SweepSettings, sweep_points
-from nipa.zoo import build_model
+from nipa.estimation.metric import nipa_metric, per_layer_nipa
+from nipa.estimation.stats import model_statistics
+from nipa.hardware.config import ConfigError, HWConfig, PerLayerConfig, config_from_dict, layered, parse_layer_overrides
+from nipa.hardware.cost import CostCoefficients, LayerShape, point_cost
+from nipa.hardware.mapping import select_layers
+from nipa.pipelines.layer_search import SearchOptions, search, search_nipa
+from nipa.pipelines.sweep import SweepSettings, sweep_points
+from nipa.simulator.crossbar import convert, crossbar_cores
+from nipa.workloads.zoo import build_model
 
 BASE = HWConfig(wl_weight=4, wl_input=6, subArray=64, ADCprecision=4, cellBit=1)
 
@@ -121,7 +121,7 @@ def test_cost_of_a_per_layer_point(layers):
 
 
 def test_search_spends_the_budget_where_nipa_gains(stats, layers):
-    from nipa.config import SearchSpace
+    from nipa.hardware.config import SearchSpace
 
     space = SearchSpace({**{k: [v] for k, v in BASE.to_dict().items()}, "wl_weight": [4, 5, 6],
                          "ADCprecision": [4, 5, 6, 7]})

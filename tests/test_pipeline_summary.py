@@ -1,10 +1,10 @@
-"""The summary the main job ends with (nipa.pipeline_summary)."""
+"""The summary the main job ends with (nipa.results.pipeline_summary)."""
 
 from __future__ import annotations
 
 import json
 
-from nipa.pipeline_summary import main, pipeline_summary
+from nipa.results.pipeline_summary import main, pipeline_summary
 
 
 def test_summary_reads_validate_and_wrap_outputs(tmp_path, capsys) -> None:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import pretrain
-from nipa.data import get_dataset, make_loader
 from nipa.errors import UserError
+from nipa.pipelines.train import Recipe, fit, restore_rng_states, rng_states
 from nipa.runtime import resolve_device
-from nipa.train import Recipe, fit, restore_rng_states, rng_states
-from nipa.zoo import build_model, checkpoint_path, load_model_and_data, load_trained_model
+from nipa.workloads.datasets import get_dataset, make_loader
+from nipa.workloads.zoo import build_model, checkpoint_path, load_model_and_data, load_trained_model
 
 
 def test_short_training_lowers_loss_and_reloads_to_same_predictions(tmp_path):
@@ -63,7 +63,7 @@ def test_interrupted_training_resumes(tmp_path, monkeypatch, device):
     """A run killed after epoch 1 continues at epoch 2 and ends where an uninterrupted run ends (on a
     GPU too: the resume file's random states are loaded to the CPU, where torch.set_rng_state wants them).
     Deterministic kernels, so that the GPU's two runs can agree."""
-    import nipa.train as train_module
+    import nipa.pipelines.train as train_module
 
     args = ["--dataset", "digits", "--epochs", "2", "--device", device.type, "--seed", "1", "--deterministic"]
     assert pretrain.main(args + ["--ckpt_dir", str(tmp_path / "full")]) == 0

@@ -11,7 +11,7 @@ import torch
 
 import main
 import pretrain
-from nipa.usermodel import user_model_id
+from nipa.workloads.usermodel import user_model_id
 
 MODEL_FILE = '''
 import torch

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nipa.errors import UserError
-from nipa.records import RecordWriter, read_records
+from nipa.results.records import RecordWriter, read_records
 
 A, B = {"method": "ideal", "top1": 1.0}, {"method": "sliced", "top1": 2.0}
 

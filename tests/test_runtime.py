@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nipa.cli import add_runtime_args, run_main
-from nipa.records import environment
+from nipa.results.records import environment
 from nipa.runtime import configure_precision, default_memory_mb, device_signature, tf32_enabled
 
 ROOT = Path(__file__).resolve().parents[1]

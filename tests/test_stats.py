@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from nipa.config import ConfigError, SearchSpace
-from nipa.stats import (
+from nipa.estimation.stats import (
     ComboStats,
     ModelStats,
     combo_key,
@@ -24,6 +23,7 @@ from nipa.stats import (
     save_statistics,
     weight_matrix,
 )
+from nipa.hardware.config import ConfigError, SearchSpace
 
 ROOT = Path(__file__).resolve().parent.parent
 HW_DIR = ROOT / "HW_config"
@@ -159,9 +159,9 @@ def test_chunked_layers_give_the_same_result(monkeypatch: pytest.MonkeyPatch) ->
     torch.manual_seed(1)
     model = TwoLayers()
     whole = model_statistics(model, [(8, 128, 1), (9, 256, 2)])
-    import nipa.stats
+    import nipa.estimation.stats
 
-    monkeypatch.setattr(nipa.stats, "CHUNK_CELLS", 300)  # one output channel at a time
+    monkeypatch.setattr(nipa.estimation.stats, "CHUNK_CELLS", 300)  # one output channel at a time
     chunked = model_statistics(model, [(8, 128, 1), (9, 256, 2)])
     for key in whole.combos:
         np.testing.assert_allclose(chunked.combos[key].var, whole.combos[key].var, atol=1e-12)

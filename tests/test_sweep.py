@@ -9,8 +9,8 @@ import re
 import pytest
 
 import main
-import nipa.sweep as sweep_module
-from nipa.records import read_records
+import nipa.pipelines.sweep as sweep_module
+from nipa.results.records import read_records
 
 SMALL_SPACE = """
 [Algorithm_Level]
@@ -151,10 +151,10 @@ def test_calibrated_adc_mode_runs(digits_ckpt_dir, space, tmp_path):
 
 def test_chips_of_a_noisy_point_differ_and_each_is_that_chip_converted_directly(digits_ckpt_dir, space, tmp_path):
     """The sweep programs chip c as convert(..., chip=c): not every chip as chip 0, not another seed."""
-    from nipa.config import HWConfig
-    from nipa.crossbar import convert
-    from nipa.evaluate import evaluate
-    from nipa.zoo import load_trained_model, test_loader
+    from nipa.hardware.config import HWConfig
+    from nipa.simulator.crossbar import convert
+    from nipa.simulator.evaluate import evaluate
+    from nipa.workloads.zoo import load_trained_model, test_loader
 
     out = tmp_path / "r.jsonl"
     assert run_main(digits_ckpt_dir, space, out, "--limit", "64", "--cycle", "3", "--seed", "5") == 0
@@ -246,10 +246,10 @@ def test_records_name_the_device_and_records_without_it_resume_on_a_cpu(digits_c
 def test_a_test_set_held_on_the_device_gives_the_loaders_numbers(digits_ckpt_dir, device):
     import torch
 
-    from nipa.config import HWConfig
-    from nipa.crossbar import convert
-    from nipa.evaluate import evaluate, resident_batches
-    from nipa.zoo import load_trained_model, test_loader
+    from nipa.hardware.config import HWConfig
+    from nipa.simulator.crossbar import convert
+    from nipa.simulator.evaluate import evaluate, resident_batches
+    from nipa.workloads.zoo import load_trained_model, test_loader
 
     model, _ = load_trained_model("smallcnn", "digits", digits_ckpt_dir, device=device)
     loader = test_loader("digits", batch_size=64, limit=200, pin_memory=device.type == "cuda")

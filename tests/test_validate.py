@@ -1,4 +1,4 @@
-"""validate.py and nipa.correlation: coefficients against hand-computed values and scipy, the seeded
+"""validate.py and nipa.results.correlation: coefficients against hand-computed values and scipy, the seeded
 bootstrap, grouping of chips into points (none dropped), and an end-to-end run on synthetic records
 with statistics from the real stat pipeline, including the errors that name the missing command."""
 
@@ -13,8 +13,10 @@ import torch
 from scipy import stats as sps
 
 import validate
-from nipa.config import HWConfig
-from nipa.correlation import (
+from nipa.estimation.metric import nipa_metric
+from nipa.estimation.stats import model_statistics, save_statistics
+from nipa.hardware.config import HWConfig
+from nipa.results.correlation import (
     RecordsError,
     agreement,
     bootstrap_coefficients,
@@ -23,9 +25,7 @@ from nipa.correlation import (
     point_estimates,
     split_by,
 )
-from nipa.metric import nipa_metric
-from nipa.stats import model_statistics, save_statistics
-from nipa.zoo import build_model
+from nipa.workloads.zoo import build_model
 
 # ----------------------------------------------------------------------------------------------------
 # Coefficients
@@ -279,7 +279,7 @@ def test_records_of_different_runs_are_an_error(tmp_path, stats_file, capsys):
 
 
 def test_chip_agreement_and_noise_ceiling():
-    from nipa.correlation import chip_agreement, noise_ceiling
+    from nipa.results.correlation import chip_agreement, noise_ceiling
 
     configs = [HWConfig(ADCprecision=a) for a in (4, 5, 6, 7, 8)]
     exact = [record(c, chip, 90.0 + i) for i, c in enumerate(configs) for chip in range(3)]
@@ -295,7 +295,7 @@ def test_chip_agreement_and_noise_ceiling():
 
 
 def test_chip_count_curve_estimates_the_tau_of_an_m_chip_sweep():
-    from nipa.correlation import chip_count_curve
+    from nipa.results.correlation import chip_count_curve
 
     rng = np.random.default_rng(0)
     true = np.linspace(90.0, 92.0, 20)  # the metric ranks the expected accuracies perfectly
@@ -312,7 +312,7 @@ def test_chip_count_curve_estimates_the_tau_of_an_m_chip_sweep():
 
 
 def test_chip_count_curve_keeps_deterministic_points_and_stops_at_the_fewest_varying_chips():
-    from nipa.correlation import chip_count_curve
+    from nipa.results.correlation import chip_count_curve
 
     exact = [[90.0] * 3, [91.0] * 3]  # no device error: every chip the same
     assert chip_count_curve([1.0, 2.0, 3.0], exact + [[92.0] * 3]) is None

@@ -1,7 +1,8 @@
 """An independent float64 oracle of the bit-and-crossbar slicing simulation (SPEC section 4).
 
-Written from the SPEC text alone, to check `nipa.crossbar` against something that shares none of its
-code: nothing here imports `nipa.quant`, `nipa.crossbar`, `nipa.device_errors` or `nipa.reference`, and
+Written from the SPEC text alone, to check `nipa.simulator.crossbar` against something that shares none of its
+code: nothing here imports `nipa.hardware.quant`, `nipa.simulator.crossbar`, `nipa.hardware.device_errors` or
+`nipa.simulator.reference`, and
 every step (quantization, slicing, bit planes, tiles, ADC, shift and add) is spelled out again in
 numpy float64, as plain loops over (tile, input bit, slice). Speed does not matter here; clarity does.
 
@@ -32,7 +33,7 @@ MODES = ("dynamic", "dynamic_tile", "calibrated", "full")
 
 
 class Hardware(Protocol):
-    """The hardware parameters the oracle reads (an `nipa.config.HWConfig` has them all)."""
+    """The hardware parameters the oracle reads (an `nipa.hardware.config.HWConfig` has them all)."""
 
     wl_weight: int
     wl_input: int
