@@ -73,7 +73,7 @@ from nipa.simulator.mlc import (
     reprogram_chip,
     set_trainable,
 )
-from nipa.workloads.workload import Workload
+from nipa.workloads.workload import UserWorkloadOptions, Workload
 
 METHODS = ("none", "bn_only", "label_only", "vat", "vat_bn", "proposed_digital", "proposed_cells")
 # What each method may change on the chip (nipa.simulator.mlc.set_trainable modes).
@@ -517,7 +517,7 @@ def plot_accuracy(table, path, title: str = "") -> None:
 
 
 @dataclass
-class FinetuneJobSettings:
+class FinetuneJobSettings(UserWorkloadOptions):
     """What finetune.py is asked (its options, by the same names; nipa.workloads.workload.Workload.from_args reads
     the model and data ones). `finetune` holds the methods' hyper-parameters (its --ft_* options)."""
 
@@ -548,13 +548,6 @@ class FinetuneJobSettings:
     data_root: str = "data"
     ckpt_dir: str = "ckpts"
     ckpt: str | None = None
-    # A user's model or data
-    model_kwargs: str | None = None  # JSON
-    allow_pickle: bool = False
-    input_size: str | None = None
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    split: float | None = None
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,12 @@ from nipa.simulator.evaluate import evaluate
 from nipa.workloads.datasets import get_dataset, make_loader
 from nipa.workloads.userdata import is_user_dataset
 from nipa.workloads.usermodel import PYTHON_SPEC, is_user_model_name
+from nipa.workloads.workload import UserWorkloadOptions
 from nipa.workloads.zoo import build_model, checkpoint_path, load_trained_model, save_checkpoint
 
 
 @dataclass
-class PretrainSettings:
+class PretrainSettings(UserWorkloadOptions):
     """What pretrain.py is asked (its options, by the same names)."""
 
     model_name: str = "smallcnn"
@@ -49,13 +50,6 @@ class PretrainSettings:
     seed: int = 0
     device: str = "auto"
     gpu_id: int | None = None
-    # A user's model or data (nipa.workloads.workload.Workload.from_args reads these, by the option names)
-    model_kwargs: str | None = None  # JSON
-    allow_pickle: bool = False
-    input_size: str | None = None
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    split: float | None = None
 
 
 def checked_recipe(settings: PretrainSettings) -> Recipe:

@@ -36,7 +36,7 @@ from nipa.hardware.mapping import digital_report, select_layers
 from nipa.llm.load import is_llm_name, load_causal_lm, mapping_report
 from nipa.workloads.userdata import is_user_dataset
 from nipa.workloads.usermodel import is_user_model_name
-from nipa.workloads.workload import Workload
+from nipa.workloads.workload import UserWorkloadOptions, Workload
 from nipa.workloads.zoo import (
     CHECKPOINT_DIR,
     build_model,
@@ -54,7 +54,7 @@ DEFAULT_HWDES = "HW_config/Search_space.ini"
 
 
 @dataclass
-class StatSettings:
+class StatSettings(UserWorkloadOptions):
     """What stat.py is asked (its options, by the same names)."""
 
     model_name: str = "smallcnn"
@@ -74,14 +74,7 @@ class StatSettings:
     out: str | None = None  # default results/stats/{model}_{dataset}.json
     overwrite: bool = False
     show: str | None = None  # the combination whose table is logged (default: the first)
-    # A user's model or data (nipa.workloads.workload.Workload.from_args reads these, by the option names)
-    model_kwargs: str | None = None  # JSON
-    allow_pickle: bool = False
     data_root: str = "data"
-    input_size: str | None = None
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    split: float | None = None
     # The model and data resolved already; None: from the fields above.
     workload: Workload | None = None
 

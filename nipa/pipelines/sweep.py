@@ -41,6 +41,7 @@ from nipa.results.records import (
 from nipa.runtime import device_signature
 from nipa.simulator.crossbar import calibrate_adc, compile_mode, convert, mapped_layer_names, program_chip
 from nipa.simulator.evaluate import describe_metrics, evaluate, resident_batches
+from nipa.workloads.workload import UserWorkloadOptions
 from nipa.workloads.zoo import dataset_id, model_id
 
 # The simulator's numeric semantics: 1 = an ADC range per tile in `dynamic` mode (before 2026-12),
@@ -229,7 +230,7 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
 
 
 @dataclass
-class MainSettings:
+class MainSettings(UserWorkloadOptions):
     """What main.py is asked (its options, by the same names; nipa.workloads.workload.Workload.from_args reads the
     model and data ones)."""
 
@@ -260,13 +261,6 @@ class MainSettings:
     data_root: str = "data"
     ckpt_dir: str = "ckpts"
     ckpt: str | None = None
-    # A user's model or data
-    model_kwargs: str | None = None  # JSON
-    allow_pickle: bool = False
-    input_size: str | None = None
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    split: float | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,20 @@ from nipa.workloads.userdata import ImageOptions, is_user_dataset, parse_size, u
 from nipa.workloads.usermodel import file_sha256, is_user_model_name, load_fitting_state_dict, load_user_model
 
 KINDS = ("cnn", "user", "llm")
+
+
+@dataclass
+class UserWorkloadOptions:
+    """The options of a user's own model or data that every script's settings carry, by the option names
+    (`Workload.from_args` reads them): `--model_kwargs`, `--allow_pickle`, `--input_size`, `--mean`,
+    `--std`, `--split`."""
+
+    model_kwargs: str | None = None  # JSON
+    allow_pickle: bool = False
+    input_size: str | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    split: float | None = None
 
 
 @dataclass
