@@ -606,7 +606,7 @@ class ExploreSettings:
     num_workers: int = 0
     exclude: Sequence[str] = ()
     include: Sequence[str] | None = None
-    block: int | None = None
+    block: int | str | None = None  # --block: N, a list, ranges, spread:N, all
     tokens: int = 1  # language models: tokens per inference for the cost
     random_init: bool = False  # untrained weights (tests only)
     seed: int = 0

@@ -69,7 +69,7 @@ class StatSettings(UserWorkloadOptions):
     cellbit: Sequence[int] | None = None
     exclude_layer: Sequence[str] = field(default_factory=list)
     include_layer: Sequence[str] | None = None
-    block: int | None = None
+    block: int | str | None = None
     count_padding: bool = False
     out: str | None = None  # default results/stats/{model}_{dataset}.json
     overwrite: bool = False

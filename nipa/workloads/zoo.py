@@ -207,7 +207,7 @@ def calibration_inputs(model_name: str, dataset: str, data, batches: int, *, dat
 
 
 def layer_selection(model_name: str, model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str],
-                    block: int | None = None) -> tuple[list[str] | None, list[str]]:
+                    block: int | str | None = None) -> tuple[list[str] | None, list[str]]:
     """(include, exclude) patterns of the mapped layers: as given for a CNN; for an LLM the preset's
     block unless --include_layer is given (nipa.llm.load)."""
     if is_llm_name(model_name):
