@@ -273,20 +273,7 @@ class _InjectedLayer(nn.Module):
         if self.core.output_std is None:
             return y
         std = self.core.output_std.to(dtype=y.dtype).view(shape) * scale_in  # already on y's device
-        # Standard normals come from a pool drawn once per draw, 1.25 times the output size, read at a
-        # random offset by every forward: generating fresh normals for every output costs as much as
-        # the layer itself on a CPU. Within a batch every output still gets its own value.
-        numel = y.numel()
-        if self.output_generator is None or self.output_generator.device != y.device:
-            seed, draw, stream = self.output_stream
-            self.output_generator = chip_generator(seed, draw, stream, y.device)
-            self.noise_pool = None
-        if self.noise_pool is None or self.noise_pool.numel() < numel or self.noise_pool.dtype != y.dtype:
-            self.noise_pool = torch.randn(numel + numel // 4 + 1, generator=self.output_generator,
-                                          device=y.device, dtype=y.dtype)
-        offset = int(torch.randint(0, self.noise_pool.numel() - numel + 1, (1,),
-                                   generator=self.offset_generator))
-        return y.addcmul_(self.noise_pool[offset:offset + numel].view(y.shape), std)
+        return y.addcmul_(self._normals(y), std)
 
     def _conditional_noise(self, y: torch.Tensor, scale_in: torch.Tensor, channel_dim: int,
                            shape: list[int]) -> torch.Tensor:
@@ -302,7 +289,9 @@ class _InjectedLayer(nn.Module):
         return y.add_(error.mul_(scale_in))
 
     def _normals(self, y: torch.Tensor) -> torch.Tensor:
-        """Standard normals shaped as y, from this draw's pool (see _output_noise)."""
+        """Standard normals shaped as y. They come from a pool drawn once per draw, 1.25 times the output
+        size, read at a random offset by every forward: generating fresh normals for every output costs as
+        much as the layer itself on a CPU. Within a batch every output still gets its own value."""
         numel = y.numel()
         if self.output_generator is None or self.output_generator.device != y.device:
             seed, draw, stream = self.output_stream
