@@ -43,15 +43,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="injection draws per point (their mean is reported)")
     parser.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD,
                         help="calibrated (default): device errors from the cell model, ADC error measured on "
-                             "calibration data and injected as output noise; published: SPEC section 7 as "
-                             "written (formula noise on the weight slices)")
+                             "calibration data and injected as output noise; planes: the same, but planes "
+                             "with a known read (zero, constant patches) get the ADC's exact error and the "
+                             "others the mean and noise of their class, calibrated on the simulator's own "
+                             "activations (README, Error injection); conditional: the error per bin of the "
+                             "ideal output; published: SPEC section 7 as written (formula noise on the "
+                             "weight slices)")
     parser.add_argument("--device_error", choices=DEVICE_MODELS, default=None,
                         help="override the method's device part")
     parser.add_argument("--adc_error", choices=ADC_MODELS, default=None,
                         help="override the method's ADC part")
     parser.add_argument("--adc_form", choices=ADC_FORMS, default=None,
-                        help="measured ADC error as fresh output noise (output) or as weight noise fixed per "
-                             "draw (weight); default: the method's")
+                        help="measured ADC error as fresh output noise (output), as weight noise fixed per "
+                             "draw (weight), per bin of the ideal output (conditional) or per bit-plane class "
+                             "(planes); default: the method's")
     parser.add_argument("--tile_factor", choices=("tiles", "one"), default="tiles",
                         help="k_T of the formula ADC term (SPEC: the tile count T)")
     parser.add_argument("--calib_batches", type=int, default=4,

@@ -63,9 +63,20 @@ form of the measured ADC error (``adc_form=``)
                  A fixed-range ADC's error is a function of the read, which this holds; a dynamic
                  range moves its grid with every batch, so only what the batches share is held.
 
+  ``"planes"``   per (tile, input bit) plane of each input row, by its class
+                 (`nipa.estimation.plane_states`): a plane with no row set, or every row set with one
+                 sign (zero patches, a constant background), has a known read, and gets the ADC's exact
+                 error of that read (averaged over the calibration batches' ranges), no noise; the other
+                 planes, classed by how many rows they set, get their class's mean error and fresh noise
+                 of its deviation. A deterministic ADC errs alike on every repeated patch, which noise of
+                 the same power does not describe (docs/estimate_analysis.md). It calibrates on the
+                 simulator's own activations (`AdcCalibration(upstream="simulated")`, ideal cells and the
+                 point's ADC): a coarse ADC's offsets upstream move the ranges and zero patches of the
+                 layers below.
+
 Presets (``method=``): ``"published"`` = formula + formula (SPEC section 7 as written);
 ``"calibrated"`` = cells + measured + output form (the default of wrap_error.py); ``"conditional"`` =
-cells + measured + conditional form.
+cells + measured + conditional form; ``"planes"`` = cells + measured + planes form.
 
 Draws. `inject(..., seed, draw)` and `redraw(model, seed, draw)` are deterministic: layer `name` of
 draw `d` draws from `chip_generator(seed, d, crc32("inject:" + name))`, a stream independent of the
@@ -79,11 +90,13 @@ same numbers on every device).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -91,6 +104,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from nipa.estimation.metric import layer_slice_noise
+from nipa.estimation.plane_states import (
+    ALL_NEGATIVE,
+    ALL_POSITIVE,
+    KNOWN,
+    ZERO,
+    conv_plane_classes,
+    linear_plane_classes,
+    num_classes,
+    row_classes,
+    tile_row_counts,
+)
 from nipa.estimation.stats import ComboStats, ModelStats, model_statistics
 from nipa.hardware.config import HWConfig
 from nipa.hardware.device_errors import chip_generator, program_pairs
@@ -108,9 +132,10 @@ from nipa.simulator.crossbar import _explicit_padding, im2col
 
 DEVICE_MODELS = ("formula", "cells")
 ADC_MODELS = ("formula", "measured", "none")
-ADC_FORMS = ("weight", "output", "conditional")
+ADC_FORMS = ("weight", "output", "conditional", "planes")
+FORM_TAGS = {"output": "-out", "conditional": "-cond", "planes": "-planes"}  # file-name tags
 METHODS = {"published": ("formula", "formula", "weight"), "calibrated": ("cells", "measured", "output"),
-           "conditional": ("cells", "measured", "conditional")}
+           "conditional": ("cells", "measured", "conditional"), "planes": ("cells", "measured", "planes")}
 
 
 @dataclass(frozen=True)
@@ -146,7 +171,7 @@ class InjectionModel:
             if (self.device, self.adc, self.tile_factor, self.adc_form) == (device, adc, "tiles", form):
                 return name
         return (f"{self.device}-{self.adc}" + ("-kT1" if self.tile_factor == "one" else "")
-                + ({"output": "-out", "conditional": "-cond"}.get(self.adc_form, "") if self.adc == "measured" else ""))
+                + (FORM_TAGS.get(self.adc_form, "") if self.adc == "measured" else ""))
 
     def label(self) -> str:
         return (f"device={self.device},adc={self.adc}" + (",kT=1" if self.tile_factor == "one" else "")
@@ -168,7 +193,8 @@ class InjectedCore(nn.Module):
 
     def __init__(self, weight: torch.Tensor, hw: HWConfig, name: str, weight_var: torch.Tensor,
                  cells: bool, output_power: torch.Tensor | None = None,
-                 conditional: tuple[torch.Tensor, ...] | None = None) -> None:
+                 conditional: tuple[torch.Tensor, ...] | None = None,
+                 planes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.hw = hw
         self.name = name
@@ -201,6 +227,15 @@ class InjectedCore(nn.Module):
         self.conditional_bins = 0
         for buffer in ("cond_lo", "cond_inv_width", "cond_mean", "cond_std"):
             self.register_buffer(buffer, None, persistent=False)
+        # adc_form="planes": the mean error per (plane state, bit, tile, output) and a mixed plane's
+        # variance, in units of scale_w * (integer read) (nipa.estimation.plane_states).
+        self.register_buffer("plane_mean", None, persistent=False)
+        self.register_buffer("plane_var", None, persistent=False)
+        if planes is not None:
+            mean, var = planes
+            scale = self.weight_scale.t().float()  # [T, out]; tables [C, Z, T, out]
+            self.plane_mean = mean.float() * scale
+            self.plane_var = var.float() * scale.square()
         if conditional is not None:
             lo, width, mean, std = conditional
             self.conditional_bins = mean.shape[1]
@@ -251,7 +286,7 @@ class _InjectedLayer(nn.Module):
         self.weight = weight.to(self.weight.device, self.weight.dtype)
         self.noise_pool = None
         self.output_generator, self.output_stream = None, None
-        if self.core.output_std is not None or self.core.conditional_bins:
+        if self.core.output_std is not None or self.core.conditional_bins or self.core.plane_mean is not None:
             name = f"inject-out:{self.core.name}".encode()
             self.output_stream = (seed, draw, zlib.crc32(name))
             self.offset_generator = chip_generator(seed, draw, zlib.crc32(name + b":offset"))
@@ -264,6 +299,28 @@ class _InjectedLayer(nn.Module):
         scale = torch.maximum(-low, high) / levels
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # as nipa.hardware.quant.input_scale
         return torch.div(x, scale).round_().clamp_(-levels, levels).mul_(scale), scale
+
+    def _plane_error(self, y: torch.Tensor, classes: torch.Tensor, scale_in: torch.Tensor,
+                     channel_dim: int) -> torch.Tensor:
+        """y + scale_in (per plane class, its mean error and fresh noise of its deviation), from the
+        plane classes [n, Z, T, OH, OW] (conv) or [..., Z, T] (linear). Each output sums one table row
+        per (bit, tile): one embedding bag per table, no one-hot tensor."""
+        core = self.core
+        _, bits, tiles, out = core.plane_mean.shape
+        if channel_dim == 1:
+            classes = classes.permute(0, 3, 4, 1, 2)  # [n, OH, OW, Z, T]
+        slot = torch.arange(bits * tiles, device=classes.device).view(bits, tiles)
+        index = (classes * (bits * tiles) + slot).reshape(-1, bits * tiles)
+        offset = F.embedding_bag(index, core.plane_mean.reshape(-1, out), mode="sum")
+        std = F.embedding_bag(index, core.plane_var.reshape(-1, out), mode="sum").clamp_(min=0).sqrt_()
+        if channel_dim == 1:
+            n, height, width = classes.shape[:3]
+            offset = offset.view(n, height, width, out).permute(0, 3, 1, 2)
+            std = std.view(n, height, width, out).permute(0, 3, 1, 2)
+        else:
+            offset, std = offset.view(y.shape), std.view(y.shape)
+        error = offset.addcmul(self._normals(y), std)
+        return y.add_(error.mul_(scale_in))
 
     def _output_noise(self, y: torch.Tensor, scale_in: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shape = [1] * y.dim()
@@ -315,7 +372,12 @@ class InjectedLinear(_InjectedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, scale_in = self._quantized_input(x)
-        return self._output_noise(F.linear(x, self.weight, self.bias), scale_in, -1)
+        y = F.linear(x, self.weight, self.bias)
+        if self.core.plane_mean is not None:
+            masks = linear_plane_classes(torch.round(x / scale_in), self.wl_input - 1, self.core.fan_in,
+                                         self.core.rows)
+            return self._plane_error(y, masks, scale_in, -1)
+        return self._output_noise(y, scale_in, -1)
 
 
 class InjectedConv2d(_InjectedLayer):
@@ -333,6 +395,10 @@ class InjectedConv2d(_InjectedLayer):
         # Per-tensor scale of the layer input itself (before zero padding), as the ground truth.
         x, scale_in = self._quantized_input(x)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.core.plane_mean is not None:
+            masks = conv_plane_classes(torch.round(x / scale_in), self.wl_input - 1, self.core.weight_shape,
+                                       self.core.rows, self.stride, _explicit_padding(self), self.dilation)
+            return self._plane_error(y, masks, scale_in, 1)
         return self._output_noise(y, scale_in, 1)
 
 
@@ -480,8 +546,62 @@ class _Reads:
                     errors[a][start:start + self.chunk] += error.mul_(significance).sum(dim=(0, 2)).double() * scale
         return u, errors
 
+    def plane_errors(self, lo: torch.Tensor, hi: torch.Tensor, adc_bits: Sequence[int], cell_bits: int,
+                     tile_rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+        """Per ADC resolution, the error sums of the "planes" form (nipa.estimation.plane_states), per
+        (class, bit, tile, output), integer units before scale_w: for the known reads (zero, all positive,
+        all negative) the exact error of the read, weighted by the batch's rows of that class; for mixed
+        planes the sum and square sum of 2^z sum_k 2^(ck) e over `sample_rows` rows drawn uniformly.
+        sum, square [C, Z, T, out]; count [C, Z, T]; exact [3, Z, T, out] (the known reads' errors)."""
+        device = self.slices.device
+        z_weight = (2.0 ** torch.arange(self.z, device=device)).view(-1, 1, 1)  # [Z, 1, 1]
+        k_weight = (2.0 ** (cell_bits * torch.arange(self.k, device=device))).view(1, -1, 1)  # [1, K, 1]
+        classes = row_classes(self.x_tiles, self.z, tile_rows)  # [n, T, Z]
+        num = num_classes()
+        class_counts = F.one_hot(classes, num).sum(0).permute(2, 1, 0).double()  # [C, Z, T]
+        column_sums = self.slices.sum(-1)  # [K, out, T]: the read of an all-ones plane
+        if self.n > self.sample_rows:
+            pick = torch.randint(0, self.n, (self.sample_rows,), generator=self.generator).to(device)
+        else:
+            pick = torch.arange(self.n, device=device)
+        sample, sample_classes = self.x_tiles[pick], classes[pick]
+        result = {}
+        for a in adc_bits:
+            levels = 2**a
+            total = torch.zeros(num, self.z, self.num_tiles, self.out, dtype=torch.float64, device=device)
+            square = torch.zeros_like(total)
+            count = torch.zeros(num, self.z, self.num_tiles, dtype=torch.float64, device=device)
+            exact = torch.zeros(KNOWN, self.z, self.num_tiles, self.out, dtype=torch.float64, device=device)
+            for t in range(self.num_tiles):
+                lo_t = lo[t].view(self.z, self.k, 1)
+                step = (hi[t].view(self.z, self.k, 1) - lo_t) / levels
+                error = partial(_read_error, lo=lo_t, step=step, levels=levels)
+                for c, sign in ((ZERO, 0.0), (ALL_POSITIVE, 1.0), (ALL_NEGATIVE, -1.0)):
+                    reads = (sign * column_sums[:, :, t]).unsqueeze(0).expand(self.z, -1, -1)  # [Z, K, out]
+                    e = ((error(reads) * k_weight).sum(1) * z_weight.view(-1, 1)).double()  # [Z, out]
+                    exact[c, :, t] = e
+                    total[c, :, t] = e * class_counts[c, :, t].view(-1, 1)
+                    count[c, :, t] = class_counts[c, :, t]
+                for start in range(0, sample.shape[0], self.chunk):
+                    reads = self._products(t, sample[start:start + self.chunk, t]).view(
+                        self.z, -1, self.k, self.out)
+                    e = ((error(reads) * k_weight.unsqueeze(1)).sum(2) * z_weight).double()  # [Z, c, out]
+                    hot = F.one_hot(sample_classes[start:start + self.chunk, t], num).double()  # [c, Z, C]
+                    hot[..., :KNOWN] = 0  # the known reads are counted exactly above
+                    total[KNOWN:, :, t] += torch.einsum("zco,czk->kzo", e, hot)[KNOWN:]
+                    square[KNOWN:, :, t] += torch.einsum("zco,czk->kzo", e.square(), hot)[KNOWN:]
+                    count[KNOWN:, :, t] += hot.sum(0).t()[KNOWN:]
+            result[a] = {"sum": total, "square": square, "count": count, "exact": exact}
+        return result
 
 CONDITIONAL_BINS = 256
+
+
+def calibration_upstream(errors: InjectionModel) -> str:
+    """The calibration inputs a form is built for: the "planes" form applies exact errors that depend on
+    each layer's real inputs, so it calibrates on the simulator's own activations (ideal cells, the
+    point's ADC); the other forms on the ideal quantized model's, as published."""
+    return "simulated" if errors.adc_form == "planes" else "ideal"
 
 
 def conditional_error(u: torch.Tensor, error: torch.Tensor, bins: int = CONDITIONAL_BINS
@@ -519,6 +639,9 @@ class AdcError:
     input_power: torch.Tensor  # [T] E ||x_q,t||^2, integer input levels
     # The error as a function of the ideal output (`conditional_error`): (lo, width, mean, std).
     conditional: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # The "planes" form (nipa.estimation.plane_states), integer units before scale_w: the mean error per
+    # (state, bit, tile, output) [4, Z, T, out] and the variance of a mixed plane's error [Z, T, out].
+    planes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def weight_variance(self) -> torch.Tensor:
         """[out, T]: the integer-weight noise variance with the same output error power."""
@@ -538,7 +661,7 @@ class AdcCalibration:
 
     def __init__(self, model: nn.Module, batches: Iterable, *, exclude: Sequence[str] = (),
                  include: Sequence[str] | None = None, memory_mb: float = 256, sample_rows: int = 2048,
-                 seed: int = 0, device_reads: bool = False) -> None:
+                 seed: int = 0, device_reads: bool = False, upstream: str = "ideal") -> None:
         self.model = model
         self.batches = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
         if not self.batches:
@@ -550,6 +673,9 @@ class AdcCalibration:
         # Reads through one programmed chip where the point has device error: a dynamic range spans
         # the device-perturbed reads, so its step (and the ADC error) grows with the variation.
         self.device_reads = device_reads
+        if upstream not in ("ideal", "simulated"):
+            raise ValueError(f"calibration upstream must be 'ideal' or 'simulated', not {upstream!r}")
+        self.upstream = upstream
         self._wanted: dict[tuple, set[int]] = {}
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.seconds = 0.0  # total time spent measuring (for honest timing of the fast method)
@@ -570,15 +696,17 @@ class AdcCalibration:
     def __contains__(self, hw: HWConfig) -> bool:
         return (*self.key_of(hw, self.device_reads), hw.ADCprecision) in self._cache
 
-    def errors(self, hw: HWConfig, conditional: bool = False) -> dict[str, AdcError]:
+    def errors(self, hw: HWConfig, conditional: bool = False, planes: bool = False) -> dict[str, AdcError]:
         """Per layer name, the measured ADC error of `hw` (see `AdcError`); conditional: also the error
-        as a function of the ideal output (a second sample of rows, adc_form="conditional")."""
+        as a function of the ideal output (a second sample of rows, adc_form="conditional"); planes: also
+        the per-plane-state errors (adc_form="planes")."""
         cached = self._cache.get((*self.key_of(hw, self.device_reads), hw.ADCprecision))
-        if cached is None or (conditional and any(e.conditional is None for e in cached.values())):
+        if cached is None or (conditional and any(e.conditional is None for e in cached.values())) or (
+                planes and any(e.planes is None for e in cached.values())):
             key = self.key_of(hw, self.device_reads)
             bits = sorted(self._wanted.get(key, set()) | {hw.ADCprecision})
             started = time.perf_counter()
-            for a, noise in self._measure(hw, bits, conditional).items():
+            for a, noise in self._measure(hw, bits, conditional, planes).items():
                 self._cache[(*key, a)] = noise
             self.seconds += time.perf_counter() - started
         return self._cache[(*self.key_of(hw, self.device_reads), hw.ADCprecision)]
@@ -594,19 +722,29 @@ class AdcCalibration:
             layer.redraw(0, 0)
         layers = {layer.core.name: layer for layer in injected_layers(ideal)}
         captured: dict[str, torch.Tensor] = {}
-        hooks = [layer.register_forward_pre_hook(
+        feeder, sources = ideal, layers
+        if self.upstream == "simulated" and hw.adc_mode != "calibrated":
+            # Each layer's inputs as the simulator (ideal cells, the point's ADC) makes them: a coarse
+            # ADC's offsets upstream move the ranges, scales and zero patches of the layers below.
+            from nipa.simulator.crossbar import convert
+
+            clean = dataclasses.replace(hw, vari=0.0, ind_vari=0.0, laplace_b=0.0, SAF_prop=0.0)
+            feeder = convert(self.model, clean, exclude=self.exclude, include=self.include,
+                             memory_mb=self.memory_mb)
+            sources = {name: (feeder if name == "" else feeder.get_submodule(name)) for name in layers}
+        hooks = [module.register_forward_pre_hook(
             lambda _m, args, name=name: captured.__setitem__(name, args[0].detach()))
-            for name, layer in layers.items()]
+            for name, module in sources.items()]
         # The row sample is seeded per key: the same points always get the same calibration.
         key = self.key_of(hw, self.device_reads)
         generator = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, key)).encode()))
         cells: dict[str, torch.Tensor] = {}
         try:
-            ideal.eval()
+            feeder.eval()
             device = next(iter(layers.values())).weight.device
             for index, batch in enumerate(self.batches):
                 captured.clear()
-                ideal(batch.to(device))
+                feeder(batch.to(device))
                 for name, x in captured.items():
                     layer = layers[name]
                     scale_in = quantize_input(x.float(), hw.wl_input)[1]
@@ -621,7 +759,8 @@ class AdcCalibration:
             for hook in hooks:
                 hook.remove()
 
-    def _measure(self, hw: HWConfig, bits: list[int], conditional: bool = False) -> dict[int, dict[str, AdcError]]:
+    def _measure(self, hw: HWConfig, bits: list[int], conditional: bool = False, planes: bool = False
+                 ) -> dict[int, dict[str, AdcError]]:
         fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if hw.adc_mode == "calibrated":
             # One fixed range per slice, over every tile, input bit and batch (as calibrate_adc).
@@ -636,6 +775,7 @@ class AdcCalibration:
         sums: dict[str, dict[int, torch.Tensor]] = {}
         input_power: dict[str, torch.Tensor] = {}
         samples: dict[str, list[tuple[torch.Tensor, dict[int, torch.Tensor]]]] = {}
+        plane_sums: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
 
         def measure(_i, name, layer, reads):
             if hw.adc_mode == "dynamic":  # one range over every tile (SPEC section 4, step 6)
@@ -656,6 +796,12 @@ class AdcCalibration:
             if conditional:
                 u, errors = reads.joint_errors(lo, hi, bits, hw.cellBit)
                 samples.setdefault(name, []).append((u.cpu(), {a: e.cpu() for a, e in errors.items()}))
+            if planes:
+                tile_rows = tile_row_counts(layer.core.fan_in, layer.core.rows)
+                for a, batch_sums in reads.plane_errors(lo, hi, bits, hw.cellBit, tile_rows).items():
+                    into = plane_sums.setdefault(name, {}).setdefault(a, {})
+                    for field, value in batch_sums.items():
+                        into[field] = into.get(field, 0) + value.cpu()
             input_power[name] = input_power.get(name, 0) + reads.input_power
 
         self._run(hw, measure)
@@ -670,8 +816,33 @@ class AdcCalibration:
                 # Pooled over the batches: a range that changes from batch to batch moves the bins' means,
                 # and the pooled deviation holds that spread.
                 result[a][name] = AdcError(output_power=(power / len(self.batches)).cpu(), input_power=power_in,
-                                           conditional=fit)
+                                           conditional=fit,
+                                           planes=_plane_tables(plane_sums[name][a], len(self.batches))
+                                           if planes else None)
         return result
+
+
+def _read_error(reads: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
+    """ADC(P) - P for reads [Z, (c,) K, out] with the range lo, step [Z, K, 1] (the simulator's rule; a
+    constant read, step 0, has no error)."""
+    shape = (lo.shape[0],) + (1,) * (reads.dim() - 3) + tuple(lo.shape[1:])
+    lo, step = lo.view(shape), step.view(shape)
+    divisor = torch.where(step > 0, step, torch.ones_like(step))
+    index = (reads - lo).div(divisor).round().clamp(0, levels)
+    return index * step + lo - reads
+
+
+def _plane_tables(sums: dict[str, torch.Tensor], batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) [C, Z, T, out] per plane class from the summed `_Reads.plane_errors` of the
+    calibration batches. A known read's mean weights each batch's exact error by its rows in that class
+    (the plain mean over batches where no row had it) and has no variance; a mixed class that never
+    occurred errs by 0."""
+    count = sums["count"].unsqueeze(-1)  # [C, Z, T, 1]
+    mean = sums["sum"] / count.clamp(min=1)
+    mean[:KNOWN] = torch.where(count[:KNOWN] > 0, mean[:KNOWN], sums["exact"] / batches)
+    var = (sums["square"] / count.clamp(min=1) - mean.square()).clamp(min=0)
+    var[:KNOWN] = 0
+    return mean.float(), var.float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -770,11 +941,14 @@ def _noise_variances(model: nn.Module, hw: HWConfig, errors: InjectionModel, nam
     if errors.adc == "measured":
         if calibration is None:
             raise ValueError("adc='measured' needs calibration=AdcCalibration(model, batches)")
-        measured = calibration.errors(hw, conditional=errors.adc_form == "conditional")
+        measured = calibration.errors(hw, conditional=errors.adc_form == "conditional",
+                                      planes=errors.adc_form == "planes")
         if errors.adc_form == "output":
             return noise, {name: {"output_power": measured[name].output_power} for name in names}
         if errors.adc_form == "conditional":
             return noise, {name: {"conditional": measured[name].conditional} for name in names}
+        if errors.adc_form == "planes":
+            return noise, {name: {"planes": measured[name].planes} for name in names}
         for name in names:
             noise[name] = noise[name] + measured[name].weight_variance()
     return noise, {}

@@ -21,7 +21,7 @@ import torch
 
 from nipa import paths
 from nipa.errors import UserError
-from nipa.estimation.inject import AdcCalibration, InjectionModel
+from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_upstream
 from nipa.pipelines.wrap import (
     FastMethod,
     WrapSettings,
@@ -157,7 +157,7 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
 
     def new_calibration() -> AdcCalibration:
         return AdcCalibration(model, calib_data, exclude=exclude, include=include, memory_mb=memory_mb,
-                              seed=settings.seed)
+                              seed=settings.seed, upstream=calibration_upstream(errors))
 
     fast_settings = WrapSettings(model_name=settings.model_name, dataset=settings.dataset, cycle=settings.cycle,
                                  seed=settings.seed, errors=errors, calib_batches=settings.calib_batches,

@@ -393,7 +393,7 @@ def simulate_adaptively(points: Sequence[HWConfig], ctx: VerifyContext, settings
 def fast_estimates(grouped, stats: ModelStats, ctx: VerifyContext, settings: VerifySettings,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """wrap_error's method on the verified points: nipa.pipelines.wrap.compare's rows and summary."""
-    from nipa.estimation.inject import AdcCalibration, InjectionModel
+    from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_upstream
     from nipa.pipelines.wrap import FastMethod, GroundTruth, WrapSettings, cached_batches, compare, run_fast
 
     truth = GroundTruth.of(grouped, "top1", str(ctx.records_path))  # nipa.results.ground_truth's view
@@ -405,7 +405,8 @@ def fast_estimates(grouped, stats: ModelStats, ctx: VerifyContext, settings: Ver
     calibration = None
     if errors.adc == "measured":
         calibration = AdcCalibration(ctx.model, ctx.calib_inputs[:settings.calib_batches], exclude=ctx.exclude,
-                                     include=ctx.include, memory_mb=settings.memory_mb, seed=ctx.seed)
+                                     include=ctx.include, memory_mb=settings.memory_mb, seed=ctx.seed,
+                                     upstream=calibration_upstream(errors))
     fast = FastMethod(ctx.model, wrap_settings, stats, calibration, ctx.device)
     records = run_fast(truth, fast, cached_batches(ctx.test_data, ctx.device), ctx.fast_records_path, log)
     return compare(truth, records, settings.fast_draws)

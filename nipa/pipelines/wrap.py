@@ -143,11 +143,12 @@ class FastMethod:
         """Seconds spent measuring the ADC error for `point` now (0 when cached or not needed)."""
         if self.calibration is None or self.settings.errors.adc != "measured":
             return 0.0
-        conditional = self.settings.errors.adc_form == "conditional"
-        if point in self.calibration and not conditional:
+        form = self.settings.errors.adc_form
+        if point in self.calibration and form not in ("conditional", "planes"):
             return 0.0
         started = time.perf_counter()
-        self.calibration.errors(point, conditional=conditional)  # a no-op when already measured
+        # a no-op when already measured
+        self.calibration.errors(point, conditional=form == "conditional", planes=form == "planes")
         return time.perf_counter() - started
 
     def draws(self, point: HWConfig, draws: Sequence[int], data) -> list[tuple[int, dict, float]]:
