@@ -13,14 +13,10 @@ from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_u
 from nipa.estimation.plane_states import (
     ALL_NEGATIVE,
     ALL_POSITIVE,
-    MIXED_BELOW,
-    MIXED_TOP,
     ZERO,
-    classes_of_extrema,
-    code_tables,
-    conv_patch_extrema,
-    linear_patch_extrema,
-    patch_codes,
+    conv_plane_classes,
+    linear_plane_classes,
+    mixed_class,
     row_classes,
     tile_row_counts,
 )
@@ -35,74 +31,61 @@ def _no_grad():
         yield
 
 
-def test_plane_classes_of_a_patchs_extrema():
-    """A constant patch has known reads (bit set: all positive / all negative, else zero); another
-    patch has zero planes above its top bit and mixed planes at and below it."""
-    high = torch.tensor([0.0, 5.0, -6.0, 5.0, 4.0])
-    low = torch.tensor([0.0, 5.0, -6.0, 0.0, -1.0])
-    classes = classes_of_extrema(high, low, 3, 7, bit_dim=1).tolist()
-    assert classes == [[ZERO, ZERO, ZERO],  # all zero
-                       [ALL_POSITIVE, ZERO, ALL_POSITIVE],  # constant 5 = 101b
-                       [ZERO, ALL_NEGATIVE, ALL_NEGATIVE],  # constant -6 = -110b
-                       [MIXED_BELOW, MIXED_BELOW, MIXED_TOP],  # 0..5: top bit 2
-                       [MIXED_BELOW, MIXED_BELOW, MIXED_TOP]]  # -1..4: top bit 2
+def test_plane_classes_of_rows():
+    """Per bit: no row sets it -> zero; every row sets it with one sign -> all positive / all negative;
+    otherwise mixed, by how many rows set it (1, 2, 3-4, ...)."""
+    rows = torch.tensor([[0.0, 0.0, 0.0, 0.0],  # all zero
+                         [5.0, 5.0, 5.0, 5.0],  # constant 101b
+                         [-6.0, -6.0, -6.0, -6.0],  # constant -110b
+                         [5.0, 0.0, 1.0, 0.0],  # bit 0 in 2 rows, bit 1 in none, bit 2 in 1
+                         [3.0, 1.0, 7.0, 1.0],  # bit 0 everywhere, bit 1 in 2 rows, bit 2 in 1
+                         [-1.0, 4.0, 4.0, 5.0]])  # bit 0 in 2 rows (signs differ), bit 2 in 3
+    classes = row_classes(rows.view(6, 1, 4), 3, torch.tensor([4]))[:, 0].tolist()
+    assert classes == [[ZERO, ZERO, ZERO],
+                       [ALL_POSITIVE, ZERO, ALL_POSITIVE],
+                       [ZERO, ALL_NEGATIVE, ALL_NEGATIVE],
+                       [mixed_class(2), ZERO, mixed_class(1)],
+                       [ALL_POSITIVE, mixed_class(2), mixed_class(1)],
+                       [mixed_class(2), ZERO, mixed_class(3)]]
+    assert [mixed_class(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [3, 4, 5, 5, 6, 6, 7]
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_conv_patch_classes_are_those_of_the_crossbar_rows(signed):
-    """The extrema of a convolution's patches per tile (zero padding inside the patches, tiles that split
-    a channel's kernel window, a short last tile) give the classes of the im2col rows the crossbar reads."""
+def test_conv_plane_classes_are_those_of_the_crossbar_rows(signed):
+    """Counted over a convolution's patches per tile (zero padding inside the patches, tiles that split
+    a channel's kernel window, a short last tile), the classes are those of the im2col rows the crossbar
+    reads."""
     torch.manual_seed(0)
     levels = torch.randint(-3 if signed else 0, 4, (2, 3, 6, 6)).float()
     levels[0, :, :3] = 0  # zero patches
     levels[1, :, 3:] = 2  # constant patches
     weight_shape, rows, bits = (5, 3, 3, 3), 10, 2  # fan-in 27: tiles of 10, 10, 7
-    high, low = conv_patch_extrema(levels, weight_shape, rows, (1, 1), (1, 1, 1, 1), (1, 1))
-    classes = classes_of_extrema(high, low, bits, 3, bit_dim=1)  # [N, Z, T, OH, OW]
+    classes = conv_plane_classes(levels, bits, weight_shape, rows, (1, 1), (1, 1, 1, 1), (1, 1))
     patches = im2col(F.pad(levels, (1, 1, 1, 1)), (3, 3), (1, 1), (1, 1))  # [N, L, 27]
     expected = row_classes(tile_columns(patches.reshape(-1, 27), rows), bits, tile_row_counts(27, rows))
     got = classes.permute(0, 3, 4, 2, 1).reshape(-1, 3, bits)  # [N*L, T, Z]
     assert torch.equal(got, expected)
-    assert {ZERO, ALL_POSITIVE, MIXED_TOP, MIXED_BELOW}.issubset(set(got.unique().tolist()))
+    assert {ZERO, ALL_POSITIVE}.issubset(set(got.unique().tolist())) and int(got.max()) > ALL_NEGATIVE
 
 
-def test_strided_conv_extrema_are_those_of_the_rows():
+def test_strided_conv_plane_classes_are_those_of_the_rows():
     torch.manual_seed(6)
     levels = torch.randint(0, 8, (2, 4, 9, 9)).float()
-    high, low = conv_patch_extrema(levels, (3, 4, 3, 3), 16, (2, 2), (0, 0, 0, 0), (1, 1))
+    classes = conv_plane_classes(levels, 3, (3, 4, 3, 3), 16, (2, 2), (0, 0, 0, 0), (1, 1))
     patches = im2col(levels, (3, 3), (2, 2), (1, 1)).reshape(-1, 36)
-    tiles = tile_columns(patches, 16)  # [n, 3, 16], the last tile 4 real rows
-    real = tile_row_counts(36, 16)
-    for t in range(3):
-        assert torch.equal(high[:, t].reshape(-1), tiles[:, t, :real[t]].amax(-1))
-        assert torch.equal(low[:, t].reshape(-1), tiles[:, t, :real[t]].amin(-1))
+    expected = row_classes(tile_columns(patches, 16), 3, tile_row_counts(36, 16))  # last tile: 4 rows
+    assert torch.equal(classes.permute(0, 3, 4, 2, 1).reshape(-1, 3, 3), expected)
 
 
-def test_linear_patch_classes_are_those_of_the_rows():
+def test_linear_plane_classes_are_those_of_the_rows():
     torch.manual_seed(1)
     levels = torch.randint(-7, 8, (16, 20)).float()
     levels[:4] = 0
     levels[4:8] = -5
-    high, low = linear_patch_extrema(levels, 20, 8)  # [n, T]
-    classes = classes_of_extrema(high, low, 3, 7, bit_dim=1)  # [n, Z, T]
+    classes = linear_plane_classes(levels, 3, 20, 8)  # [n, Z, T]
     expected = row_classes(tile_columns(levels, 8), 3, tile_row_counts(20, 8))  # [n, T, Z]
     assert torch.equal(classes.transpose(1, 2), expected)
     assert {ZERO, ALL_NEGATIVE}.issubset(set(expected.unique().tolist()))
-
-
-def test_code_tables_sum_the_classes_of_each_bit():
-    """A patch code's table row is the sum over bits of the row of that bit's class."""
-    torch.manual_seed(7)
-    mean, var = torch.randn(5, 3, 2, 4), torch.rand(5, 3, 2, 4)
-    mean_codes, var_codes = code_tables(mean, var, 7)
-    high, low = torch.tensor([5.0, 6.0, -3.0]), torch.tensor([5.0, 0.0, -3.0])
-    codes = patch_codes(high, low, 3, 7)
-    classes = classes_of_extrema(high, low, 3, 7, bit_dim=1)  # [3, Z]
-    for row in range(3):
-        for t in range(2):
-            expected = sum(mean[classes[row, z], z, t] for z in range(3))
-            assert torch.allclose(mean_codes[t, codes[row]], expected)
-            assert torch.allclose(var_codes[t, codes[row]], sum(var[classes[row, z], z, t] for z in range(3)))
 
 
 def test_known_reads_get_the_simulators_exact_error():

@@ -109,11 +109,9 @@ from nipa.estimation.plane_states import (
     ALL_POSITIVE,
     KNOWN,
     ZERO,
-    code_tables,
-    conv_patch_extrema,
-    linear_patch_extrema,
+    conv_plane_classes,
+    linear_plane_classes,
     num_classes,
-    patch_codes,
     row_classes,
     tile_row_counts,
 )
@@ -233,14 +231,10 @@ class InjectedCore(nn.Module):
         # variance, in units of scale_w * (integer read) (nipa.estimation.plane_states).
         self.register_buffer("plane_mean", None, persistent=False)
         self.register_buffer("plane_var", None, persistent=False)
-        self.register_buffer("plane_std", None, persistent=False)
         if planes is not None:
             mean, var = planes  # [C, Z, T, out]
             scale = self.weight_scale.t().float()  # [T, out]
-            # Summed per patch code (nipa.estimation.plane_states.code_tables): [T, codes, out].
-            self.plane_mean, self.plane_var = code_tables(mean.float() * scale, var.float() * scale.square(),
-                                                          max_level(hw.wl_input))
-            self.plane_std = self.plane_var.clamp(min=0).sqrt()
+            self.plane_mean, self.plane_var = mean.float() * scale, var.float() * scale.square()
         if conditional is not None:
             lo, width, mean, std = conditional
             self.conditional_bins = mean.shape[1]
@@ -305,28 +299,25 @@ class _InjectedLayer(nn.Module):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # as nipa.hardware.quant.input_scale
         return torch.div(x, scale).round_().clamp_(-levels, levels).mul_(scale), scale
 
-    def _plane_error(self, y: torch.Tensor, high: torch.Tensor, low: torch.Tensor, scale_in: torch.Tensor,
+    def _plane_error(self, y: torch.Tensor, classes: torch.Tensor, scale_in: torch.Tensor,
                      channel_dim: int) -> torch.Tensor:
-        """y + scale_in (the known reads' exact errors, the mixed planes' mean and fresh noise of their
-        deviation), from the extrema of every (patch, tile), [n, T, OH, OW] (conv) or [..., T] (linear):
-        one table row per tile and output, summed by one embedding bag per table."""
+        """y + scale_in (per plane class, its mean error and fresh noise of its deviation), from the
+        plane classes [n, Z, T, OH, OW] (conv) or [..., Z, T] (linear). Each output sums one table row
+        per (bit, tile): one embedding bag per table, no one-hot tensor."""
         core = self.core
-        tiles, codes, out = core.plane_mean.shape
-        code = patch_codes(high, low, self.wl_input - 1, max_level(self.wl_input))
+        _, bits, tiles, out = core.plane_mean.shape
         if channel_dim == 1:
-            code = code.permute(0, 2, 3, 1)  # [n, OH, OW, T]
-        index = (code + torch.arange(tiles, device=code.device) * codes).reshape(-1, tiles)
+            classes = classes.permute(0, 3, 4, 1, 2)  # [n, OH, OW, Z, T]
+        shape = classes.shape[:-2]
+        slot = torch.arange(bits * tiles, device=classes.device).view(bits, tiles)
+        index = (classes * (bits * tiles) + slot).reshape(-1, bits * tiles)
         offset = F.embedding_bag(index, core.plane_mean.reshape(-1, out), mode="sum")
-        if tiles == 1:  # one row per output: its deviation directly
-            std = F.embedding_bag(index, core.plane_std.reshape(-1, out), mode="sum")  # faster than embedding
-        else:
-            std = F.embedding_bag(index, core.plane_var.reshape(-1, out), mode="sum").clamp_(min=0).sqrt_()
+        std = F.embedding_bag(index, core.plane_var.reshape(-1, out), mode="sum").clamp_(min=0).sqrt_()
         # In the [rows, out] layout of the tables (the normals' layout does not matter): one strided
         # pass over a convolution's output at the end, not one per operation.
         error = offset.addcmul_(self._normals(offset), std).mul_(scale_in)
         if channel_dim == 1:
-            n, height, width = code.shape[:3]
-            return y.add_(error.view(n, height, width, out).permute(0, 3, 1, 2))
+            return y.add_(error.view(*shape, out).permute(0, 3, 1, 2))
         return y.add_(error.view(y.shape))
 
     def _output_noise(self, y: torch.Tensor, scale_in: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -381,8 +372,9 @@ class InjectedLinear(_InjectedLayer):
         x, scale_in = self._quantized_input(x)
         y = F.linear(x, self.weight, self.bias)
         if self.core.plane_mean is not None:
-            high, low = linear_patch_extrema(torch.round(x / scale_in), self.core.fan_in, self.core.rows)
-            return self._plane_error(y, high, low, scale_in, -1)
+            classes = linear_plane_classes(torch.round(x / scale_in), self.wl_input - 1, self.core.fan_in,
+                                           self.core.rows)
+            return self._plane_error(y, classes, scale_in, -1)
         return self._output_noise(y, scale_in, -1)
 
 
@@ -402,9 +394,9 @@ class InjectedConv2d(_InjectedLayer):
         x, scale_in = self._quantized_input(x)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if self.core.plane_mean is not None:
-            high, low = conv_patch_extrema(torch.round(x / scale_in), self.core.weight_shape, self.core.rows,
-                                           self.stride, _explicit_padding(self), self.dilation)
-            return self._plane_error(y, high, low, scale_in, 1)
+            classes = conv_plane_classes(torch.round(x / scale_in), self.wl_input - 1, self.core.weight_shape,
+                                         self.core.rows, self.stride, _explicit_padding(self), self.dilation)
+            return self._plane_error(y, classes, scale_in, 1)
         return self._output_noise(y, scale_in, 1)
 
 
@@ -645,8 +637,8 @@ class AdcError:
     input_power: torch.Tensor  # [T] E ||x_q,t||^2, integer input levels
     # The error as a function of the ideal output (`conditional_error`): (lo, width, mean, std).
     conditional: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    # The "planes" form (nipa.estimation.plane_states), integer units before scale_w: the mean error per
-    # (state, bit, tile, output) [4, Z, T, out] and the variance of a mixed plane's error [Z, T, out].
+    # The "planes" form (nipa.estimation.plane_states), integer units before scale_w: the mean error and
+    # variance per (class, bit, tile, output) [C, Z, T, out].
     planes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def weight_variance(self) -> torch.Tensor:

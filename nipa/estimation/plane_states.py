@@ -13,8 +13,11 @@ noise: a background patch that every image repeats errs alike everywhere. The "p
 errors exactly. The other ("mixed") planes are classed by how many rows they set (1, 2, 3-4, 5-8, ...):
 a plane with few rows set has a small read, which a coarse ADC rounds to the zero read's level (its
 signal lost, a deterministic error), a dense plane's read errs like noise. Per class the mean error is
-applied and fresh noise of the class's deviation drawn (docs/estimate_analysis.md). This module finds the
-plane classes of a layer's input; the tables come from `nipa.estimation.inject.AdcCalibration`.
+applied and fresh noise of the class's deviation drawn (docs/estimate_analysis.md). This module counts
+the set rows of every (patch, tile, bit) plane and classes them; the tables come from
+`nipa.estimation.inject.AdcCalibration`. (Classing planes from a patch's bitwise OR/AND and extrema
+alone, without the counts, was measured 2.2x instead of 3-5x plain inference but lost the sparse
+planes' class: 4-5 points further off at 3-bit ADCs, docs/estimate_analysis.md section 7.)
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Plane classes: the three known reads, then the mixed planes: the patch's top bit (its largest
-# level's highest set bit: a sparse plane, at least one row set) and the bits below it.
-ZERO, ALL_POSITIVE, ALL_NEGATIVE, MIXED_TOP, MIXED_BELOW = range(5)
+# Plane classes: the three known reads, then the mixed planes by log2 of their set rows.
+ZERO, ALL_POSITIVE, ALL_NEGATIVE = range(3)
 KNOWN = 3
-CLASSES = 5
+MIXED_CLASSES = 10  # set rows 1, 2, 3-4, ..., 257-512, and above
 
 
 def num_classes() -> int:
-    return CLASSES
+    return KNOWN + MIXED_CLASSES
+
+
+def mixed_class(set_rows: int) -> int:
+    """The class of a mixed plane with `set_rows` rows set."""
+    return KNOWN + min(max(0, (set_rows - 1).bit_length()), MIXED_CLASSES - 1)
 
 
 def tile_row_counts(fan_in: int, rows: int) -> torch.Tensor:
@@ -41,55 +48,35 @@ def tile_row_counts(fan_in: int, rows: int) -> torch.Tensor:
     return counts
 
 
-def patch_codes(high: torch.Tensor, low: torch.Tensor, bits: int, max_level: int) -> torch.Tensor:
-    """One code per (row, tile) patch from its largest and smallest input level, which fixes the class
-    of every bit plane (`code_classes`): 1 + the top bit of its largest magnitude (0..bits) for a patch
-    that is not constant, bits + 1 + (level + max_level) for a constant one."""
-    high, low = high.round().long(), low.round().long()
-    magnitude = torch.maximum(high.abs(), low.abs())
-    top = torch.floor(torch.log2(magnitude.clamp(min=1).double())).long() + (magnitude > 0).long()
-    return torch.where(high == low, bits + 1 + high + max_level, top)
+def _class_of_count(most: int, device: torch.device) -> torch.Tensor:
+    """[most + 1]: the class of a plane with that many rows set, ignoring signs (0 -> ZERO)."""
+    count = torch.arange(most + 1, device=device)
+    bucket = torch.ceil(torch.log2(count.clamp(min=1).double())).long()  # 1 -> 0, 2 -> 1, 3-4 -> 2, ...
+    classes = KNOWN + bucket.clamp(max=MIXED_CLASSES - 1)
+    classes[0] = ZERO
+    return classes
 
 
-def code_classes(bits: int, max_level: int) -> torch.Tensor:
-    """[codes, bits]: the class of bit plane z for each patch code (`patch_codes`). A constant patch has
-    a known read in every plane (bit z of its level set: all positive or all negative, else zero);
-    otherwise planes above the top bit of its largest magnitude are zero and the others mixed (the top
-    one, then those below it). Planes below the top bit that happen to be empty are classed mixed:
-    finding them needs a count per bit, measured at several times the cost of the layer itself."""
-    z = torch.arange(bits)
-    top = torch.arange(bits + 1).view(-1, 1) - 1  # codes 0..bits: top bit -1..bits-1
-    mixed = torch.where(z > top, ZERO, torch.where(z == top, MIXED_TOP, MIXED_BELOW))
-    level = torch.arange(-max_level, max_level + 1).view(-1, 1)
-    set_bit = ((level.abs() >> z) & 1).bool()
-    known = torch.where(set_bit, torch.where(level > 0, ALL_POSITIVE, ALL_NEGATIVE), ZERO)
-    return torch.cat([mixed, known]).long()
-
-
-def classes_of_extrema(high: torch.Tensor, low: torch.Tensor, bits: int, max_level: int,
-                       bit_dim: int) -> torch.Tensor:
-    """high, low [...] -> int64 plane classes with a bit axis of size `bits` inserted at `bit_dim`."""
-    classes = code_classes(bits, max_level).to(high.device)[patch_codes(high, low, bits, max_level)]
-    return classes.movedim(-1, bit_dim)
-
-
-def code_tables(mean: torch.Tensor, var: torch.Tensor, max_level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patch code the summed mean error and variance of its planes: mean, var [C, Z, T, out] (per
-    class, bit, tile, output) -> [T, codes, out] each, so that a forward adds one table row per tile."""
-    classes = code_classes(mean.shape[1], max_level).to(mean.device)  # [codes, Z]
-    z = torch.arange(mean.shape[1], device=mean.device)
-    picked_mean = mean[classes, z]  # [codes, Z, T, out]
-    picked_var = var[classes, z]
-    return picked_mean.sum(1).transpose(0, 1).contiguous(), picked_var.sum(1).transpose(0, 1).contiguous()
+def plane_class(count_pos: torch.Tensor, count_neg: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The class (int64) of planes with `count_pos` / `count_neg` rows set to +1 / -1 out of `real`."""
+    count = (count_pos + count_neg).long()
+    classes = _class_of_count(int(real.max()) if real.numel() else 0, count.device)[count.clamp(min=0)]
+    classes = torch.where(count_pos == real, ALL_POSITIVE, classes)
+    return torch.where(count_neg == real, ALL_NEGATIVE, classes)
 
 
 def row_classes(x_tiles: torch.Tensor, bits: int, tile_rows: torch.Tensor) -> torch.Tensor:
-    """Class of every (row, tile, bit) plane: x_tiles [n, T, S] integer input levels (the last tile
-    zero-padded beyond its real rows) -> [n, T, bits] int64."""
-    real = torch.arange(x_tiles.shape[-1], device=x_tiles.device) < tile_rows.to(x_tiles.device).view(-1, 1)
-    high = torch.where(real, x_tiles, torch.full_like(x_tiles, -torch.inf)).amax(-1)
-    low = torch.where(real, x_tiles, torch.full_like(x_tiles, torch.inf)).amin(-1)
-    return classes_of_extrema(high, low, bits, 2**bits - 1, bit_dim=2)
+    """Class of every (row, tile, bit) plane: x_tiles [n, T, S] integer input levels (zero-padded last
+    tile) -> [n, T, bits] int64."""
+    magnitude = x_tiles.abs().to(torch.int32)
+    positive, negative = x_tiles > 0, x_tiles < 0
+    real = tile_rows.to(x_tiles.device).view(1, -1, 1)
+    classes = []
+    for z in range(bits):
+        bit = ((magnitude >> z) & 1).bool()
+        classes.append(plane_class((bit & positive).sum(-1, keepdim=True), (bit & negative).sum(-1, keepdim=True),
+                                   real))
+    return torch.cat(classes, dim=-1)
 
 
 def _tile_pieces(fan_in: int, rows: int, window: int) -> list[list[tuple[int, int, list[int] | None]]]:
@@ -107,74 +94,73 @@ def _tile_pieces(fan_in: int, rows: int, window: int) -> list[list[tuple[int, in
     return pieces
 
 
-def _window_max(x: torch.Tensor, kh: int, kw: int, out_h: int, out_w: int, stride, dilation) -> torch.Tensor:
-    """The max over each output's kernel window, separably (kernel rows, then columns) with strided
-    slices: [..., H, W] -> [..., OH, OW]. Measured several times faster than max_pool2d on a CPU for
-    these few-channel tensors."""
-    (sh, sw), (dh, dw) = stride, dilation
-    rows = x[..., 0:(out_h - 1) * sh + 1:sh, :]
-    for i in range(1, kh):
-        rows = torch.maximum(rows, x[..., i * dh:i * dh + (out_h - 1) * sh + 1:sh, :])
-    out = rows[..., 0:(out_w - 1) * sw + 1:sw]
-    for j in range(1, kw):
-        out = torch.maximum(out, rows[..., j * dw:j * dw + (out_w - 1) * sw + 1:sw])
-    return out
+def conv_plane_classes(levels: torch.Tensor, bits: int, weight_shape: tuple[int, ...], rows: int,
+                       stride, padding: tuple[int, int, int, int], dilation) -> torch.Tensor:
+    """Plane classes of a convolution's input patches: levels [N, C, H, W] integer input levels ->
+    [N, bits, T, OH, OW] int64.
 
-
-def conv_patch_extrema(levels: torch.Tensor, weight_shape: tuple[int, ...], rows: int,
-                       stride, padding: tuple[int, int, int, int], dilation) -> tuple[torch.Tensor, torch.Tensor]:
-    """The largest and smallest input level of every (patch, tile): levels [N, C, H, W] integer input
-    levels -> (high, low) [N, T, OH, OW]. Each tile's rows are the crossbar's (the fan-in order of a flattened
-    conv weight, channel-major; zero padding is part of a patch): the extrema over a tile's channels
-    first, then over the kernel positions by strided slices."""
+    Each tile's rows are the crossbar's (the fan-in order of a flattened conv weight, channel-major; zero
+    padding is part of a patch). Per bit, the set rows are summed over the tile's channels first, then
+    over the kernel window by strided slices, separably (measured several times faster than a
+    convolution or a pooling with a one-channel kernel on a CPU); a channel that a tile boundary splits
+    adds the kernel positions of its rows in that tile. Counts are small integers, exact in float32."""
     _, channels, kh, kw = weight_shape
     (sh, sw), (dh, dw) = stride, dilation
     if any(padding):
         levels = F.pad(levels, padding)
     height, width = levels.shape[-2:]
     out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    pieces = _tile_pieces(channels * kh * kw, rows, kh * kw)
+    magnitude = levels.abs().to(torch.int32)
 
-    def at(x: torch.Tensor, position: int) -> torch.Tensor:  # the kernel position's input under each output
-        i, j = divmod(position, kw)
+    def at(x: torch.Tensor, i: int, j: int) -> torch.Tensor:
         return x[..., i * dh:i * dh + (out_h - 1) * sh + 1:sh, j * dw:j * dw + (out_w - 1) * sw + 1:sw]
 
-    tiles = _tile_pieces(channels * kh * kw, rows, kh * kw)
-    # The whole-window pieces of every tile, highs and negated lows, pooled in one call.
-    whole = [(t, c0, c1) for t, tile in enumerate(tiles) for c0, c1, positions in tile if positions is None]
+    def window_sum(x: torch.Tensor) -> torch.Tensor:  # [..., H, W] -> [..., OH, OW], the whole window
+        rows_sum = x[..., 0:(out_h - 1) * sh + 1:sh, :]
+        for i in range(1, kh):
+            rows_sum = rows_sum + x[..., i * dh:i * dh + (out_h - 1) * sh + 1:sh, :]
+        out = rows_sum[..., 0:(out_w - 1) * sw + 1:sw]
+        for j in range(1, kw):
+            out = out + rows_sum[..., j * dw:j * dw + (out_w - 1) * sw + 1:sw]
+        return out
 
-    def channel_extrema(c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part = levels[:, c0:c1]
-        return (part.amax(1), part.amin(1)) if c1 - c0 > 1 else (part[:, 0], part[:, 0])
+    def counts(selected: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] 0/1 -> [N, T, OH, OW]
+        per_tile = []
+        for tile in pieces:
+            total = None
+            for c0, c1, positions in tile:
+                part = selected[:, c0:c1].sum(1, dtype=torch.float32)
+                if positions is None:
+                    value = window_sum(part)
+                else:
+                    value = sum(at(part, *divmod(p, kw)) for p in positions)
+                total = value if total is None else total + value
+            per_tile.append(total)
+        return torch.stack(per_tile, 1)
 
-    pooled = None
-    if whole:
-        extrema = [channel_extrema(c0, c1) for _, c0, c1 in whole]
-        stacked = torch.stack([e[0] for e in extrema] + [-e[1] for e in extrema], 1)
-        pooled = _window_max(stacked, kh, kw, out_h, out_w, stride, dilation)
-    highs: list[torch.Tensor | None] = [None] * len(tiles)
-    lows: list[torch.Tensor | None] = [None] * len(tiles)
-    for i, (t, _, _) in enumerate(whole):
-        highs[t], lows[t] = pooled[:, i], -pooled[:, len(whole) + i]
-    for t, tile in enumerate(tiles):
-        for c0, c1, positions in tile:
-            if positions is None:
-                continue
-            part_high, part_low = channel_extrema(c0, c1)
-            high = torch.stack([at(part_high, p) for p in positions]).amax(0)
-            low = torch.stack([at(part_low, p) for p in positions]).amin(0)
-            highs[t] = high if highs[t] is None else torch.maximum(highs[t], high)
-            lows[t] = low if lows[t] is None else torch.minimum(lows[t], low)
-    return torch.stack(highs, 1), torch.stack(lows, 1)
+    signed = bool((levels < 0).any())
+    positive, negative = (levels > 0), (levels < 0)
+    count_pos, count_neg = [], []
+    for z in range(bits):
+        bit = ((magnitude >> z) & 1).bool()
+        if signed:
+            count_pos.append(counts(bit & positive))
+            count_neg.append(counts(bit & negative))
+        else:
+            count_pos.append(counts(bit))
+    count_pos = torch.stack(count_pos, 1)  # [N, Z, T, OH, OW]
+    count_neg = torch.stack(count_neg, 1) if signed else torch.zeros_like(count_pos)
+    real = tile_row_counts(channels * kh * kw, rows).to(levels.device, torch.float32).view(1, 1, -1, 1, 1)
+    return plane_class(count_pos, count_neg, real)
 
 
-def linear_patch_extrema(levels: torch.Tensor, fan_in: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """levels [..., fan_in] -> (high, low) [..., T]: the extrema of a linear layer's rows per tile."""
+def linear_plane_classes(levels: torch.Tensor, bits: int, fan_in: int, rows: int) -> torch.Tensor:
+    """levels [..., fan_in] -> [..., bits, T] plane classes of a linear layer's rows."""
     tile_rows = tile_row_counts(fan_in, rows)
     tiles = tile_rows.numel()
     pad = tiles * rows - fan_in
     x = F.pad(levels, (0, pad)) if pad else levels
     x = x.reshape(*levels.shape[:-1], tiles, rows)
-    real = torch.arange(rows, device=x.device) < tile_rows.to(x.device).view(-1, 1)
-    high = torch.where(real, x, torch.full_like(x, -torch.inf)).amax(-1)
-    low = torch.where(real, x, torch.full_like(x, torch.inf)).amin(-1)
-    return high, low
+    return row_classes(x.reshape(-1, tiles, rows), bits, tile_rows).reshape(*levels.shape[:-1], tiles, bits
+                                                                            ).transpose(-1, -2)
