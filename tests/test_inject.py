@@ -398,3 +398,14 @@ def test_wrap_error_published_method_with_statistics(digits_ckpt_dir, ground_tru
     records = read_records(out)
     assert len(records) == 4 and records[0]["injection"] == "device=formula,adc=formula"
     assert (tmp_path / "w_published_summary.json").is_file()  # named after --out and the method
+
+
+def test_wrap_error_planes_method(digits_ckpt_dir, ground_truth, tmp_path):
+    """--method planes end to end: its records name the form, and they are its own (not the default's)."""
+    folder, truth = ground_truth
+    out = tmp_path / "w.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, out, "--method", "planes", "--cycle", "1", "--time_points", "0") == 0
+    records = read_records(out)
+    assert len(records) == 4 and records[0]["injection"] == "device=cells,adc=measured,adc_form=planes"
+    summary = json.loads((tmp_path / "w_planes_summary.json").read_text())
+    assert summary["points"] == 4 and 0 <= summary["mean_abs_error"] < 100
