@@ -227,8 +227,8 @@ class InjectedCore(nn.Module):
         self.conditional_bins = 0
         for buffer in ("cond_lo", "cond_inv_width", "cond_mean", "cond_std"):
             self.register_buffer(buffer, None, persistent=False)
-        # adc_form="planes": the mean error per (plane state, bit, tile, output) and a mixed plane's
-        # variance, in units of scale_w * (integer read) (nipa.estimation.plane_states).
+        # adc_form="planes": the mean error and variance per (plane class, bit, tile, output)
+        # [C, Z, T, out], in units of scale_w * (integer read) (nipa.estimation.plane_states).
         self.register_buffer("plane_mean", None, persistent=False)
         self.register_buffer("plane_var", None, persistent=False)
         if planes is not None:
