@@ -409,3 +409,20 @@ def test_wrap_error_planes_method(digits_ckpt_dir, ground_truth, tmp_path):
     assert len(records) == 4 and records[0]["injection"] == "device=cells,adc=measured,adc_form=planes"
     summary = json.loads((tmp_path / "w_planes_summary.json").read_text())
     assert summary["points"] == 4 and 0 <= summary["mean_abs_error"] < 100
+
+
+def test_wrap_error_times_the_planes_calibration_apart(digits_ckpt_dir, ground_truth, tmp_path, monkeypatch):
+    """The timed calibration measures what the planes form needs, so the timed draws measure nothing
+    (they did: the timing calibrated the output form's tables and the draws the planes' again)."""
+    folder, truth = ground_truth
+    calls = []
+    measure = AdcCalibration._measure
+
+    def counting(self, hw, bits, conditional=False, planes=False):
+        calls.append(planes)
+        return measure(self, hw, bits, conditional, planes)
+
+    monkeypatch.setattr(AdcCalibration, "_measure", counting)
+    out = tmp_path / "w.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, out, "--method", "planes", "--cycle", "1", "--time_points", "1") == 0
+    assert calls and all(calls)
