@@ -504,12 +504,7 @@ class _Reads:
                 reads = self._products(t, tile[start:start + self.chunk]).view(self.z, -1, self.k, self.out)
                 w = weight[start:start + self.chunk, None]
                 for a in adc_bits:
-                    levels = 2**a
-                    step = span / levels
-                    # A constant read (step 0) equals lo: index 0 gives it back, error 0.
-                    divisor = torch.where(step > 0, step, torch.ones_like(step))
-                    index = (reads - lo_t).div_(divisor).round_().clamp_(0, levels)
-                    error = index.mul_(step).add_(lo_t).sub_(reads)
+                    error = _read_error(reads, lo_t, span / 2**a, 2**a)
                     total = error.mul_(significance).sum(dim=(0, 2))  # [c, out]
                     power[a][:, t] += (total.double().square_() * w).sum(0)
         return power
@@ -537,10 +532,7 @@ class _Reads:
                 reads = self._products(t, x[start:start + self.chunk, t]).view(self.z, -1, self.k, self.out)
                 u[start:start + self.chunk] += (reads * significance).sum(dim=(0, 2)).double() * scale
                 for a in adc_bits:
-                    step = span / 2**a
-                    divisor = torch.where(step > 0, step, torch.ones_like(step))
-                    index = (reads - lo_t).div_(divisor).round_().clamp_(0, 2**a)
-                    error = index.mul_(step).add_(lo_t).sub_(reads)
+                    error = _read_error(reads, lo_t, span / 2**a, 2**a)
                     errors[a][start:start + self.chunk] += error.mul_(significance).sum(dim=(0, 2)).double() * scale
         return u, errors
 
@@ -571,19 +563,20 @@ class _Reads:
             count = torch.zeros(num, self.z, self.num_tiles, dtype=torch.float64, device=device)
             exact = torch.zeros(KNOWN, self.z, self.num_tiles, self.out, dtype=torch.float64, device=device)
             for t in range(self.num_tiles):
-                lo_t = lo[t].view(self.z, self.k, 1)
+                lo_t = lo[t].view(self.z, self.k, 1)  # [Z, K, 1] for the known reads [Z, K, out]
                 step = (hi[t].view(self.z, self.k, 1) - lo_t) / levels
-                error = partial(_read_error, lo=lo_t, step=step, levels=levels)
+                known_error = partial(_read_error, lo=lo_t, step=step, levels=levels)
+                sampled_error = partial(_read_error, lo=lo_t.unsqueeze(1), step=step.unsqueeze(1), levels=levels)
                 for c, sign in ((ZERO, 0.0), (ALL_POSITIVE, 1.0), (ALL_NEGATIVE, -1.0)):
                     reads = (sign * column_sums[:, :, t]).unsqueeze(0).expand(self.z, -1, -1)  # [Z, K, out]
-                    e = ((error(reads) * k_weight).sum(1) * z_weight.view(-1, 1)).double()  # [Z, out]
+                    e = ((known_error(reads) * k_weight).sum(1) * z_weight.view(-1, 1)).double()  # [Z, out]
                     exact[c, :, t] = e
                     total[c, :, t] = e * class_counts[c, :, t].view(-1, 1)
                     count[c, :, t] = class_counts[c, :, t]
                 for start in range(0, sample.shape[0], self.chunk):
                     reads = self._products(t, sample[start:start + self.chunk, t]).view(
                         self.z, -1, self.k, self.out)
-                    e = ((error(reads) * k_weight.unsqueeze(1)).sum(2) * z_weight).double()  # [Z, c, out]
+                    e = ((sampled_error(reads) * k_weight.unsqueeze(1)).sum(2) * z_weight).double()  # [Z, c, out]
                     hot = F.one_hot(sample_classes[start:start + self.chunk, t], num).double()  # [c, Z, C]
                     hot[..., :KNOWN] = 0  # the known reads are counted exactly above
                     total[KNOWN:, :, t] += torch.einsum("zco,czk->kzo", e, hot)[KNOWN:]
@@ -821,13 +814,11 @@ class AdcCalibration:
 
 
 def _read_error(reads: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
-    """ADC(P) - P for reads [Z, (c,) K, out] with the range lo, step [Z, K, 1] (the simulator's rule; a
-    constant read, step 0, has no error)."""
-    shape = (lo.shape[0],) + (1,) * (reads.dim() - 3) + tuple(lo.shape[1:])
-    lo, step = lo.view(shape), step.view(shape)
+    """ADC(P) - P for reads P with the range lo and step = (hi - lo) / levels broadcastable to them (the
+    simulator's rule). A constant read (step 0) equals lo: index 0 gives it back, error 0."""
     divisor = torch.where(step > 0, step, torch.ones_like(step))
-    index = (reads - lo).div(divisor).round().clamp(0, levels)
-    return index * step + lo - reads
+    index = (reads - lo).div_(divisor).round_().clamp_(0, levels)
+    return index.mul_(step).add_(lo).sub_(reads)
 
 
 def _plane_tables(sums: dict[str, torch.Tensor], batches: int) -> tuple[torch.Tensor, torch.Tensor]:
