@@ -5,7 +5,7 @@ slice, as the original tool computed) and "naive" (one small product per tile, i
 and against plain float inference of the same model, in one run on one machine.
 
     python bench/simulator.py [--quick] [--batch N] [--device cpu|cuda] [--memory_mb MB] [--vari V]
-                              [--compile on|off] [--out results/bench/simulator.json]
+                              [--compile on|off] [--lookup on|off] [--out results/bench/simulator.json]
 
 Workloads: the default SmallCNN on a batch of 1x28x28 inputs; ResNet-18 (CIFAR shapes) on a batch of
 3x32x32 inputs, the whole model and a representative subset of its layers (one 3x3 conv per stage,
@@ -26,8 +26,11 @@ quarter of the free memory on a GPU; `--memory_mb` sets another), so peak memory
 `nipa.simulator.crossbar.CrossbarCore._product_dtype`); `profile_fast` the top operators of one fast forward and
 the shares of products, compiled kernels and the rest.
 
-The fast simulator runs with its element-wise kernels compiled (`--compile on`, as main.py with
-NIPA_COMPILE=1; each record's "kernels" says what ran) or eager (`--compile off`).
+On a CPU the fast simulator's reads run in its lookup kernel (`--lookup on`, the default everywhere:
+`nipa.simulator.plane_lookup`, partial sums by table lookup with the ADC read fused, each record's
+"products" says what ran) or as batched products followed by the element-wise ADC chain (`--lookup off`,
+NIPA_LOOKUP=0), whose kernels run compiled (`--compile on`, as main.py with NIPA_COMPILE=1; "kernels"
+says what ran) or eager (`--compile off`).
 
 Correctness check: the timed fast and naive runs use the real cells, so their end-to-end outputs agree
 only up to rare ADC level flips (a partial sum that float rounding puts on the other side of a rounding
@@ -113,6 +116,15 @@ def kernel_mode(method: str) -> str | None:
     from nipa.simulator.crossbar import compile_mode
 
     return compile_mode()
+
+
+def product_mode(method: str) -> str | None:
+    """How the fast simulator's reads ran: 'lookup' (the CPU kernel), 'matmul', or both."""
+    if method != "fast":
+        return None
+    from nipa.simulator.crossbar import product_mode as mode
+
+    return mode()
 
 
 def max_rel_diff(actual: Any, expected: Any) -> float:
@@ -235,6 +247,7 @@ def measure(
         "repeats": len(times),
         "convert_seconds": convert_s,
         "kernels": kernel_mode(method),
+        "products": product_mode(method),
     }
     if layer_times:
         result["layer_seconds"] = {name: statistics.median(ts) for name, ts in layer_times.items()}
@@ -319,6 +332,8 @@ def op_group(op: str) -> str:
     range, quantize-weight-sum chain, bit planes), compilation, or the rest (eager element-wise work)."""
     if op in PRODUCT_OPS:
         return "products"
+    if op.startswith("nipa::plane_lookup"):  # the lookup kernel: products, fused with the ADC reads
+        return "lookup kernel"
     if "CompiledFxGraph" in op:
         return "compiled kernels"
     if "dynamo" in op or "compile" in op.lower() or "Dispatch" in op:
@@ -421,9 +436,12 @@ def run_worker(
         str(save),
         "--compile",
         args.compile,
+        "--lookup",
+        args.lookup,
     ] + (["--vari", str(args.vari)] if args.vari is not None else []) + (
         ["--memory_mb", str(args.memory_mb)] if args.memory_mb is not None else [])
-    env = {**os.environ, "NIPA_COMPILE": "1" if args.compile == "on" else "0"}
+    env = {**os.environ, "NIPA_COMPILE": "1" if args.compile == "on" else "0",
+           "NIPA_LOOKUP": "1" if args.lookup == "on" else "0"}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"worker {workload}/{method} failed:\n{done.stderr[-4000:]}")
@@ -534,6 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset of smallcnn,resnet18,resnet18_subset",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the profile of one fast forward")
+    parser.add_argument("--lookup", choices=("on", "off"), default="on",
+                        help="the fast simulator's CPU lookup kernel (nipa/simulator/plane_lookup.c; on, the "
+                             "default of main.py) or batched products and the ADC chain (off, NIPA_LOOKUP=0)")
     parser.add_argument("--compile", choices=("on", "off"), default="on",
                         help="the fast simulator's element-wise kernels compiled with torch.compile (on, what "
                              "NIPA_COMPILE=1 gives main.py) or eager (off)")
@@ -593,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_mb": BUDGET.get("memory_mb") or default_budget(device),
         "product_seconds": product_formats(device),
         "fast_kernels_requested": args.compile,
+        "lookup_requested": args.lookup,
         "repeats_requested": args.repeats,
         "repeat_budget_s": args.budget,
         "warm_up": "one forward on 2 samples per method before timing",
@@ -663,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             if workload:
                 # The profile runs in this process: the fast simulator's kernels as the workers ran them.
                 os.environ["NIPA_COMPILE"] = "1" if args.compile == "on" else "0"
+                os.environ["NIPA_LOOKUP"] = "1" if args.lookup == "on" else "0"
                 print(
                     f"[{time.perf_counter() - started:7.1f}s] profile of one fast forward ({workload}) ...",
                     flush=True,

@@ -138,8 +138,11 @@ def test_per_read_redraws_every_forward_but_keeps_faults() -> None:
 
 
 def _force_fastest(monkeypatch, fastest: torch.dtype) -> None:
-    """Pretend only `fastest` (besides float32) was timed faster than float32 on this CPU."""
+    """Pretend only `fastest` (besides float32) was timed faster than float32 on this CPU, with the
+    batched products (the lookup kernel off)."""
     import nipa.simulator.crossbar as crossbar
+
+    monkeypatch.setenv("NIPA_LOOKUP", "0")
 
     seconds = {d: (0.5 if d == fastest else math.inf) for d in (torch.bfloat16, torch.int8)}
     monkeypatch.setitem(crossbar._PRODUCT_SECONDS, "cpu", {torch.float32: 1.0, **seconds})

@@ -39,7 +39,7 @@ from nipa.results.records import (
     timestamp,
 )
 from nipa.runtime import device_signature
-from nipa.simulator.crossbar import calibrate_adc, compile_mode, convert, mapped_layer_names, program_chip
+from nipa.simulator.crossbar import calibrate_adc, compile_mode, convert, mapped_layer_names, product_mode, program_chip
 from nipa.simulator.evaluate import describe_metrics, evaluate, resident_batches
 from nipa.workloads.workload import UserWorkloadOptions
 from nipa.workloads.zoo import dataset_id, model_id
@@ -181,7 +181,7 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
         # since either gives the same numbers up to float rounding.
         entry = {**common, "method": method, **fields, **metrics, "wall_s": round(seconds, 4),
                  "device": str(device), "time": timestamp(), "kernels": compile_mode(),
-                 "memory_mb": settings.memory_mb, **environment()}
+                 "products": product_mode(), "memory_mb": settings.memory_mb, **environment()}
         writer.append(entry)
         written.append(entry)
 

@@ -36,6 +36,7 @@ from nipa.hardware.quant import (
     slice_magnitude,
     tile_columns,
 )
+from nipa.simulator import plane_lookup
 
 DEFAULT_MEMORY_MB = 1024
 
@@ -163,6 +164,16 @@ def compile_mode() -> str:
     return ADC_CHAIN.mode
 
 
+_PRODUCTS_USED: set[str] = set()
+
+
+def product_mode() -> str:
+    """How this process's crossbar reads ran (recorded with results): 'lookup' (the CPU kernel,
+    `plane_lookup`), 'matmul' (batched products and the ADC chain), or both joined by '+'; 'none' before
+    the first read."""
+    return "+".join(sorted(_PRODUCTS_USED)) or "none"
+
+
 class CrossbarCore(nn.Module):
     """One weight matrix W [out, fan_in] programmed on crossbar tiles of `hw.subArray` rows."""
 
@@ -208,7 +219,7 @@ class CrossbarCore(nn.Module):
         k, out, t, rows = pairs.shape[-4:]
         lead = pairs.shape[:-4]
         moved = pairs.movedim(-2, -4).movedim(-1, -3)  # [..., T, rows, K, out]
-        return moved.reshape(*lead, t, rows, k * out)
+        return moved.reshape(*lead, t, rows, k * out).contiguous()  # rows of cells contiguous (plane_lookup)
 
     def _layer_id(self) -> int:
         return zlib.crc32(self.name.encode())
@@ -284,6 +295,12 @@ class CrossbarCore(nn.Module):
         sgn = sign[rows, tiles].permute(1, 0, 2)
         t, n, s = mag.shape
         z = len(bits)
+        if self._looks_up(magnitude, n * z):
+            partial = _workspace("partial", (t, z, n, self.num_slices * self.out_features), torch.float32,
+                                 magnitude.device)
+            plane_lookup.partial_sums(magnitude, sign, self.conductance.contiguous(), range(tiles.start, tiles.stop),
+                                      rows, bits, self.last_tile_rows, partial)
+            return partial.view(t, z, n, self.num_slices, self.out_features)
         dtype = self._product_dtype()
         split = dtype == torch.float32 and self._splits_cells()
         if split:
@@ -323,6 +340,15 @@ class CrossbarCore(nn.Module):
                 widened = _workspace("partial_float", partial.shape, torch.float32, partial.device)
                 partial = widened.copy_(partial)
         return partial.view(t, z, n, self.num_slices, self.out_features)
+
+    def _looks_up(self, magnitude: torch.Tensor, reads_per_tile: int) -> bool:
+        """Whether this product takes the CPU lookup kernel (`plane_lookup`): float32 cells (device
+        error) programmed once per chip, 8-bit input magnitudes, enough reads to pay for the tables."""
+        return (magnitude.dtype == torch.uint8 and self._lookup_enabled() and plane_lookup.worth_it(reads_per_tile))
+
+    def _lookup_enabled(self) -> bool:
+        return (self.slices.device.type == "cpu" and not self.per_read and self.hw.wl_input <= 9
+                and self.conductance.dtype == torch.float32 and plane_lookup.available())
 
     def _splits_cells(self) -> bool:
         """Float cells (device error) computed as three int8 parts (`_split_columns`): opt-in with
@@ -404,8 +430,10 @@ class CrossbarCore(nn.Module):
         """Live bytes per (tile, batch row, input bit) of one product: the partial sums in the product's
         dtype, the eager ADC chain's float32 copy of bfloat16 sums (float32 ones are quantized in
         place), the per-read sums over the slices and the input bit plane."""
-        dtype = self._product_dtype()
         columns = self.num_slices * self.out_features
+        if self._lookup_enabled():  # float32 sums, no bit planes
+            return 4 * columns + 4 * self.out_features
+        dtype = self._product_dtype()
         size = torch.empty((), dtype=_SUM_DTYPE.get(dtype, dtype)).element_size()
         widened = 4 * columns if dtype != torch.float32 and not _Kernel.wanted() else 0
         plane = torch.empty((), dtype=dtype).element_size() * self.rows
@@ -459,9 +487,17 @@ class CrossbarCore(nn.Module):
         unquantized.
         """
         t, z = partial.shape[:2]
-        weights = self.significance[bits.start:bits.stop].view(1, z, 1, -1, 1)  # [1, z, 1, K, 1]
         if lo is None:
+            weights = self.significance[bits.start:bits.stop].view(1, z, 1, -1, 1)  # [1, z, 1, K, 1]
             return (partial.float() * weights).sum(dim=3)
+        lo, divisor, coefficient, constant = self._adc_terms(lo, hi, bits, t)
+        return ADC_CHAIN(partial, lo, divisor, coefficient, constant, self.levels_tensor)
+
+    def _adc_terms(self, lo: torch.Tensor, hi: torch.Tensor, bits: range, t: int):
+        """ADC(P) = lo + step * index: the read's (lo, divisor, coefficient) [t, z, 1, K, 1] and constant
+        [t, z, 1, 1] for ranges broadcastable to [t, z, 1, K, 1], index weighted by 2^z 2^(ck) step."""
+        z = len(bits)
+        weights = self.significance[bits.start:bits.stop].view(1, z, 1, -1, 1)  # [1, z, 1, K, 1]
         levels = 2**self.hw.ADCprecision
         lo = lo.expand(t, z, 1, -1, 1)
         step = (hi.expand(t, z, 1, -1, 1) - lo) / levels
@@ -469,7 +505,7 @@ class CrossbarCore(nn.Module):
         divisor = torch.where(step > 0, step, torch.ones_like(step))
         coefficient = weights * step
         constant = (weights * lo).sum(dim=3)  # [t, z, 1, 1]
-        return ADC_CHAIN(partial, lo, divisor, coefficient, constant, self.levels_tensor)
+        return lo, divisor, coefficient, constant
 
     @torch.no_grad()  # rounding at every step: nothing to differentiate, and no graph to keep
     def forward(self, x: torch.Tensor, scale_in: torch.Tensor | None = None) -> torch.Tensor:
@@ -496,6 +532,10 @@ class CrossbarCore(nn.Module):
         n = x.shape[0]
         call = self.read_calls
         self.read_calls += 1
+        if not self.calibrating and self._looks_up(magnitude, n * (hw.wl_input - 1)):
+            _PRODUCTS_USED.add("lookup")
+            return self._lookup_forward(magnitude, sign, x) * scale_in
+        _PRODUCTS_USED.add("matmul")
         tile_chunk, bit_chunk, row_chunk = self._chunking(n)
         num_bits = hw.wl_input - 1
         tile_slices = [slice(t0, min(self.num_tiles, t0 + tile_chunk)) for t0 in range(0, self.num_tiles, tile_chunk)]
@@ -535,6 +575,52 @@ class CrossbarCore(nn.Module):
                 # Keep the order bits outer, tiles inner with tiles split: one bit per chunk (see _chunking).
                 assert len(bits) == 1
         return out * scale_in
+
+    def _lookup_forward(self, magnitude: torch.Tensor, sign: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with the lookup kernel's fused reads (`plane_lookup.adc_reads`): the partial sums
+        are never written to memory. A dynamic range takes a first pass over them (`read_range`); the
+        reads then run over blocks of rows whose per-(tile, bit) sums fit the memory budget, added to
+        the output in forward's order (bits outer, tiles inner)."""
+        hw = self.hw
+        n = x.shape[0]
+        tiles, bits, rows = range(self.num_tiles), range(hw.wl_input - 1), slice(0, n)
+        columns = self._vector_slice_columns()
+        shape = (self.num_tiles, len(bits), 1, self.num_slices, 1)
+        if hw.adc_mode in ("dynamic", "dynamic_tile"):
+            lo, hi = plane_lookup.read_range(magnitude, sign, columns, tiles, rows, bits, self.last_tile_rows,
+                                             self.num_slices, self.out_features)  # [T, Z, K]
+            if hw.adc_mode == "dynamic":
+                lo, hi = lo.amin(dim=0, keepdim=True), hi.amax(dim=0, keepdim=True)
+            lo, hi = lo.unsqueeze(2).unsqueeze(-1), hi.unsqueeze(2).unsqueeze(-1)
+        else:
+            probe = torch.empty(shape, device=x.device)  # adc_range_of reads only its shape
+            lo, hi = self.adc_range_of(probe)
+        lo, divisor, coefficient, constant = self._adc_terms(lo, hi, bits, self.num_tiles)
+        flat = (self.num_tiles, len(bits), self.num_slices)
+        per_row = self.num_tiles * len(bits) * self.out_features * 4
+        row_chunk = max(1, int(self.memory_mb * 2**20) // per_row)
+        scale_rows = self.weight_scale.t().contiguous()  # [T, out]
+        out = x.new_zeros(n, self.out_features)
+        for r0 in range(0, n, row_chunk):
+            block = slice(r0, min(n, r0 + row_chunk))
+            reads = plane_lookup.adc_reads(magnitude, sign, columns, tiles, block, bits, self.last_tile_rows,
+                                           self.num_slices, self.out_features, lo.reshape(flat),
+                                           divisor.reshape(flat), coefficient.reshape(flat), 2**hw.ADCprecision)
+            reads += constant  # [T, Z, rows, out] + [T, Z, 1, 1]
+            for bit in range(len(bits)):
+                for tile in tiles:
+                    out[block].addcmul_(reads[tile, bit], scale_rows[tile])
+        return out
+
+    def _vector_slice_columns(self) -> torch.Tensor:
+        """The cells in the lookup kernel's vector-slice order, converted once per programming (the cache
+        follows the buffer, as in `_columns_as`)."""
+        source = self.conductance
+        cached = getattr(self, "_ordered_cache", None)
+        if cached is None or cached[0] is not source or cached[1] != source._version:
+            cached = (source, source._version, plane_lookup.vector_slice_columns(source.float(), self.num_slices))
+            self._ordered_cache = cached
+        return cached[2]
 
     def _record_range(self, partial: torch.Tensor) -> None:
         lo = partial.amin(dim=(0, 1, 2, 4)).float()

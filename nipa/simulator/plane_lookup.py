@@ -1,0 +1,278 @@
+"""Table-lookup partial sums for the crossbar simulator on CPU (`plane_lookup.c`).
+
+A crossbar read multiplies a {-1, 0, 1} input bit plane by the cells. Four input rows can only select one
+of 16 sums of their cells, so the C kernel tabulates those sums once per (tile, block of columns) and
+adds one table row per group of four rows with a set bit: for 128-row tiles at most 32 vector additions
+per partial sum instead of 128 multiply-adds, and fewer where the planes are sparse. It holds any cells
+(device errors included) in float32; with integer cells every sum is exact.
+
+The kernel is compiled at first use with the system C compiler (`$CC`, else `cc`/`gcc`; -O3
+-march=native) into a cache (`$NIPA_CACHE_DIR`, else ~/.cache/nipa), keyed by the source, the flags and
+the CPU. Where no compiler works the simulator falls back to its batched products with a warning;
+NIPA_LOOKUP=0 turns the kernel off. It runs on Python threads (ctypes releases the GIL), one task per
+(tile, block of rows), each task's outputs summed by one thread in a fixed order: the result does not
+depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("plane_lookup.c")
+# No FMA contraction: every product and sum rounds as torch's do.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+_GROUP, _PATTERNS = 4, 16
+_VECTORS = (16, 8, 4, 2)  # column blocks of 16 x vectors floats the kernel is built for
+_ROW_BLOCK = 64  # rows whose read lists are kept (ROW_BLOCK in plane_lookup.c)
+_MIN_READS = 64  # below this many (row, bit) reads per tile the table costs more than it saves
+
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+_pool: ThreadPoolExecutor | None = None
+_scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and flags (first processor in /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(lines))  # one of each, in order
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NIPA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nipa")
+    return Path(root) / "kernels"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(),
+                                     _cpu_signature().encode(), sys.platform.encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"plane_lookup-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Compile to a private name, then rename: shards that start together never load a half-written file.
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed on {_SOURCE}: {result.stderr.strip()[:500]}")
+            os.replace(built, target)
+    library = ctypes.CDLL(str(target))
+    function = library.plane_lookup
+    function.restype = ctypes.c_int
+    pointer, long, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    function.argtypes = ([pointer, pointer, long, pointer] + [long] * 8
+                         + [pointer, long, integer, pointer, pointer, integer, long, long, pointer, ctypes.c_float,
+                            pointer])
+    return library
+
+
+def available() -> bool:
+    """True when the kernel is enabled and compiled (compiling it on the first call)."""
+    global _library, _failure
+    if os.environ.get("NIPA_LOOKUP", "1") != "1":
+        return False
+    if _library is None and _failure is None:
+        try:
+            _library = _build()
+        except (OSError, RuntimeError) as exc:
+            _failure = str(exc)
+            warnings.warn(f"the crossbar simulator's lookup kernel is unavailable ({_failure}); "
+                          "products run as batched matrix products (slower)", stacklevel=2)
+    return _library is not None
+
+
+def _l2_bytes() -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+        return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def _vectors(rows: int, columns: int) -> int:
+    """Column block (in 16-float vectors) whose table fills at most half the L2 cache."""
+    groups = -(-rows // _GROUP)
+    budget = _l2_bytes() // 2
+    needed = -(-columns // 16)
+    for vectors in _VECTORS:
+        if groups * _PATTERNS * 16 * vectors * 4 <= budget and (vectors <= needed or vectors == _VECTORS[-1]):
+            return vectors
+    return _VECTORS[-1]
+
+
+def worth_it(reads_per_tile: int) -> bool:
+    """Whether a product of this many (row, bit) reads per tile should take the kernel."""
+    return reads_per_tile >= _MIN_READS
+
+
+def _workers() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _thread_scratch(floats: int, ints: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's table (64-byte aligned for the vector loads) and read lists."""
+    ident = threading.get_ident()
+    table, lists = _scratch.get(ident, (None, None))
+    if table is None or table.numel() < floats + 16:
+        table = torch.empty(floats + 16, dtype=torch.float32)
+    if lists is None or lists.numel() < ints:
+        lists = torch.empty(ints, dtype=torch.int32)
+    _scratch[ident] = (table, lists)
+    offset = (-table.data_ptr() // 4) % 16
+    return table[offset:offset + floats], lists
+
+
+_SUMS, _RANGE, _READ = 0, 1, 2  # the kernel's modes
+_MODE_NAMES = {_SUMS: "sums", _RANGE: "range", _READ: "reads"}
+
+
+def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.Tensor, tiles: range,
+         rows: slice, bits: range, last_tile_rows: int, slices: int = 0, out_features: int = 0,
+         out: torch.Tensor | None = None, adc: torch.Tensor | None = None, levels: float = 0.0) -> torch.Tensor | None:
+    """One kernel call per (tile, block of rows) task on the worker threads; see the public functions."""
+    if not available():
+        raise RuntimeError("the lookup kernel is not available")
+    n, num_tiles, subarray = magnitude.shape
+    if magnitude.dtype != torch.uint8 or sign.dtype != torch.int8 or columns.dtype != torch.float32:
+        raise TypeError("the lookup kernel takes uint8 magnitudes, int8 signs and float32 cells")
+    if not (magnitude.is_contiguous() and sign.is_contiguous() and columns.is_contiguous()):
+        raise ValueError("the lookup kernel needs contiguous inputs and cells")
+    if out is not None and not out.is_contiguous():
+        raise ValueError("the lookup kernel needs a contiguous output")
+    width = columns.shape[-1]
+    r0, r1 = rows.start or 0, min(n, n if rows.stop is None else rows.stop)
+    num_rows = r1 - r0
+    vectors = _vectors(subarray, width)
+    groups = -(-subarray // _GROUP)
+    blocks = -(-width // (16 * vectors))
+    table_floats = blocks * groups * _PATTERNS * 16 * vectors  # every column block's table of one tile
+    list_ints = _ROW_BLOCK * len(bits) * (2 * groups + 2)
+    workers = _workers()
+    # Tasks of whole tiles when there are enough of them, else tiles split into blocks of rows.
+    pieces = max(1, min(-(-2 * workers // len(tiles)), num_rows // 256 or 1))
+    tasks = [(tile, r0 + k * num_rows // pieces, r0 + (k + 1) * num_rows // pieces)
+             for tile in tiles for k in range(pieces)]
+    ranges = None
+    if mode == _RANGE:
+        ranges = torch.empty(len(tasks), len(bits), slices, 2)
+        ranges[..., 0], ranges[..., 1] = math.inf, -math.inf
+    function = _library.plane_lookup
+    row_stride = num_tiles * subarray
+    bit_stride = num_rows * (width if mode == _SUMS else width // max(1, slices))
+
+    def run(index: int) -> int:
+        tile, start, stop = tasks[index]
+        table, lists = _thread_scratch(table_floats, list_ints)
+        real = last_tile_rows if tile == num_tiles - 1 else subarray
+        offset = tile - tiles.start
+        return function(magnitude.data_ptr() + tile * subarray, sign.data_ptr() + tile * subarray, row_stride,
+                        columns[tile].data_ptr(), subarray, width, real, start, stop, r0, bits.start, len(bits),
+                        out[offset].data_ptr() if out is not None else None, bit_stride, vectors,
+                        table.data_ptr(), lists.data_ptr(), mode, slices, out_features,
+                        adc[offset].data_ptr() if adc is not None else None, float(levels),
+                        ranges[index].data_ptr() if ranges is not None else None)
+
+    global _pool
+    with torch.profiler.record_function(f"nipa::plane_lookup.{_MODE_NAMES[mode]}"):  # seen by profiles
+        if workers == 1 or len(tasks) == 1:
+            codes = [run(index) for index in range(len(tasks))]
+        else:
+            if _pool is None or _pool._max_workers != workers:
+                _pool = ThreadPoolExecutor(workers, thread_name_prefix="nipa-lookup")
+            codes = list(_pool.map(run, range(len(tasks))))
+    if any(codes):
+        raise RuntimeError(f"the lookup kernel refused its arguments (codes {set(codes)})")
+    if ranges is None:
+        return None
+    # Fold the tasks of each tile: [t, z, K, 2].
+    per_tile = ranges.view(len(tiles), pieces, len(bits), slices, 2)
+    return torch.stack([per_tile[..., 0].amin(dim=1), per_tile[..., 1].amax(dim=1)], dim=-1)
+
+
+def _row_count(magnitude: torch.Tensor, rows: slice) -> int:
+    n = magnitude.shape[0]
+    return min(n, n if rows.stop is None else rows.stop) - (rows.start or 0)
+
+
+def vector_slice_columns(columns: torch.Tensor, slices: int) -> torch.Tensor:
+    """Cells [T, S, K*out] (slice-major columns, c = k*out + o) in the order `read_range` and `adc_reads`
+    take: outputs padded with zero cells to 16 * B, then [T, S, B, K, 16] flattened, so that each 16-float
+    vector holds 16 outputs of one slice and the K slices of a block of outputs follow each other."""
+    t, s, width = columns.shape
+    out = width // slices
+    padded = -(-out // 16) * 16
+    grid = columns.reshape(t, s, slices, out)
+    if padded != out:
+        grid = torch.nn.functional.pad(grid, (0, padded - out))
+    return grid.view(t, s, slices, padded // 16, 16).permute(0, 1, 3, 2, 4).reshape(t, s, -1).contiguous()
+
+
+def partial_sums(magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.Tensor, tiles: range, rows: slice,
+                 bits: range, last_tile_rows: int, out: torch.Tensor) -> None:
+    """out[t, z, r, c] = sum_s sign[r, t, s] bit_z(magnitude[r, t, s]) columns[t, s, c] for the tiles `tiles`
+    (out's t counts from tiles.start), the batch rows `rows` (out's r from rows.start) and the bits `bits`.
+
+    magnitude [n, T, S] uint8 and sign [n, T, S] int8; columns [T, S, C] float32 (all contiguous); out
+    [len(tiles), len(bits), len(rows), C] float32 contiguous. The last tile (T - 1) holds cells in its
+    first `last_tile_rows` rows."""
+    expected = (len(tiles), len(bits), _row_count(magnitude, rows), columns.shape[-1])
+    if tuple(out.shape) != expected:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}")
+    _run(_SUMS, magnitude, sign, columns, tiles, rows, bits, last_tile_rows, out=out)
+
+
+def read_range(magnitude: torch.Tensor, sign: torch.Tensor, ordered: torch.Tensor, tiles: range, rows: slice,
+               bits: range, last_tile_rows: int, slices: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of the partial sums per (tile, bit, slice) over the rows and the slice's outputs, two
+    [t, z, K] float32 tensors, without writing the sums; `ordered` = vector_slice_columns(columns, K)."""
+    ranges = _run(_RANGE, magnitude, sign, ordered, tiles, rows, bits, last_tile_rows, slices, out_features)
+    return ranges[..., 0], ranges[..., 1]
+
+
+def adc_reads(magnitude: torch.Tensor, sign: torch.Tensor, ordered: torch.Tensor, tiles: range, rows: slice,
+              bits: range, last_tile_rows: int, slices: int, out_features: int, lo: torch.Tensor,
+              divisor: torch.Tensor, coefficient: torch.Tensor, levels: int) -> torch.Tensor:
+    """The ADC's reads of the partial sums, weighted and summed over the slices, without writing the sums:
+    V[t, z, r, o] = sum_k coefficient[t, z, k] * min(max(round((P[t, z, r, k, o] - lo) / divisor), 0), levels)
+    with lo, divisor, coefficient [t, z, K], the slices added in increasing k: the terms of
+    `crossbar._quantize_reads` before its constant. `ordered` = vector_slice_columns(columns, K).
+    Returns [len(tiles), len(bits), len(rows), out_features] (a view of a padded tensor)."""
+    num_rows = _row_count(magnitude, rows)
+    shape = (len(tiles), len(bits), slices)
+    adc = torch.stack([lo.expand(shape), divisor.expand(shape), coefficient.expand(shape)], dim=-1)
+    adc = adc.float().contiguous()
+    padded = ordered.shape[-1] // slices
+    out = torch.zeros(len(tiles), len(bits), num_rows, padded)
+    _run(_READ, magnitude, sign, ordered, tiles, rows, bits, last_tile_rows, slices, out_features, out=out,
+         adc=adc, levels=float(levels))
+    return out[..., :out_features]
