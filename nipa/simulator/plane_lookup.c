@@ -31,7 +31,6 @@
 
 #define GROUP 4
 #define PATTERNS 16
-#define ROW_BLOCK 64
 #define MODE_SUMS 0
 #define MODE_RANGE 1
 #define MODE_READ 2
@@ -215,32 +214,36 @@ DEFINE_BLOCK(16)
    mag, sign: the tile's inputs, row r at mag + r * row_stride (S values); cols: the tile's cells [S, C];
    rows: the tile's rows that hold cells (a short last tile). SUMS: any C columns, out [Z, *, C].
    RANGE, READ: the columns in vector-slice order, C = K * 16 * blocks, vector v holding 16 outputs of
-   slice v % K (outputs 16 (v / K) ...), zero cells for padding outputs >= out_features; READ adds to out
-   [Z, *, 16 * blocks] (zeroed by the caller); RANGE folds into range_out [Z, K, 2] (start at +inf, -inf).
+   slice v % K (outputs 16 (v / K) ...), zero cells for padding outputs >= out_features; READ writes out
+   [Z, *, 16 * blocks]; RANGE folds into range_out [Z, K, 2] (start at +inf, -inf).
    Row r of out at r - out_row0, out_bit_stride floats between bits. table: scratch of ceil(C / (16
-   vectors)) * ceil(S / 4) * 16 * 16 vectors floats, 64-byte aligned; lists: ROW_BLOCK * Z * (2 ceil(S / 4)
-   + 2) ints. Returns 0, or -1 for an unsupported block width or a column count the mode cannot take. */
+   vectors)) * ceil(S / 4) * 16 * 16 vectors floats, 64-byte aligned; lists: row_block * Z * (2 ceil(S / 4)
+   + 2) ints, the read lists of row_block rows at a time (every block of columns reuses them). Returns 0, or -1 for an unsupported block width or a column count the mode cannot take. */
 int plane_lookup(const uint8_t* mag, const int8_t* sign, long row_stride, const float* cols, long S, long C,
                  long rows, long r0, long r1, long out_row0, long z0, long Z, float* out, long out_bit_stride,
-                 int vectors, float* table, int32_t* lists, int mode, long slices, long out_features,
-                 const float* adc, float levels, float* range_out) {
+                 int vectors, float* table, int32_t* lists, long row_block, int mode, long slices,
+                 long out_features, const float* adc, float levels, float* range_out) {
     long groups = (S + GROUP - 1) / GROUP;
     long width = 16L * vectors;
     long ncb = (C + width - 1) / width;
     long table_floats = groups * PATTERNS * width;
     int32_t* plus = lists;
-    int32_t* minus = plus + ROW_BLOCK * Z * groups;
-    int32_t* counts = minus + ROW_BLOCK * Z * groups;
+    int32_t* minus = plus + row_block * Z * groups;
+    int32_t* counts = minus + row_block * Z * groups;
     if (vectors != 2 && vectors != 4 && vectors != 8 && vectors != 16) return -1;
-    if (Z < 1 || Z > 63 || z0 < 0 || z0 + Z > 8) return -1;
+    if (Z < 1 || Z > 63 || z0 < 0 || z0 + Z > 8 || row_block < 1) return -1;
     if (mode != MODE_SUMS && (slices <= 0 || C % (16 * slices) != 0 || out_features > C / slices)) return -1;
     for (long cb = 0; cb < ncb; ++cb) {
         long c0 = cb * width, used = C - c0 < width ? C - c0 : width;
         build_table(cols, C, rows, c0, used, width, groups, table + cb * table_floats);
     }
-    for (long b0 = r0; b0 < r1; b0 += ROW_BLOCK) {
-        long b1 = b0 + ROW_BLOCK < r1 ? b0 + ROW_BLOCK : r1;
+    long padded = mode == MODE_READ ? C / slices : 0;
+    for (long b0 = r0; b0 < r1; b0 += row_block) {
+        long b1 = b0 + row_block < r1 ? b0 + row_block : r1;
         list_reads(mag, sign, row_stride, S, groups, b0, b1, z0, Z, width, plus, minus, counts);
+        if (mode == MODE_READ) /* the block's outputs start at zero, in cache */
+            for (long z = 0; z < Z; ++z)
+                memset(out + z * out_bit_stride + (b0 - out_row0) * padded, 0, sizeof(float) * (b1 - b0) * padded);
         for (long cb = 0; cb < ncb; ++cb) {
             long c0 = cb * width, used = C - c0 < width ? C - c0 : width;
             block_args a = {Z, b1 - b0, C, c0, used, out_row0, out_bit_stride, b0, mode, slices, out_features,

@@ -37,7 +37,6 @@ _SOURCE = Path(__file__).with_name("plane_lookup.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 _GROUP, _PATTERNS = 4, 16
 _VECTORS = (16, 8, 4, 2)  # column blocks of 16 x vectors floats the kernel is built for
-_ROW_BLOCK = 64  # rows whose read lists are kept (ROW_BLOCK in plane_lookup.c)
 _MIN_READS = 64  # below this many (row, bit) reads per tile the table costs more than it saves
 
 _library: ctypes.CDLL | None = None
@@ -91,8 +90,8 @@ def _build() -> ctypes.CDLL:
     function.restype = ctypes.c_int
     pointer, long, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     function.argtypes = ([pointer, pointer, long, pointer] + [long] * 8
-                         + [pointer, long, integer, pointer, pointer, integer, long, long, pointer, ctypes.c_float,
-                            pointer])
+                         + [pointer, long, integer, pointer, pointer, long, integer, long, long, pointer,
+                            ctypes.c_float, pointer])
     return library
 
 
@@ -176,7 +175,11 @@ def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.
     groups = -(-subarray // _GROUP)
     blocks = -(-width // (16 * vectors))
     table_floats = blocks * groups * _PATTERNS * 16 * vectors  # every column block's table of one tile
-    list_ints = _ROW_BLOCK * len(bits) * (2 * groups + 2)
+    # Read lists of as many rows as fill a quarter of L2: every block of columns (whose table fills half
+    # of it) is then fetched once per block of rows.
+    per_row = len(bits) * (2 * groups + 2)
+    row_block = max(16, min(4096, _l2_bytes() // 4 // (4 * per_row)))
+    list_ints = row_block * per_row
     workers = _workers()
     # Tasks of whole tiles when there are enough of them, else tiles split into blocks of rows.
     pieces = max(1, min(-(-2 * workers // len(tiles)), num_rows // 256 or 1))
@@ -198,7 +201,7 @@ def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.
         return function(magnitude.data_ptr() + tile * subarray, sign.data_ptr() + tile * subarray, row_stride,
                         columns[tile].data_ptr(), subarray, width, real, start, stop, r0, bits.start, len(bits),
                         out[offset].data_ptr() if out is not None else None, bit_stride, vectors,
-                        table.data_ptr(), lists.data_ptr(), mode, slices, out_features,
+                        table.data_ptr(), lists.data_ptr(), row_block, mode, slices, out_features,
                         adc[offset].data_ptr() if adc is not None else None, float(levels),
                         ranges[index].data_ptr() if ranges is not None else None)
 
@@ -272,7 +275,7 @@ def adc_reads(magnitude: torch.Tensor, sign: torch.Tensor, ordered: torch.Tensor
     adc = torch.stack([lo.expand(shape), divisor.expand(shape), coefficient.expand(shape)], dim=-1)
     adc = adc.float().contiguous()
     padded = ordered.shape[-1] // slices
-    out = torch.zeros(len(tiles), len(bits), num_rows, padded)
+    out = torch.empty(len(tiles), len(bits), num_rows, padded)  # the kernel writes every element
     _run(_READ, magnitude, sign, ordered, tiles, rows, bits, last_tile_rows, slices, out_features, out=out,
          adc=adc, levels=float(levels))
     return out[..., :out_features]
