@@ -181,8 +181,9 @@ def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.
     row_block = max(16, min(4096, _l2_bytes() // 4 // (4 * per_row)))
     list_ints = row_block * per_row
     workers = _workers()
-    # Tasks of whole tiles when there are enough of them, else tiles split into blocks of rows.
-    pieces = max(1, min(-(-2 * workers // len(tiles)), num_rows // 256 or 1))
+    # Tasks of whole tiles when there are 4 per worker (a balanced share), else tiles split into blocks of
+    # rows (each block rebuilds its tile's tables: a few rows' worth of additions).
+    pieces = max(1, min(-(-4 * workers // len(tiles)), num_rows // 256 or 1))
     tasks = [(tile, r0 + k * num_rows // pieces, r0 + (k + 1) * num_rows // pieces)
              for tile in tiles for k in range(pieces)]
     ranges = None
