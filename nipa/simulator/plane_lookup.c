@@ -98,9 +98,49 @@ static void build_table(const float* cols, long C, long rows, long c0, long used
 /* For each read (bit z, row r) of rows [r0, r1), read index z * (r1 - r0) + (r - r0): the table rows it
    adds (`plus`) and subtracts (`minus`), as float offsets into a table of `width` columns, and their
    counts. Computed once per block of rows, reused by every block of columns. */
+#ifdef __AVX512BW__
+/* The entries of one plane's set rows, 64 rows at a time: bit j of `set` is row 64 c + j, so each
+   nibble is one group's pattern; the groups with a pattern follow in increasing order. */
+static inline int emit(uint64_t set, long first_group, long width, int32_t* list, int count) {
+    uint64_t any = (set | (set >> 1) | (set >> 2) | (set >> 3)) & 0x1111111111111111ull;
+    while (any) {
+        int bit = __builtin_ctzll(any);
+        list[count++] = (int32_t)(((first_group + bit / 4) * PATTERNS + ((set >> bit) & 0xF)) * width);
+        any &= any - 1;
+    }
+    return count;
+}
+#endif
+
 static void list_reads(const uint8_t* mag, const int8_t* sign, long row_stride, long S, long groups, long r0,
                        long r1, long z0, long Z, long width, int32_t* plus, int32_t* minus, int32_t* counts) {
     long rows = r1 - r0;
+#ifdef __AVX512BW__
+    /* Bit tests of 64 input rows at once (AVX-512BW): the same entries in the same order as below. */
+    for (long r = r0; r < r1; ++r) {
+        const uint8_t* m = mag + r * row_stride;
+        const int8_t* sg = sign + r * row_stride;
+        int np[64], nq[64];
+        for (long z = 0; z < Z; ++z) np[z] = nq[z] = 0;
+        for (long c0 = 0; c0 < S; c0 += 64) {
+            __mmask64 lanes = S - c0 >= 64 ? ~0ull : (1ull << (S - c0)) - 1;
+            __m512i values = _mm512_maskz_loadu_epi8(lanes, m + c0);
+            uint64_t negative = _mm512_movepi8_mask(_mm512_maskz_loadu_epi8(lanes, sg + c0));
+            for (long z = 0; z < Z; ++z) {
+                uint64_t set = _mm512_test_epi8_mask(values, _mm512_set1_epi8((char)(1 << (z0 + z))));
+                if (!set) continue;
+                long read = z * rows + (r - r0);
+                np[z] = emit(set & ~negative, c0 / GROUP, width, plus + read * groups, np[z]);
+                nq[z] = emit(set & negative, c0 / GROUP, width, minus + read * groups, nq[z]);
+            }
+        }
+        for (long z = 0; z < Z; ++z) {
+            long read = z * rows + (r - r0);
+            counts[2 * read] = np[z];
+            counts[2 * read + 1] = nq[z];
+        }
+    }
+#else
     for (long r = r0; r < r1; ++r) {
         const uint8_t* m = mag + r * row_stride;
         const int8_t* sg = sign + r * row_stride;
@@ -128,6 +168,7 @@ static void list_reads(const uint8_t* mag, const int8_t* sign, long row_stride, 
             counts[2 * read + 1] = nq[z];
         }
     }
+#endif
 }
 
 typedef struct {
@@ -184,12 +225,18 @@ typedef struct {
                     }                                                                                        \
                 } else {                                                                                     \
                     vec16* o = (vec16*)(a->out + z * a->out_bit_stride + row * padded);                      \
+                    /* The K slices of a block of outputs are consecutive vectors: add them in a register */ \
+                    /* (the same order as adding each to memory). */                                         \
+                    long current = block_of[0];                                                              \
+                    vec16 sum = o[current];                                                                  \
                     _Pragma("GCC unroll 16") for (int j = 0; j < V; ++j) {                                   \
                         if (j >= vectors) break;                                                             \
+                        if (block_of[j] != current) { o[current] = sum; current = block_of[j]; sum = o[current]; } \
                         vec16 index = round_even((acc[j] - lo[j]) / divisor[j]);                             \
                         index = vmin(vmax(index, (vec16){0}), (vec16){0} + a->levels);                       \
-                        o[block_of[j]] += index * coefficient[j];                                            \
+                        sum += index * coefficient[j];                                                       \
                     }                                                                                        \
+                    o[current] = sum;                                                                        \
                 }                                                                                            \
             }                                                                                                \
             if (a->mode == MODE_RANGE)                                                                       \
