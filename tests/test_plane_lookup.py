@@ -200,3 +200,30 @@ def test_the_kernel_is_built_into_the_cache_dir(tmp_path, monkeypatch) -> None:
     library = plane_lookup._build()
     built = list((tmp_path / "kernels").glob("plane_lookup-*.so"))
     assert len(built) == 1 and library.plane_lookup is not None
+
+
+def test_the_portable_build_equals_the_native_one(tmp_path, monkeypatch) -> None:
+    """The kernel built without AVX-512 (the generic vector code, its rounding and clamps, and the
+    portable read lists other CPUs run) gives the native build's sums, ranges and reads bit for bit."""
+    monkeypatch.setenv("NIPA_CACHE_DIR", str(tmp_path))
+    try:
+        portable = plane_lookup._build(extra_flags=("-mno-avx512f",))
+    except RuntimeError as exc:  # a compiler without that flag (not x86)
+        pytest.skip(str(exc))
+    magnitude, sign, _ = _inputs(300, 3, 70, True, seed=11)
+    columns = torch.rand(3, 70, 3 * 40) - 0.4
+    ordered = plane_lookup.vector_slice_columns(columns, 3)
+
+    def everything() -> list[torch.Tensor]:
+        sums = torch.empty(3, 7, 300, 120)
+        plane_lookup.partial_sums(magnitude, sign, columns, range(3), slice(0, 300), range(7), 66, sums)
+        lo, hi = plane_lookup.read_range(magnitude, sign, ordered, range(3), slice(0, 300), range(7), 66, 3, 40)
+        step = (hi - lo) / 16
+        reads = plane_lookup.adc_reads(magnitude, sign, ordered, range(3), slice(0, 300), range(7), 66, 3, 40,
+                                       lo * 0.7, torch.where(step > 0, step, 1.0), step, 16)
+        return [sums, lo, hi, reads]
+
+    native = everything()
+    monkeypatch.setattr(plane_lookup, "_library", portable)
+    for a, b in zip(everything(), native, strict=True):
+        assert torch.equal(a, b)

@@ -34,7 +34,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("plane_lookup.c")
 # No FMA contraction: every product and sum rounds as torch's do.
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-Wno-psabi", "-shared", "-fPIC", "-std=gnu11"]
 _GROUP, _PATTERNS = 4, 16
 _VECTORS = (16, 8, 4, 2)  # column blocks of 16 x vectors floats the kernel is built for
 _MIN_READS = 64  # below this many (row, bit) reads per tile the table costs more than it saves
@@ -67,12 +67,14 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build() -> ctypes.CDLL:
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the kernel; `extra_flags` builds a variant (tests)."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
+    flags = [*_FLAGS, *extra_flags]
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                      _cpu_signature().encode(), sys.platform.encode()])).hexdigest()[:16]
     target = _cache_dir() / f"plane_lookup-{key}.so"
     if not target.exists():
@@ -80,7 +82,7 @@ def _build() -> ctypes.CDLL:
         # Compile to a private name, then rename: shards that start together never load a half-written file.
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)],
+            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built)],
                                     capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed on {_SOURCE}: {result.stderr.strip()[:500]}")
