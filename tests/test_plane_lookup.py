@@ -3,6 +3,9 @@ float64 references, and the crossbar layers that use it against the batched prod
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
+import os
 import warnings
 
 import pytest
@@ -227,3 +230,25 @@ def test_the_portable_build_equals_the_native_one(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(plane_lookup, "_library", portable)
     for a, b in zip(everything(), native, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_the_kernel() -> None:
+    """A child forked after the worker threads started (a data-loading worker, say) gets its own pool."""
+    magnitude, sign, _ = _inputs(600, 4, 128, False, seed=2)
+    columns = torch.rand(4, 128, 64)
+    out = torch.empty(4, 7, 600, 64)
+    plane_lookup.partial_sums(magnitude, sign, columns, range(4), slice(0, 600), range(7), 128, out)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_sums, args=(magnitude, sign, columns, queue))
+    child.start()
+    digest = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert digest == hashlib.sha256(out.numpy().tobytes()).hexdigest()
+
+
+def _child_sums(magnitude, sign, columns, queue) -> None:
+    out = torch.empty(4, 7, 600, 64)
+    plane_lookup.partial_sums(magnitude, sign, columns, range(4), slice(0, 600), range(7), 128, out)
+    queue.put(hashlib.sha256(out.numpy().tobytes()).hexdigest())

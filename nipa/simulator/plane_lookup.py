@@ -45,6 +45,18 @@ _pool: ThreadPoolExecutor | None = None
 _scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def _forget_threads() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there (a child that kept
+    the parent's would wait for them forever)."""
+    global _pool
+    _pool = None
+    _scratch.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads)
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU model and flags (first processor in /proc/cpuinfo)."""
     try:
