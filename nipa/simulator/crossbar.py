@@ -5,10 +5,12 @@ analog PIM chip would: per-(channel, tile) weight quantization, sign-magnitude s
 cell pairs with device errors, bit-serial inputs, one ADC read per (tile, input bit, slice) column,
 shift-and-add in digital.
 
-Speed: the original ran one small product per (input bit, slice, tile) in Python loops. Here every
-tile of a layer is one batch entry of a single `bmm`, the input bits are stacked along its rows and the
-slices along its columns, so one layer is one product (or a few, when the partial sums would exceed
-the memory budget). Nothing forces a device synchronization.
+Speed: the original ran one small product per (input bit, slice, tile) in Python loops. On a CPU the
+reads run in nipa's lookup kernel (`nipa.simulator.plane_lookup`: partial sums by table lookup, the ADC
+fused, nothing written to memory). Elsewhere (GPUs, NIPA_LOOKUP=0, no C compiler) every tile of a layer
+is one batch entry of a single `bmm`, the input bits are stacked along its rows and the slices along its
+columns, so one layer is one product (or a few, when the partial sums would exceed the memory budget).
+Nothing forces a device synchronization.
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ class CrossbarCore(nn.Module):
             partial = _workspace("partial", (t, z, n, self.num_slices * self.out_features), torch.float32,
                                  magnitude.device)
             plane_lookup.partial_sums(magnitude, sign, self.conductance.contiguous(), range(tiles.start, tiles.stop),
-                                      rows, bits, self.last_tile_rows, partial)
+                                      rows, bits, self.last_tile_rows, partial)  # contiguous already unless replaced
             return partial.view(t, z, n, self.num_slices, self.out_features)
         dtype = self._product_dtype()
         split = dtype == torch.float32 and self._splits_cells()
@@ -342,8 +344,8 @@ class CrossbarCore(nn.Module):
         return partial.view(t, z, n, self.num_slices, self.out_features)
 
     def _looks_up(self, magnitude: torch.Tensor, reads_per_tile: int) -> bool:
-        """Whether this product takes the CPU lookup kernel (`plane_lookup`): float32 cells (device
-        error) programmed once per chip, 8-bit input magnitudes, enough reads to pay for the tables."""
+        """Whether this product takes the CPU lookup kernel (`plane_lookup`): cells programmed once per
+        chip (any values), input magnitudes within 8 bits, enough reads to pay for the tables."""
         return (magnitude.dtype == torch.uint8 and self._lookup_enabled() and plane_lookup.worth_it(reads_per_tile))
 
     def _lookup_enabled(self) -> bool:
