@@ -252,3 +252,19 @@ def _child_sums(magnitude, sign, columns, queue) -> None:
     out = torch.empty(4, 7, 600, 64)
     plane_lookup.partial_sums(magnitude, sign, columns, range(4), slice(0, 600), range(7), 128, out)
     queue.put(hashlib.sha256(out.numpy().tobytes()).hexdigest())
+
+
+@pytest.mark.parametrize("wl_input", [4, 9])
+def test_input_widths_up_to_eight_magnitude_bits(wl_input: int, monkeypatch) -> None:
+    """3 and 8 magnitude bits (the kernel tests bit 7 too): the lookup path agrees with the batched one."""
+    hw = HWConfig(wl_weight=6, wl_input=wl_input, subArray=64, ADCprecision=5, cellBit=1, vari=0.1)
+    layer = convert(nn.Linear(150, 40), hw, seed=2).eval()
+    layer.core.conductance = torch.round(layer.core.conductance * 2**10) / 2**10
+    x = torch.randn(64, 150)
+    monkeypatch.setenv("NIPA_LOOKUP", "1")
+    crossbar._PRODUCTS_USED.clear()
+    fast = layer(x)
+    assert crossbar.product_mode() == "lookup"
+    monkeypatch.setenv("NIPA_LOOKUP", "0")
+    slow = layer(x)
+    assert ((fast - slow).abs().max() / slow.abs().max()).item() < 1e-5
