@@ -183,7 +183,7 @@ def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.
     if out is not None and not out.is_contiguous():
         raise ValueError("the lookup kernel needs a contiguous output")
     width = columns.shape[-1]
-    r0, r1 = rows.start or 0, min(n, n if rows.stop is None else rows.stop)
+    r0, r1 = _row_span(magnitude, rows)
     num_rows = r1 - r0
     vectors = _vectors(subarray, width)
     groups = -(-subarray // _GROUP)
@@ -237,9 +237,15 @@ def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.
     return torch.stack([per_tile[..., 0].amin(dim=1), per_tile[..., 1].amax(dim=1)], dim=-1)
 
 
-def _row_count(magnitude: torch.Tensor, rows: slice) -> int:
+def _row_span(magnitude: torch.Tensor, rows: slice) -> tuple[int, int]:
+    """The batch rows [r0, r1) that `rows` selects of magnitude [n, T, S]."""
     n = magnitude.shape[0]
-    return min(n, n if rows.stop is None else rows.stop) - (rows.start or 0)
+    return rows.start or 0, min(n, n if rows.stop is None else rows.stop)
+
+
+def _row_count(magnitude: torch.Tensor, rows: slice) -> int:
+    r0, r1 = _row_span(magnitude, rows)
+    return r1 - r0
 
 
 def vector_slice_columns(columns: torch.Tensor, slices: int) -> torch.Tensor:
