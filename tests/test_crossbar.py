@@ -657,3 +657,76 @@ def test_layer_patterns() -> None:
     with pytest.raises(ValueError):
         convert(net, HWConfig(), include=["nothing*"])
     assert mapped_layer_names(convert(net, HWConfig(), include=["[02]"])) == ["0", "2"]
+
+
+# ---- convolution inputs quantized before im2col ------------------------------------------------
+
+
+@pytest.mark.parametrize("lookup", ["1", "0"])
+@pytest.mark.parametrize(("wl_input", "structure"), [(8, "fast"), (9, "fast"), (8, "naive"), (8, "original")])
+def test_conv_levels_before_im2col_equal_quantized_rows(lookup: str, wl_input: int, structure: str,
+                                                        monkeypatch) -> None:
+    """A convolution quantizes its input before im2col and hands its core integer levels: the result is
+    bit-identical to the core quantizing the float im2col rows itself (padding, stride 2, 9-bit inputs in
+    int16, the lookup kernel and the batched products, the naive loop and the original's structure)."""
+    from nipa.hardware.quant import input_scale
+    from nipa.simulator.crossbar import im2col
+
+    monkeypatch.setenv("NIPA_LOOKUP", lookup)
+    torch.manual_seed(0)
+    layer = nn.Conv2d(5, 7, 3, stride=2, padding=1)
+    hw = HWConfig(wl_weight=6, wl_input=wl_input, subArray=32, ADCprecision=5, cellBit=2, vari=0.1)
+    model = nn.Sequential(layer)
+    converted = (convert(model, hw, seed=2) if structure == "fast"
+                 else naive_convert(model, hw, seed=2, structure=structure)).eval()
+    x = torch.relu(torch.randn(6, 5, 11, 11)) - 0.2  # signed, with zeros
+    conv = converted[0]
+    assert isinstance(conv, CrossbarConv2d)
+    with torch.no_grad():
+        y = conv(x)
+        scale_in = input_scale(x, wl_input)
+        rows = im2col(F.pad(x, conv.padding), conv.kernel_size, conv.stride, conv.dilation)
+        expected = conv.core(rows.reshape(-1, rows.shape[-1]), scale_in)
+    expected = expected.view(6, -1, 7).transpose(1, 2).reshape(y.shape) + layer.bias.view(1, -1, 1, 1)
+    assert torch.equal(y, expected)
+
+
+def test_integer_rows_without_their_scale_are_an_error() -> None:
+    core = CrossbarCore(torch.randn(4, 10), HWConfig(wl_input=8, subArray=8), name="fc")
+    with pytest.raises(ValueError, match="fc: integer input levels need their scale_in"):
+        core(torch.zeros(3, 10, dtype=torch.int8))
+
+
+def test_input_levels_take_the_narrowest_integer_type() -> None:
+    from nipa.hardware.quant import input_levels, quantize_input
+
+    x = torch.randn(100)
+    for bits, dtype in [(4, torch.int8), (8, torch.int8), (9, torch.int16), (16, torch.int16), (17, torch.int32)]:
+        expected, scale = quantize_input(x, bits)
+        levels = input_levels(x, bits, scale)
+        assert levels.dtype == dtype
+        assert torch.equal(levels.float(), expected)
+        assert torch.equal(quantize_input(levels, bits, scale)[0], expected)  # levels pass through
+    with pytest.raises(ValueError, match="need the scale"):
+        quantize_input(levels, 17)
+
+
+def test_a_growing_workspace_frees_the_smaller_buffer_first(monkeypatch) -> None:
+    """Holding the old buffer while allocating the new one would add its size to the peak memory."""
+    import weakref
+
+    from nipa.simulator import crossbar
+
+    crossbar._workspace("test-growth", (10,), torch.float32, torch.device("cpu"))
+    old = weakref.ref(crossbar._WORKSPACES[("test-growth", torch.float32, "cpu")])
+    alive_at_allocation = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        alive_at_allocation.append(old() is not None)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(crossbar.torch, "empty", empty)
+    grown = crossbar._workspace("test-growth", (1000,), torch.float32, torch.device("cpu"))
+    assert grown.shape == (1000,) and alive_at_allocation == [False]
+    crossbar._WORKSPACES.pop(("test-growth", torch.float32, "cpu"))

@@ -101,6 +101,15 @@ def test_range_and_reads_equal_the_adc_chain(out: int, slices: int) -> None:
         expected = expected + terms[:, :, :, k]
     assert torch.equal(reads, expected)
     assert (index == 0).any() and (index == levels).any()  # the clamp was exercised at both ends
+    # Into a caller's scratch (filled with garbage first: every element is written), and a wrong one refused.
+    padded = ordered.shape[-1] // slices
+    scratch = torch.full((tiles, 7, n, padded), float("nan"))
+    into = plane_lookup.adc_reads(magnitude, sign, ordered, range(tiles), slice(0, n), range(7), rows - 3,
+                                  slices, out, lo_all, divisor, coefficient, levels, out=scratch)
+    assert torch.equal(into, expected) and into.data_ptr() == scratch.data_ptr()
+    with pytest.raises(ValueError, match="expected float32"):
+        plane_lookup.adc_reads(magnitude, sign, ordered, range(tiles), slice(0, n), range(7), rows - 3,
+                               slices, out, lo_all, divisor, coefficient, levels, out=scratch[:, :, 1:])
 
 
 def test_the_thread_count_changes_no_bit() -> None:
@@ -144,8 +153,8 @@ def test_crossbar_layers_with_the_kernel_equal_the_batched_products(adc_mode: st
         core.conductance = torch.round(core.conductance * 2**10) / 2**10
     if adc_mode == "calibrated":
         crossbar.calibrate_adc(model, [x])
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [core.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m.name, a[0]))
+    inputs: dict[str, tuple] = {}  # (rows, scale_in): a convolution's core takes integer levels and their scale
+    hooks = [core.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m.name, a))
              for core in crossbar_cores(model)]
     with torch.no_grad():
         model(x)
@@ -155,11 +164,11 @@ def test_crossbar_layers_with_the_kernel_equal_the_batched_products(adc_mode: st
         with torch.no_grad():
             monkeypatch.setenv("NIPA_LOOKUP", "1")
             crossbar._PRODUCTS_USED.clear()
-            fast = core(inputs[core.name])
+            fast = core(*inputs[core.name])
             used = crossbar.product_mode()
             monkeypatch.setenv("NIPA_LOOKUP", "0")
-            slow = core(inputs[core.name])
-        if inputs[core.name].shape[0] * 7 >= 64:
+            slow = core(*inputs[core.name])
+        if inputs[core.name][0].shape[0] * 7 >= 64:
             assert used == "lookup", core.name
         assert ((fast - slow).abs().max() / slow.abs().max()).item() < 1e-5, core.name
 

@@ -77,11 +77,25 @@ def input_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_input(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x -> (integer-valued x_q, scale) with symmetric max-abs per-tensor scaling."""
+    """x -> (integer-valued x_q, scale) with symmetric max-abs per-tensor scaling. An integer x holds
+    levels already (`input_levels` with this scale): it is returned as float."""
+    if not x.is_floating_point():
+        if scale is None:
+            raise ValueError("integer input levels need the scale they were quantized with")
+        return x.float(), scale
     if scale is None:
         scale = input_scale(x, bits)
     levels = max_level(bits)
     return torch.clamp(torch.round(x / scale), -levels, levels), scale
+
+
+def input_levels(x: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
+    """The integer levels of `quantize_input` in the narrowest integer type that holds them (int8 up
+    to 8-bit inputs): quantizing a convolution's input before im2col moves a quarter of the bytes and
+    rounds each pixel once instead of once per kernel window it falls in, with the same levels."""
+    levels = max_level(bits)
+    dtype = torch.int8 if levels <= 127 else torch.int16 if levels <= 32767 else torch.int32
+    return torch.clamp(torch.round(x.float() / scale), -levels, levels).to(dtype)
 
 
 def input_bit_planes(x_q: torch.Tensor, bits: int) -> torch.Tensor:

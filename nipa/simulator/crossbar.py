@@ -32,6 +32,7 @@ from nipa.hardware.config import HWConfig, PerLayerConfig
 from nipa.hardware.device_errors import chip_generator, program_pairs
 from nipa.hardware.mapping import as_linear, is_mappable, select_layers, set_submodule
 from nipa.hardware.quant import (
+    input_levels,
     input_scale,
     max_level,
     quantize_weight_tiles,
@@ -62,7 +63,9 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
     size = math.prod(shape)
     buffer = _WORKSPACES.get(key)
     if buffer is None or buffer.numel() < size:
-        _WORKSPACES.pop(key, None)
+        # Drop the smaller buffer before allocating: holding both would add its size to the peak.
+        buffer = _WORKSPACES.pop(key, None)
+        del buffer
         buffer = torch.empty(size, dtype=dtype, device=device)
         _WORKSPACES[key] = buffer
     return buffer[:size].view(shape)
@@ -521,11 +524,15 @@ class CrossbarCore(nn.Module):
         if hw.adc_mode == "calibrated" and not (self.calibrated or self.calibrating):
             raise RuntimeError(f"layer {self.name}: ADC mode 'calibrated' needs "
                                "calibrate_adc(model, batches) before the first evaluation")
-        x = x.float()
-        if scale_in is None:
-            scale_in = input_scale(x, hw.wl_input)
+        if x.is_floating_point():
+            x = x.float()
+            if scale_in is None:
+                scale_in = input_scale(x, hw.wl_input)
+            x = input_levels(x, hw.wl_input, scale_in)
+        elif scale_in is None:
+            raise ValueError(f"layer {self.name}: integer input levels need their scale_in")
         levels = max_level(hw.wl_input)
-        x_tiles = tile_columns(torch.clamp(torch.round(x / scale_in), -levels, levels), self.rows)  # [n, T, S]
+        x_tiles = tile_columns(x, self.rows)  # [n, T, S] integer levels
         # The narrowest integers that hold them: with the im2col rows these are the largest tensors
         # outside the product budget (SmallCNN conv2 at batch 256: 51 MB each as int32/float32).
         magnitude = x_tiles.abs().to(torch.uint8 if levels <= 255 else torch.int32)
@@ -536,7 +543,7 @@ class CrossbarCore(nn.Module):
         self.read_calls += 1
         if not self.calibrating and self._looks_up(magnitude, n * (hw.wl_input - 1)):
             _PRODUCTS_USED.add("lookup")
-            return self._lookup_forward(magnitude, sign, x) * scale_in
+            return self._lookup_forward(magnitude, sign, n) * scale_in
         _PRODUCTS_USED.add("matmul")
         tile_chunk, bit_chunk, row_chunk = self._chunking(n)
         num_bits = hw.wl_input - 1
@@ -546,7 +553,7 @@ class CrossbarCore(nn.Module):
         # A dynamic range spans chunks that are computed apart: find it in a first pass.
         first_pass = dynamic and (len(row_slices) > 1 or (hw.adc_mode == "dynamic" and len(tile_slices) > 1))
         scale_rows = self.weight_scale.t().contiguous()  # [T, out]
-        out = x.new_zeros(n, self.out_features)
+        out = torch.zeros(n, self.out_features, device=x.device)
         for z0 in range(0, num_bits, bit_chunk):
             bits = range(z0, min(num_bits, z0 + bit_chunk))
             ranges: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -578,13 +585,12 @@ class CrossbarCore(nn.Module):
                 assert len(bits) == 1
         return out * scale_in
 
-    def _lookup_forward(self, magnitude: torch.Tensor, sign: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _lookup_forward(self, magnitude: torch.Tensor, sign: torch.Tensor, n: int) -> torch.Tensor:
         """`forward` with the lookup kernel's fused reads (`plane_lookup.adc_reads`): the partial sums
         are never written to memory. A dynamic range takes a first pass over them (`read_range`); the
         reads then run over blocks of rows whose per-(tile, bit) sums fit the memory budget, added to
         the output in forward's order (bits outer, tiles inner)."""
         hw = self.hw
-        n = x.shape[0]
         tiles, bits, rows = range(self.num_tiles), range(hw.wl_input - 1), slice(0, n)
         columns = self._vector_slice_columns()
         shape = (self.num_tiles, len(bits), 1, self.num_slices, 1)
@@ -595,19 +601,22 @@ class CrossbarCore(nn.Module):
                 lo, hi = lo.amin(dim=0, keepdim=True), hi.amax(dim=0, keepdim=True)
             lo, hi = lo.unsqueeze(2).unsqueeze(-1), hi.unsqueeze(2).unsqueeze(-1)
         else:
-            probe = torch.empty(shape, device=x.device)  # adc_range_of reads only its shape
+            probe = torch.empty(shape, device=magnitude.device)  # adc_range_of reads only its shape
             lo, hi = self.adc_range_of(probe)
         lo, divisor, coefficient, constant = self._adc_terms(lo, hi, bits, self.num_tiles)
         flat = (self.num_tiles, len(bits), self.num_slices)
         per_row = self.num_tiles * len(bits) * self.out_features * 4
         row_chunk = max(1, int(self.memory_mb * 2**20) // per_row)
         scale_rows = self.weight_scale.t().contiguous()  # [T, out]
-        out = x.new_zeros(n, self.out_features)
+        out = torch.zeros(n, self.out_features, device=magnitude.device)
         for r0 in range(0, n, row_chunk):
             block = slice(r0, min(n, r0 + row_chunk))
+            scratch = _workspace("lookup-reads", (*flat[:2], block.stop - r0, columns.shape[-1] // self.num_slices),
+                                 torch.float32, magnitude.device)
             reads = plane_lookup.adc_reads(magnitude, sign, columns, tiles, block, bits, self.last_tile_rows,
                                            self.num_slices, self.out_features, lo.reshape(flat),
-                                           divisor.reshape(flat), coefficient.reshape(flat), 2**hw.ADCprecision)
+                                           divisor.reshape(flat), coefficient.reshape(flat), 2**hw.ADCprecision,
+                                           out=scratch)
             reads += constant  # [T, Z, rows, out] + [T, Z, 1, 1]
             for bit in range(len(bits)):
                 for tile in tiles:
@@ -725,11 +734,13 @@ class CrossbarConv2d(nn.Module):
         # Per-tensor input scale of the layer input itself: a strided convolution's im2col rows may skip
         # pixels (a 1x1 stride-2 shortcut sees a quarter of them), and their max-abs would differ.
         scale_in = input_scale(x.float(), self.core.hw.wl_input)
+        # Quantized before im2col (the same levels, see input_levels); the core takes integer rows as levels.
+        levels = input_levels(x, self.core.hw.wl_input, scale_in)
         if any(self.padding):
-            x = F.pad(x, self.padding)
-        rows = im2col(x, self.kernel_size, self.stride, self.dilation)  # [N, L, C*kh*kw]
+            levels = F.pad(levels, self.padding)
+        rows = im2col(levels, self.kernel_size, self.stride, self.dilation)  # [N, L, C*kh*kw]
         batch, positions = rows.shape[:2]
-        out_h = (x.shape[2] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        out_h = (levels.shape[2] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         out_w = positions // out_h
         y = self.core(rows.reshape(batch * positions, -1), scale_in).to(x.dtype)
         y = y.view(batch, positions, self.out_channels)

@@ -70,7 +70,7 @@ def naive_adc(partial: torch.Tensor, core: CrossbarCore, lo: torch.Tensor, hi: t
 def _padded_bit_planes(core: CrossbarCore, x: torch.Tensor,
                        scale_in: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The input's bit planes [Z, n, T * rows] (the last tile zero padded) and its per-tensor scale."""
-    x_q, scale_in = quantize_input(x, core.hw.wl_input, scale_in)
+    x_q, scale_in = quantize_input(x if not x.is_floating_point() else x.float(), core.hw.wl_input, scale_in)
     planes = input_bit_planes(x_q, core.hw.wl_input)  # [Z, n, fan_in]
     pad = core.num_tiles * core.rows - core.fan_in
     if pad:
@@ -93,10 +93,9 @@ def naive_core_forward(
         raise NotImplementedError("the naive reference supports per-chip device error only")
     if hw.adc_mode == "calibrated" and not (core.calibrated or core.calibrating):
         raise RuntimeError(f"layer {core.name}: ADC mode 'calibrated' needs calibrate_adc first")
-    x = x.float()
-    planes, scale_in = _padded_bit_planes(core, x, scale_in)  # [Z, n, T * rows]
+    planes, scale_in = _padded_bit_planes(core, x, scale_in)  # [Z, n, T * rows]; x may be levels
     pairs = pair_conductances(core)  # [K, out, T, rows]
-    y = x.new_zeros(x.shape[0], core.out_features)
+    y = torch.zeros(x.shape[0], core.out_features, device=x.device)
     for z in range(hw.wl_input - 1):
         for k in range(core.num_slices):
             partials = [planes[z, :, t * core.rows:(t + 1) * core.rows] @ pairs[k, :, t, :].T
@@ -124,12 +123,11 @@ def original_structure_forward(
     hw = core.hw
     if core.per_read or hw.adc_mode != "dynamic":
         raise NotImplementedError("the original's structure is timed in dynamic ADC mode with per-chip cells")
-    x = x.float()
-    planes, scale_in = _padded_bit_planes(core, x, scale_in)  # [Z, n, T * rows]
+    planes, scale_in = _padded_bit_planes(core, x, scale_in)  # [Z, n, T * rows]; x may be levels
     n = x.shape[0]
     tiled = planes.view(planes.shape[0], n, core.num_tiles, core.rows).permute(0, 2, 1, 3)  # [Z, T, n, S]
     pairs = pair_conductances(core)  # [K, out, T, rows]
-    y = x.new_zeros(n, core.out_features)
+    y = torch.zeros(n, core.out_features, device=x.device)
     for z in range(hw.wl_input - 1):
         for k in range(core.num_slices):
             partial = torch.bmm(tiled[z], pairs[k].permute(1, 2, 0))  # [T, n, out]
