@@ -277,3 +277,29 @@ def test_input_widths_up_to_eight_magnitude_bits(wl_input: int, monkeypatch) -> 
     monkeypatch.setenv("NIPA_LOOKUP", "0")
     slow = layer(x)
     assert ((fast - slow).abs().max() / slow.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize(("tiles", "bits", "rows", "out"), [(3, 7, 300, 40), (1, 2, 5, 16), (2, 3, 1000, 600)])
+def test_shift_add_equals_the_sequential_torch_loop(tiles: int, bits: int, rows: int, out: int) -> None:
+    """One pass over the reads gives what T * Z add_/addcmul_ passes gave, bit for bit, for any thread
+    count (the padding columns of the reads are never read)."""
+    padded = -(-out // 16) * 16
+    reads = torch.randn(tiles, bits, rows, padded)
+    reads[..., out:] = float("nan")
+    constant, scale = torch.randn(tiles, bits), torch.randn(tiles, out)
+    expected = torch.zeros(rows, out)
+    shifted = reads[..., :out] + constant[:, :, None, None]
+    for z in range(bits):
+        for t in range(tiles):
+            expected.addcmul_(shifted[t, z], scale[t])
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            result = torch.zeros(rows, out)
+            plane_lookup.shift_add(reads, constant, scale, result)
+            assert torch.equal(result, expected), count
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="do not match"):
+        plane_lookup.shift_add(reads, constant[:, :1].contiguous(), scale, result)

@@ -306,3 +306,29 @@ int plane_lookup(const uint8_t* mag, const int8_t* sign, long row_stride, const 
     }
     return 0;
 }
+
+/* The shift and add of one block of rows, in forward's order (bits outer, tiles inner):
+     out[r, o] += (reads[t, z, r, o] + constant[t, z]) * scale[t, o]   for z = 0 .. Z-1, t = 0 .. T-1,
+   each step one addition and one fused multiply-add (as torch's add_ and addcmul_ round), for rows
+   [r0, r1) of reads [T, Z, rows, padded] and out [rows, out_features]. One pass over the reads with each
+   output row in cache, instead of T * Z passes over the output. */
+void shift_add(const float* reads, const float* constant, const float* scale, float* out, long T, long Z,
+               long rows, long padded, long out_features, long r0, long r1) {
+    /* Blocks of rows whose outputs fill 64 KB (in cache while every (bit, tile) is added): each (bit,
+       tile) then reads one contiguous run of the reads. */
+    long block = 16384 / (out_features > 0 ? out_features : 1);
+    if (block < 1) block = 1;
+    for (long b0 = r0; b0 < r1; b0 += block) {
+        long b1 = b0 + block < r1 ? b0 + block : r1;
+        for (long z = 0; z < Z; ++z)
+            for (long t = 0; t < T; ++t) {
+                const float* weight = scale + t * out_features;
+                float c = constant[t * Z + z];
+                for (long r = b0; r < b1; ++r) {
+                    const float* src = reads + ((t * Z + z) * rows + r) * padded;
+                    float* o = out + r * out_features;
+                    for (long j = 0; j < out_features; ++j) o[j] = __builtin_fmaf(src[j] + c, weight[j], o[j]);
+                }
+            }
+    }
+}

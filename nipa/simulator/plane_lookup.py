@@ -106,6 +106,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     function.argtypes = ([pointer, pointer, long, pointer] + [long] * 8
                          + [pointer, long, integer, pointer, pointer, long, integer, long, long, pointer,
                             ctypes.c_float, pointer])
+    library.shift_add.restype = None
+    library.shift_add.argtypes = [pointer] * 4 + [long] * 7
     return library
 
 
@@ -152,6 +154,13 @@ def worth_it(reads_per_tile: int) -> bool:
 
 def _workers() -> int:
     return max(1, torch.get_num_threads())
+
+
+def _get_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers != workers:
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="nipa-lookup")
+    return _pool
 
 
 def _thread_scratch(floats: int, ints: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,14 +231,11 @@ def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.
                         adc[offset].data_ptr() if adc is not None else None, float(levels),
                         ranges[index].data_ptr() if ranges is not None else None)
 
-    global _pool
     with torch.profiler.record_function(f"nipa::plane_lookup.{_MODE_NAMES[mode]}"):  # seen by profiles
         if workers == 1 or len(tasks) == 1:
             codes = [run(index) for index in range(len(tasks))]
         else:
-            if _pool is None or _pool._max_workers != workers:
-                _pool = ThreadPoolExecutor(workers, thread_name_prefix="nipa-lookup")
-            codes = list(_pool.map(run, range(len(tasks))))
+            codes = list(_get_pool(workers).map(run, range(len(tasks))))
     if any(codes):
         raise RuntimeError(f"the lookup kernel refused its arguments (codes {set(codes)})")
     if ranges is None:
@@ -309,3 +315,34 @@ def adc_reads(magnitude: torch.Tensor, sign: torch.Tensor, ordered: torch.Tensor
     _run(_READ, magnitude, sign, ordered, tiles, rows, bits, last_tile_rows, slices, out_features, out=out,
          adc=adc, levels=float(levels))
     return out[..., :out_features]
+
+
+def shift_add(reads: torch.Tensor, constant: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """out[r, o] += (reads[t, z, r, o] + constant[t, z]) * scale[t, o], bits outer and tiles inner, each
+    step rounded as torch's add_ and addcmul_ (a fused multiply-add): `reads` [T, Z, rows, padded] as
+    `adc_reads` fills it, constant [T, Z], scale [T, out], out [rows, out] float32, all contiguous. One
+    pass over the reads instead of one pass over out per (bit, tile); rows split over the worker threads
+    (each output in one fixed order)."""
+    if not available():
+        raise RuntimeError("the lookup kernel is not available")
+    tiles, bits, rows, padded = reads.shape
+    out_features = out.shape[1]
+    tensors = (reads, constant, scale, out)
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        raise ValueError("shift_add takes contiguous float32 tensors")
+    if (tuple(constant.shape) != (tiles, bits) or tuple(scale.shape) != (tiles, out_features)
+            or out.shape[0] != rows or out_features > padded):
+        raise ValueError(f"shift_add: shapes {[tuple(t.shape) for t in tensors]} do not match")
+    workers = min(_workers(), max(1, rows // 64))
+    bounds = [rows * k // workers for k in range(workers + 1)]
+    function = _library.shift_add
+
+    def run(k: int) -> None:
+        function(reads.data_ptr(), constant.data_ptr(), scale.data_ptr(), out.data_ptr(), tiles, bits, rows,
+                 padded, out_features, bounds[k], bounds[k + 1])
+
+    with torch.profiler.record_function("nipa::plane_lookup.shift_add"):
+        if workers == 1:
+            run(0)
+        else:
+            list(_get_pool(workers).map(run, range(workers)))
