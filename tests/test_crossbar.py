@@ -663,18 +663,22 @@ def test_layer_patterns() -> None:
 
 
 @pytest.mark.parametrize("lookup", ["1", "0"])
-@pytest.mark.parametrize(("wl_input", "structure"), [(8, "fast"), (9, "fast"), (8, "naive"), (8, "original")])
-def test_conv_levels_before_im2col_equal_quantized_rows(lookup: str, wl_input: int, structure: str,
+@pytest.mark.parametrize(("wl_input", "structure", "shape"),
+                         [(8, "fast", "square"), (9, "fast", "square"), (8, "naive", "square"),
+                          (8, "original", "square"), (8, "fast", "dilated")])
+def test_conv_levels_before_im2col_equal_quantized_rows(lookup: str, wl_input: int, structure: str, shape: str,
                                                         monkeypatch) -> None:
     """A convolution quantizes its input before im2col and hands its core integer levels: the result is
-    bit-identical to the core quantizing the float im2col rows itself (padding, stride 2, 9-bit inputs in
-    int16, the lookup kernel and the batched products, the naive loop and the original's structure)."""
+    bit-identical to the core quantizing the float im2col rows itself (padding, stride 2, a non-square
+    dilated kernel, 9-bit inputs in int16, the lookup kernel and the batched products, the naive loop and
+    the original's structure)."""
     from nipa.hardware.quant import input_scale
     from nipa.simulator.crossbar import im2col
 
     monkeypatch.setenv("NIPA_LOOKUP", lookup)
     torch.manual_seed(0)
-    layer = nn.Conv2d(5, 7, 3, stride=2, padding=1)
+    layer = (nn.Conv2d(5, 7, 3, stride=2, padding=1) if shape == "square"
+             else nn.Conv2d(5, 7, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)))
     hw = HWConfig(wl_weight=6, wl_input=wl_input, subArray=32, ADCprecision=5, cellBit=2, vari=0.1)
     model = nn.Sequential(layer)
     converted = (convert(model, hw, seed=2) if structure == "fast"
