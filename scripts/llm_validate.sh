@@ -8,7 +8,8 @@
 # prints the figures of the issue with python -m nipa.llm.report. Records resume: a killed run continues.
 #   bash scripts/llm_validate.sh                                   # 4 blocks, 12 points x 3 chips, 512 tokens
 #   BLOCKS=0-3 CYCLE=5 MAX_TOKENS=1024 bash scripts/llm_validate.sh
-# 55 minutes on this project's 2-core CPU shared with four other jobs (2026-12-01; one chip 22-30 s at the
+# 14 minutes on this project's 2-core CPU otherwise idle (2026-12-01, commit 77650ad, one chip 7-12 s; 55 minutes
+# with the batched products and four other jobs on the CPU: one chip 22-30 s at the
 # lowest load, up to 137 s at the highest); the cost grows with BLOCKS x MAX_TOKENS x chips.
 set -euo pipefail
 cd "$(dirname "$0")/.."

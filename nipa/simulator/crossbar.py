@@ -63,9 +63,8 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
     size = math.prod(shape)
     buffer = _WORKSPACES.get(key)
     if buffer is None or buffer.numel() < size:
-        # Drop the smaller buffer before allocating: holding both would add its size to the peak.
-        buffer = _WORKSPACES.pop(key, None)
-        del buffer
+        buffer = None  # drop the smaller buffer before allocating: holding both would add it to the peak
+        _WORKSPACES.pop(key, None)
         buffer = torch.empty(size, dtype=dtype, device=device)
         _WORKSPACES[key] = buffer
     return buffer[:size].view(shape)
@@ -553,7 +552,7 @@ class CrossbarCore(nn.Module):
         # A dynamic range spans chunks that are computed apart: find it in a first pass.
         first_pass = dynamic and (len(row_slices) > 1 or (hw.adc_mode == "dynamic" and len(tile_slices) > 1))
         scale_rows = self.weight_scale.t().contiguous()  # [T, out]
-        out = torch.zeros(n, self.out_features, device=x.device)
+        out = torch.zeros(n, self.out_features, dtype=torch.float32, device=x.device)
         for z0 in range(0, num_bits, bit_chunk):
             bits = range(z0, min(num_bits, z0 + bit_chunk))
             ranges: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -609,7 +608,7 @@ class CrossbarCore(nn.Module):
         row_chunk = max(1, int(self.memory_mb * 2**20) // (self.num_tiles * len(bits) * padded * 4))
         scale_rows = self.weight_scale.t().float().contiguous()  # [T, out]
         constant = constant.reshape(flat[:2]).float().contiguous()
-        out = torch.zeros(n, self.out_features, device=magnitude.device)
+        out = torch.zeros(n, self.out_features, dtype=torch.float32, device=magnitude.device)
         for r0 in range(0, n, row_chunk):
             block = slice(r0, min(n, r0 + row_chunk))
             scratch = _workspace("lookup-reads", (*flat[:2], block.stop - r0, padded), torch.float32, magnitude.device)

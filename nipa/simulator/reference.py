@@ -95,7 +95,7 @@ def naive_core_forward(
         raise RuntimeError(f"layer {core.name}: ADC mode 'calibrated' needs calibrate_adc first")
     planes, scale_in = _padded_bit_planes(core, x, scale_in)  # [Z, n, T * rows]; x may be levels
     pairs = pair_conductances(core)  # [K, out, T, rows]
-    y = torch.zeros(x.shape[0], core.out_features, device=x.device)
+    y = torch.zeros(x.shape[0], core.out_features, dtype=torch.float32, device=x.device)
     for z in range(hw.wl_input - 1):
         for k in range(core.num_slices):
             partials = [planes[z, :, t * core.rows:(t + 1) * core.rows] @ pairs[k, :, t, :].T
@@ -127,7 +127,7 @@ def original_structure_forward(
     n = x.shape[0]
     tiled = planes.view(planes.shape[0], n, core.num_tiles, core.rows).permute(0, 2, 1, 3)  # [Z, T, n, S]
     pairs = pair_conductances(core)  # [K, out, T, rows]
-    y = torch.zeros(n, core.out_features, device=x.device)
+    y = torch.zeros(n, core.out_features, dtype=torch.float32, device=x.device)
     for z in range(hw.wl_input - 1):
         for k in range(core.num_slices):
             partial = torch.bmm(tiled[z], pairs[k].permute(1, 2, 0))  # [T, n, out]
