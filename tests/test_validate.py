@@ -341,3 +341,27 @@ def test_record_order_changes_no_reported_number():
         return result.kendall.ci_low, result.kendall.ci_high, result.spearman.ci_low
 
     assert interval(one) == interval(other)
+
+
+def test_perplexity_plot_takes_a_log_axis_and_chip_range_bars(tmp_path, monkeypatch) -> None:
+    """Perplexity goes on a log axis with bars from the lowest to the highest chip (a std bar reaches below
+    zero); chips written to 6 digits may round just past their mean, which must not make a bar negative."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nipa.results.validation_report import plot_points
+
+    rows = [{"ADCprecision": 6, "log2_nipa": 4.0, "perplexity_mean": 710.3733, "perplexity_std": 1110.0,
+             "perplexity_chips": "89.5746 38.1199 2003.63"},
+            {"ADCprecision": 8, "log2_nipa": 11.0, "perplexity_mean": 24.52907, "perplexity_std": 0.0,
+             "perplexity_chips": "24.5291 24.5291 24.5291"}]  # rounded just above the mean
+    coefficient = {"value": 1.0, "ci_low": None, "ci_high": None}
+    overall = {"n": 2, "kendall": coefficient, "spearman": coefficient, "pearson": coefficient}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_points(rows, "ADCprecision", tmp_path / "p.png", "t", 20.0, overall, "perplexity")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    axis = figures[0].axes[0]
+    assert axis.get_yscale() == "log"

@@ -57,7 +57,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: str, ideal: float | None,
                 overall: dict[str, Any], accuracy: str = "top1") -> None:
     """Scatter of log2 NIPA (x) against the chip-mean accuracy (y, bars: std over chips), coloured by one
-    parameter, with the float model's accuracy as a dashed line."""
+    parameter, with the float model's accuracy as a dashed line. Perplexity, positive and heavy-tailed
+    over chips, goes on a log axis with bars from the lowest to the highest chip (a std bar would reach
+    below zero)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -73,6 +75,12 @@ def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: st
         xs = [r["log2_nipa"] for r in chosen]
         ys = [r[f"{column}_mean"] for r in chosen]
         errs = [0.0 if math.isnan(r[f"{column}_std"]) else r[f"{column}_std"] for r in chosen]
+        if accuracy == "perplexity":
+            chips = [[float(v) for v in str(r.get(f"{column}_chips", "")).split()] or [y]
+                     for r, y in zip(chosen, ys, strict=True)]
+            # (the chips are written to 6 digits: a bar may round to just past the mean)
+            errs = [[max(0.0, y - min(c)) for y, c in zip(ys, chips, strict=True)],
+                    [max(0.0, max(c) - y) for y, c in zip(ys, chips, strict=True)]]
         ax.errorbar(xs, ys, yerr=errs, fmt="o", ms=5, color=color, ecolor=color, elinewidth=0.8, capsize=2,
                     alpha=0.85, label=f"{value} ({len(chosen)})")
     unit = "%" if accuracy in ("top1", "top5") else ""
@@ -80,7 +88,10 @@ def plot_points(rows: list[dict[str, Any]], color_by: str, path: Path, title: st
         ax.axhline(ideal, color="0.3", ls="--", lw=1, label=f"float model {ideal:.2f}{unit}")
     ax.set_xlabel("log2(NIPA)")
     ax.set_ylabel(f"simulated {accuracy} accuracy (%), mean over chips" if unit else
-                  f"simulated {accuracy} (lower is better), mean over chips")
+                  f"simulated {accuracy} (lower is better), mean over chips"
+                  + ("\n(bars: lowest to highest chip)" if accuracy == "perplexity" else ""))
+    if accuracy == "perplexity":
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     # legend and coefficients beside the axes: inside they would hide points wherever they went
