@@ -27,7 +27,9 @@ from nipa.cli import (
     resolve_per_layer_search_args,
     run_main,
 )
+from nipa.errors import UserError
 from nipa.estimation.metric import DEVICE_MODELS, INPUT_TERMS, REDUCTIONS, TILE_FACTORS
+from nipa.llm.load import is_llm_name
 from nipa.logs import open_log
 from nipa.pipelines.explore import ExploreSettings, MetricOptions, VerifySettings, outcome_lines, run_explore
 from nipa.pipelines.layer_search import PerLayerSettings, SearchOptions
@@ -71,7 +73,11 @@ def settings_from_args(args: argparse.Namespace) -> ExploreSettings:
     verify = None
     # --per_layer simulates its points on a trained model with the verification's chip settings
     if args.verify or (args.per_layer and not args.random_init):
-        verify = VerifySettings(points=args.verify, cycle=args.cycle, target_se=args.target_se,
+        test_order = args.test_order or ("fixed" if is_llm_name(args.model_name) else "per_chip")
+        if test_order != "fixed" and is_llm_name(args.model_name):
+            raise UserError(f"--test_order {test_order}: a language model's task has its own fixed batches of text; "
+                            "only an image test set is reordered per chip")
+        verify = VerifySettings(points=args.verify, cycle=args.cycle, target_se=args.target_se, test_order=test_order,
                                 max_cycle=args.max_cycle, fast_draws=args.fast_draws, fast_method=args.fast_method,
                                 memory_mb=args.memory_mb)
     per_layer = None

@@ -20,6 +20,7 @@ from nipa.cli import add_layer_args, add_model_args, add_runtime_args, parse_sha
 from nipa.hardware.compat import SWITCHES
 from nipa.hardware.config import ADC_MODES, parse_layer_overrides
 from nipa.pipelines.sweep import MainSettings, run_sweep_job
+from nipa.simulator.evaluate import TEST_ORDERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--simulate_identical_chips", action="store_true",
                         help="simulate every chip of a point without device error (default: chips after the "
                              "first, which cannot differ, are recorded as copies of chip 0, marked so)")
+    parser.add_argument("--test_order", choices=TEST_ORDERS, default="fixed",
+                        help="fixed: every chip reads the test set in its order; per_chip: chip c > 0 in its own "
+                             "order, so a dynamic ADC range (one batch's) meets other batches and the chips' "
+                             "spread holds the batch composition (README, Ground truth)")
     parser.add_argument("--calib_batches", type=int, default=4, help="batches that calibrate the ADC range")
     parser.add_argument("--memory_mb", type=float, default=None,
                         help="memory budget of one crossbar product (default: 256 on a CPU, a quarter of the "

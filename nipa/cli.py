@@ -180,6 +180,10 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
     verify.add_argument("--target_se", type=float, default=0.25,
                         help="add chips until the standard error of a point's mean is below this (accuracy points)")
     verify.add_argument("--max_cycle", type=int, default=20, help="at most this many chips per point")
+    verify.add_argument("--test_order", choices=("fixed", "per_chip"), default=None,
+                        help="per_chip (default for image data): every chip reads the test set in its own order, "
+                             "so a dynamic ADC's dependence on the batch enters the standard error; fixed: the "
+                             "file's order for every chip (the only choice for a language model's task)")
     verify.add_argument("--fast_draws", type=int, default=3, help="draws of the fast estimate per point")
     verify.add_argument("--fast_method", choices=tuple(METHODS), default="calibrated",
                         help="wrap_error.py's method for the fast estimate")

@@ -93,6 +93,13 @@ class HWConfig:
     def has_device_error(self) -> bool:
         return self.device_spread > 0 or self.SAF_prop > 0
 
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether an image's result depends on the other images of its batch: a dynamic ADC range is the
+        range of one batch's reads (and of one tile's, dynamic_tile), so the order of the test set moves
+        the accuracy (by several points at 3-4-bit ADCs, README "Ground truth")."""
+        return self.adc_mode in ("dynamic", "dynamic_tile")
+
     def canonical(self) -> HWConfig:
         """The same point with the spreads of the other variation types set to zero, so equal points
         compare equal whatever the unused keys said."""

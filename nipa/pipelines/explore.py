@@ -38,6 +38,7 @@ from nipa.estimation.metric import nipa_metric
 from nipa.estimation.stats import ModelStats
 from nipa.hardware.config import COST_KNOBS, HWConfig, SearchSpace
 from nipa.hardware.cost import CostCoefficients, LayerShape, hardware_cost, layer_shapes
+from nipa.pipelines.sweep import identical_chips
 
 COSTS = ("area_mm2", "energy_nj", "latency_us")
 COST_LABELS = {"area_mm2": "area (mm$^2$)", "energy_nj": "energy per inference (nJ)",
@@ -299,13 +300,14 @@ def standard_error(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
-def chips_wanted(values: Sequence[float], has_device_error: bool, min_chips: int, max_chips: int,
+def chips_wanted(values: Sequence[float], chips_differ: bool, min_chips: int, max_chips: int,
                  target_se: float) -> int:
     """How many chips a point needs: at least `min_chips`; while the standard error exceeds
     `target_se`, the count that would reach it at the observed spread, (std / target)^2, at least one
-    more and at most `max_chips`. A point without device error has identical chips: `min_chips`."""
+    more and at most `max_chips`. A point whose chips cannot differ (no device error, and a fixed test
+    order or a batch-independent ADC: nipa.pipelines.sweep.identical_chips) needs `min_chips`."""
     have = len(values)
-    if have < min_chips or not has_device_error:
+    if have < min_chips or not chips_differ:
         return min_chips
     if have >= max_chips:
         return have
@@ -324,6 +326,9 @@ class VerifySettings:
     cycle: int = 3  # minimum chips per point
     target_se: float = 0.25  # accuracy points
     max_cycle: int = 20
+    # "per_chip": every chip reads the test set in its own order (nipa.simulator.evaluate.chip_order), so a
+    # dynamic ADC's dependence on the batch enters the chips' spread and its standard error
+    test_order: str = "per_chip"
     fast_draws: int = 3  # draws of the fast estimate per point
     fast_method: str = "calibrated"
     calib_batches: int = 1
@@ -369,7 +374,8 @@ def simulate_adaptively(points: Sequence[HWConfig], ctx: VerifyContext, settings
         grouped = group_records(read_records(ctx.records_path)) if ctx.records_path.is_file() else None
         have = {p.key: list(p.top1) for p in grouped.points} if grouped else {}
         for key, point in by_key.items():
-            wanted[key] = max(wanted[key], chips_wanted(have.get(key, []), point.has_device_error,
+            wanted[key] = max(wanted[key], chips_wanted(have.get(key, []),
+                                                        not identical_chips(point, settings.test_order),
                                                         settings.cycle, settings.max_cycle, settings.target_se))
         todo = {key: n for key, n in wanted.items() if len(have.get(key, [])) < n}
         if not todo:
@@ -380,7 +386,8 @@ def simulate_adaptively(points: Sequence[HWConfig], ctx: VerifyContext, settings
                                   sample_num=0, cycle=chips, seed=ctx.seed, batch_size=ctx.batch_size,
                                   limit=ctx.limit, exclude=ctx.exclude, include=ctx.include,
                                   memory_mb=settings.memory_mb, points=subset, weights=ctx.weights,
-                                  device=str(ctx.device), extra={"explore": True, **ctx.extra})
+                                  device=str(ctx.device), test_order=settings.test_order,
+                                  extra={"explore": True, **ctx.extra})
             log(f"ground truth: {len(subset)} point(s) up to {chips} chips")
             run_sweep(sweep, ctx.model, ctx.test_data, ctx.calib_inputs, ctx.device, ctx.records_path, writer,
                       log)
@@ -499,7 +506,8 @@ def verify(table: dict[str, np.ndarray], grid: ExploreGrid, stats: ModelStats, c
                      "simulated": point.top1_mean, "chips": point.num_chips,
                      "chip_std": None if point.num_chips < 2 else point.top1_std,
                      "standard_error": None if se is None or not math.isfinite(se) else se,
-                     "target_reached": bool(se is not None and se <= settings.target_se) or not config.has_device_error,
+                     "target_reached": bool(se is not None and se <= settings.target_se)
+                     or identical_chips(config, settings.test_order),
                      "predicted": predicted.get(cid)})
     x = [r["log2_nipa"] for r in rows]
     y = [r["simulated"] for r in rows]

@@ -40,13 +40,19 @@ from nipa.results.records import (
 )
 from nipa.runtime import device_signature
 from nipa.simulator.crossbar import calibrate_adc, compile_mode, convert, mapped_layer_names, product_mode, program_chip
-from nipa.simulator.evaluate import describe_metrics, evaluate, resident_batches
+from nipa.simulator.evaluate import TEST_ORDERS, chip_order, describe_metrics, evaluate, resident_batches
 from nipa.workloads.workload import UserWorkloadOptions
 from nipa.workloads.zoo import dataset_id, model_id
 
 # The simulator's numeric semantics: 1 = an ADC range per tile in `dynamic` mode (before 2026-12),
 # 2 = one range per layer, input bit and slice over every tile (SPEC section 4, step 6).
 SIMULATOR_VERSION = 2
+
+
+def identical_chips(point: HWConfig | PerLayerConfig, test_order: str) -> bool:
+    """Whether every chip of `point` gives the same result: no device error, and every chip reading the
+    test set in one order or an ADC whose range does not depend on the batch."""
+    return not point.has_device_error and (test_order == "fixed" or not point.batch_dependent)
 
 
 @dataclass
@@ -84,7 +90,17 @@ class SweepSettings:
     # The device the chips are simulated on ("cpu", "cuda:0"): its type and GPU model are settings, since
     # per-read draws and float rounding differ between devices (run_sweep sets it to its own device).
     device: str = "cpu"
+    # "per_chip": chip c > 0 reads the test set in its own order (nipa.simulator.evaluate.chip_order), so at a
+    # batch-dependent point (a dynamic ADC range) the chips' spread holds the batch composition too.
+    test_order: str = "fixed"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.test_order not in TEST_ORDERS:
+            raise UserError(f"test order {self.test_order!r}: must be one of {', '.join(TEST_ORDERS)}")
+
+    def identical_chips(self, point: HWConfig | PerLayerConfig) -> bool:
+        return identical_chips(point, self.test_order)
 
     @property
     def per_layer(self) -> bool:
@@ -101,6 +117,8 @@ class SweepSettings:
                 "weights": self.weights, "compat": self.compat.switches,
                 # A sweep of per-layer points never shares a results file with a uniform one.
                 **({"per_layer": True} if self.per_layer else {}),
+                # Named only when not the file's order, so sweeps from before the option still resume.
+                **({"test_order": self.test_order} if self.test_order != "fixed" else {}),
                 # Records of a simulator whose numbers differ for the same settings never mix.
                 "simulator": SIMULATOR_VERSION, **device_signature(self.device)}
 
@@ -200,7 +218,7 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
     for point, chip in tqdm(todo, desc="sweep", unit="chip"):
         started = time.perf_counter()
         source = first_chips.get(point.key()) if chip > 0 and settings.copy_identical_chips \
-            and not point.has_device_error else None
+            and settings.identical_chips(point) else None
         if source is not None:
             metrics = {k: v for k, v in source.items() if k not in bookkeeping}
             record("sliced", metrics, 0.0, config=point.to_dict(), config_key=point.key(), chip=chip,
@@ -216,7 +234,8 @@ def run_sweep(settings: SweepSettings, model: nn.Module, test_loader, calib_inpu
             program_chip(converted, settings.seed, chip)
         if point.adc_mode == "calibrated":
             calibrate_adc(converted, (x.to(device) for x in calib_inputs))
-        metrics = evaluate(converted, test_loader, device, desc=f"chip {chip}")
+        data = chip_order(test_loader, settings.seed, chip) if settings.test_order == "per_chip" else test_loader
+        metrics = evaluate(converted, data, device, desc=f"chip {chip}")
         record("sliced", metrics, time.perf_counter() - started, config=point.to_dict(),
                config_key=point.key(), chip=chip, mapped_layers=mapped_layer_names(converted))
         if chip == 0:
@@ -243,6 +262,7 @@ class MainSettings(UserWorkloadOptions):
     per_read: bool = False
     compat: str | None = None  # --compat names (nipa.hardware.compat.Compat.parse)
     simulate_identical_chips: bool = False
+    test_order: str = "fixed"  # nipa.simulator.evaluate.TEST_ORDERS
     calib_batches: int = 4
     memory_mb: float | None = None  # default: sized for the device (nipa.runtime.default_memory_mb)
     layer_override: Sequence[str] = ()  # LAYER:FIELD=VALUE,... (nipa.hardware.config.parse_layer_overrides)
@@ -279,7 +299,7 @@ def _sweep_settings(job: MainSettings, exclude, include, weights: str | None,
         exclude=exclude, include=include, adc_mode=job.adc_mode,
         per_read=job.per_read, calib_batches=job.calib_batches, memory_mb=job.memory_mb,
         shard=job.shard, copy_identical_chips=not job.simulate_identical_chips, weights=weights,
-        compat=Compat.parse(job.compat), device=device, extra=extra or {},
+        compat=Compat.parse(job.compat), device=device, extra=extra or {}, test_order=job.test_order,
         layer_overrides=parse_layer_overrides(job.layer_override) or None)
 
 
@@ -308,6 +328,9 @@ def run_sweep_job(job: MainSettings, log: Callable[[str], None] | None = None) -
     if job.memory_mb is None:
         job = dataclasses.replace(job, memory_mb=default_memory_mb(device))
     workload = Workload.from_args(job)  # the model and data, resolved once (nothing is loaded yet)
+    if job.test_order != "fixed" and workload.kind == "llm":
+        raise UserError(f"--test_order {job.test_order}: a language model's task has its own fixed batches of "
+                        "text; only an image test set is reordered per chip")
     out = Path(job.out) if job.out else workload.results_path("accsim")
     check_results_path(shard_path(out, job.shard))
     existing = read_records(out)  # every shard: a damaged one is reported now, not after the model loads

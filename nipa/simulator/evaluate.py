@@ -9,8 +9,15 @@ from torch import nn
 from torch.utils.data import DataLoader, SequentialSampler
 from tqdm import tqdm
 
+from nipa.hardware.device_errors import chip_generator
+
 # A test set up to this size is held on the device as tensors by `resident_batches`.
 RESIDENT_MAX_MB = 1024.0
+
+# How the chips of a sweep read the test set: "fixed", every chip in the file's order; "per_chip", chip c > 0
+# in its own order (`chip_order`), so that a dynamic ADC range, which is one batch's, meets other batches.
+TEST_ORDERS = ("fixed", "per_chip")
+TEST_ORDER_STREAM = 0x7E57  # chip_generator stream of the test order (the layers use crc32 of their names)
 
 
 def resident_batches(loader: Any, device: torch.device | str, max_mb: float = RESIDENT_MAX_MB) -> Any:
@@ -28,6 +35,29 @@ def resident_batches(loader: Any, device: torch.device | str, max_mb: float = RE
         return loader
     return [(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
             for inputs, labels in loader]
+
+
+def chip_order(data: Any, seed: int, chip: int) -> Any:
+    """The test data in chip `chip`'s own order: chip 0 reads them as given; chip c > 0 in a permutation
+    drawn from (seed, c), the same batch size (the last batch keeps its short size). `data` is a list of
+    (inputs, labels) batches (`resident_batches`) or a DataLoader over a dataset; a language-model task
+    has its own fixed batches and is refused."""
+    if chip == 0:
+        return data
+    generator = chip_generator(seed, chip, TEST_ORDER_STREAM, "cpu", 0)
+    if isinstance(data, DataLoader):
+        order = torch.randperm(len(data.dataset), generator=generator).tolist()
+        return DataLoader(data.dataset, batch_size=data.batch_size, sampler=order, num_workers=data.num_workers,
+                          collate_fn=data.collate_fn, pin_memory=data.pin_memory)
+    if not isinstance(data, list) or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in data):
+        raise ValueError("a test order per chip needs (inputs, labels) batches or a DataLoader; this data "
+                         f"({type(data).__name__}) has its own fixed batches")
+    sizes = [len(labels) for _, labels in data]
+    inputs = torch.cat([x for x, _ in data])
+    labels = torch.cat([y for _, y in data])
+    order = torch.randperm(len(labels), generator=generator).to(labels.device)
+    inputs, labels = inputs[order], labels[order]
+    return list(zip(inputs.split(sizes), labels.split(sizes), strict=True))
 
 
 @torch.no_grad()
