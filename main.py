@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test_order", choices=TEST_ORDERS, default="fixed",
                         help="fixed: every chip reads the test set in its order; per_chip: chip c > 0 in its own "
                              "order, so a dynamic ADC range (one batch's) meets other batches and the chips' "
-                             "spread holds the batch composition (README, Ground truth)")
+                             "spread holds the batch composition (README, main.py: the ground-truth sweep)")
     parser.add_argument("--calib_batches", type=int, default=4, help="batches that calibrate the ADC range")
     parser.add_argument("--memory_mb", type=float, default=None,
                         help="memory budget of one crossbar product (default: 256 on a CPU, a quarter of the "

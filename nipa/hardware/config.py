@@ -97,7 +97,7 @@ class HWConfig:
     def batch_dependent(self) -> bool:
         """Whether an image's result depends on the other images of its batch: a dynamic ADC range is the
         range of one batch's reads (and of one tile's, dynamic_tile), so the order of the test set moves
-        the accuracy (by several points at 3-4-bit ADCs, README "Ground truth")."""
+        the accuracy (by several points at 3-4-bit ADCs: README, main.py --test_order)."""
         return self.adc_mode in ("dynamic", "dynamic_tile")
 
     def canonical(self) -> HWConfig:
