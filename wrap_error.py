@@ -26,7 +26,7 @@ import sys
 import torch
 
 from nipa.cli import add_model_args, add_runtime_args, resolve_model_args, run_main
-from nipa.estimation.inject import ADC_FORMS, ADC_MODELS, DEVICE_MODELS, METHODS
+from nipa.estimation.inject import ADC_FORMS, ADC_MODELS, CALIBRATION_UPSTREAMS, DEVICE_MODELS, METHODS
 from nipa.logs import open_log
 from nipa.pipelines.absolute import WrapErrorSettings, run_wrap_error
 from nipa.workloads.workload import Workload
@@ -62,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calib_batches", type=int, default=4,
                         help="training batches (of --batch_size) on which the ADC error is measured (a dynamic "
                              "range is one batch's: one batch misjudges the error up to 3x, README)")
+    parser.add_argument("--calib_upstream", choices=CALIBRATION_UPSTREAMS, default=None,
+                        help="the layer inputs the ADC calibration reads: the ideal quantized model's (the "
+                             "default of calibrated, conditional) or the simulator's own, ideal cells and the "
+                             "point's ADC (the default of planes; one pass per ADC resolution): a coarse ADC's "
+                             "offsets upstream move the ranges of the layers below (README, Error injection)")
     parser.add_argument("--measure", choices=("top1", "loss", "perplexity"), default="top1",
                         help="what is predicted and compared: top1 (default; the test loss is reported beside "
                              "it), loss, or perplexity (an LLM's text task); a measure other than top1 names its "

@@ -411,6 +411,21 @@ def test_wrap_error_planes_method(digits_ckpt_dir, ground_truth, tmp_path):
     assert summary["points"] == 4 and 0 <= summary["mean_abs_error"] < 100
 
 
+def test_wrap_error_calibrates_on_the_simulators_activations_when_asked(digits_ckpt_dir, ground_truth, tmp_path):
+    """--calib_upstream simulated with the default method: its records say so in their settings (so they
+    never average with the ideal upstream's) and its summary is named apart."""
+    folder, truth = ground_truth
+    out = tmp_path / "w.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, out, "--calib_upstream", "simulated", "--cycle", "1",
+                    "--time_points", "0") == 0
+    records = [r for r in read_records(out) if r.get("method") == "fast"]
+    assert records and all(r["run"]["calib_upstream"] == "simulated" for r in records)
+    assert (tmp_path / "w_calibrated-simulated_summary.json").is_file()
+    plain = tmp_path / "plain.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, plain, "--cycle", "1", "--time_points", "0") == 0
+    assert all("calib_upstream" not in r["run"] for r in read_records(plain) if r.get("method") == "fast")
+
+
 def test_wrap_error_times_the_planes_calibration_apart(digits_ckpt_dir, ground_truth, tmp_path, monkeypatch):
     """The timed calibration measures what the planes form needs, so the timed draws measure nothing
     (they did: the timing calibrated the output form's tables and the draws the planes' again)."""

@@ -142,6 +142,29 @@ def test_calibration_on_the_simulators_activations():
         AdcCalibration(model, batches, upstream="chip")
 
 
+def test_simulated_upstream_calibrates_each_adc_resolution_on_its_own_activations():
+    """The simulator's activations depend on the point's ADC, so a prefetch of several resolutions must
+    not measure them all on the first one's activations (it did): each equals a calibration of that
+    resolution alone. On the ideal upstream one pass still serves them all. A chosen upstream wins over
+    the form's; a bad one is an error."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    coarse, fine = (HWConfig(wl_weight=5, wl_input=5, subArray=32, ADCprecision=a, cellBit=2) for a in (3, 6))
+    batches = [torch.randn(64, 32)]
+    shared = AdcCalibration(model, batches, upstream="simulated")
+    shared.prefetch([coarse, fine])
+    shared.errors(fine)
+    alone = AdcCalibration(model, batches, upstream="simulated").errors(coarse)
+    assert torch.equal(shared.errors(coarse)["2"].output_power, alone["2"].output_power)
+    assert shared.pass_key(coarse) != shared.pass_key(fine)
+    ideal = AdcCalibration(model, batches)
+    assert ideal.pass_key(coarse) == ideal.pass_key(fine)
+    assert calibration_upstream(InjectionModel.of("calibrated"), "simulated") == "simulated"
+    assert calibration_upstream(InjectionModel.of("planes"), "ideal") == "ideal"
+    with pytest.raises(ValueError, match="upstream"):
+        calibration_upstream(InjectionModel.of("calibrated"), "chip")
+
+
 def test_planes_form_on_a_convolution_runs_and_repeats_per_draw():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2)).eval()

@@ -588,10 +588,18 @@ class _Reads:
 CONDITIONAL_BINS = 256
 
 
-def calibration_upstream(errors: InjectionModel) -> str:
-    """The calibration inputs a form is built for: the "planes" form applies exact errors that depend on
-    each layer's real inputs, so it calibrates on the simulator's own activations (ideal cells, the
-    point's ADC); the other forms on the ideal quantized model's, as published."""
+CALIBRATION_UPSTREAMS = ("ideal", "simulated")
+
+
+def calibration_upstream(errors: InjectionModel, choice: str | None = None) -> str:
+    """The calibration inputs a form is built for (`choice`, when given, wins): the "planes" form applies
+    exact errors that depend on each layer's real inputs, so it calibrates on the simulator's own
+    activations (ideal cells, the point's ADC); the other forms on the ideal quantized model's, as
+    published."""
+    if choice is not None:
+        if choice not in CALIBRATION_UPSTREAMS:
+            raise ValueError(f"calibration upstream must be one of {CALIBRATION_UPSTREAMS}, not {choice!r}")
+        return choice
     return "simulated" if errors.adc_form == "planes" else "ideal"
 
 
@@ -664,7 +672,7 @@ class AdcCalibration:
         # Reads through one programmed chip where the point has device error: a dynamic range spans
         # the device-perturbed reads, so its step (and the ADC error) grows with the variation.
         self.device_reads = device_reads
-        if upstream not in ("ideal", "simulated"):
+        if upstream not in CALIBRATION_UPSTREAMS:
             raise ValueError(f"calibration upstream must be 'ideal' or 'simulated', not {upstream!r}")
         self.upstream = upstream
         self._wanted: dict[tuple, set[int]] = {}
@@ -679,10 +687,18 @@ class AdcCalibration:
             key += (hw.vari_type, hw.vari, hw.ind_vari, hw.laplace_b, hw.SAF_prop, hw.onoffratio)
         return key
 
+    def pass_key(self, hw: HWConfig) -> tuple:
+        """The points one calibration pass serves: every ADC resolution of `key_of`, except on the
+        simulator's activations (upstream="simulated"), which depend on the point's own ADC resolution."""
+        key = self.key_of(hw, self.device_reads)
+        if self.upstream == "simulated" and hw.adc_mode != "calibrated":
+            key += (hw.ADCprecision,)
+        return key
+
     def prefetch(self, points: Iterable[HWConfig]) -> None:
         """Measure these points' ADC resolutions together, when the first of them is asked for."""
         for hw in points:
-            self._wanted.setdefault(self.key_of(hw, self.device_reads), set()).add(hw.ADCprecision)
+            self._wanted.setdefault(self.pass_key(hw), set()).add(hw.ADCprecision)
 
     def __contains__(self, hw: HWConfig) -> bool:
         return (*self.key_of(hw, self.device_reads), hw.ADCprecision) in self._cache
@@ -695,7 +711,7 @@ class AdcCalibration:
         if cached is None or (conditional and any(e.conditional is None for e in cached.values())) or (
                 planes and any(e.planes is None for e in cached.values())):
             key = self.key_of(hw, self.device_reads)
-            bits = sorted(self._wanted.get(key, set()) | {hw.ADCprecision})
+            bits = sorted(self._wanted.get(self.pass_key(hw), set()) | {hw.ADCprecision})
             started = time.perf_counter()
             for a, noise in self._measure(hw, bits, conditional, planes).items():
                 self._cache[(*key, a)] = noise

@@ -59,6 +59,7 @@ class WrapErrorSettings:
     adc_form: str | None = None
     tile_factor: str = "tiles"
     calib_batches: int = 1
+    calib_upstream: str | None = None  # None: the form's (calibration_upstream)
     measure: str = "top1"
     paired_chips: bool = False
     time_points: int = 5
@@ -155,12 +156,15 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
         calib_data = workload.calibration_inputs(loader, settings.calib_batches, batch_size=batch_size,
                                                  seed=settings.seed)
 
+    upstream = calibration_upstream(errors, settings.calib_upstream)
+
     def new_calibration() -> AdcCalibration:
         return AdcCalibration(model, calib_data, exclude=exclude, include=include, memory_mb=memory_mb,
-                              seed=settings.seed, upstream=calibration_upstream(errors))
+                              seed=settings.seed, upstream=upstream)
 
     fast_settings = WrapSettings(model_name=settings.model_name, dataset=settings.dataset, cycle=settings.cycle,
                                  seed=settings.seed, errors=errors, calib_batches=settings.calib_batches,
+                                 calib_upstream=upstream,
                                  exclude=exclude, include=include, batch_size=batch_size, limit=limit,
                                  paired=settings.paired_chips, workload=description)
     fast = FastMethod(model, fast_settings, stats, new_calibration() if errors.adc == "measured" else None, device)
@@ -194,7 +198,8 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
         log(f"speedup on {timing['points']} points: {timing['speedup']:.1f}x without the ADC calibration, "
             f"{timing['speedup_amortized_over_grid']:.1f}x with each calibration shared by its points, "
             f"{timing['speedup_with_calibration']:.1f}x with a fresh calibration for every point")
-    slug = errors.slug() + ("-paired" if settings.paired_chips else "")
+    slug = (errors.slug() + ("" if upstream == calibration_upstream(errors) else f"-{upstream}")
+            + ("-paired" if settings.paired_chips else ""))
     stem = paths.summary_stem(out, "_".join(part for part in ("" if slug == settings.default_method else slug,
                                                               "" if measure == "top1" else measure) if part))
     summary = {"model": model_id(settings.model_name), "dataset": dataset_id(settings.model_name, settings.dataset),

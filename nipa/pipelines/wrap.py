@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from nipa.errors import UserError
-from nipa.estimation.inject import AdcCalibration, InjectionModel, inject, redraw
+from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_upstream, inject, redraw
 from nipa.estimation.stats import ModelStats, combo_key
 from nipa.hardware.compat import Compat
 from nipa.hardware.config import HWConfig
@@ -96,6 +96,8 @@ class WrapSettings:
     batch_size: int = 256
     limit: int | None = None
     paired: bool = False  # diagnostic: draw d carries the simulator's chip d cells
+    # The layer inputs the ADC calibration reads ("ideal" quantized model or "simulated"); None: the form's.
+    calib_upstream: str | None = None
     # A user's model or data (nipa.workloads.workload.Workload.describe), stored with each record; None otherwise.
     workload: dict[str, Any] | None = None
 
@@ -107,7 +109,10 @@ class WrapSettings:
                 "include": None if self.include is None else list(self.include),
                 "injection": dataclasses.asdict(self.errors),
                 "calib_batches": self.calib_batches if self.errors.adc == "measured" else None,
-                "paired": self.paired}
+                "paired": self.paired,
+                # Only when chosen against the form's own (older records carry none and still resume).
+                **({"calib_upstream": self.calib_upstream} if self.calib_upstream not in (
+                    None, calibration_upstream(self.errors)) else {})}
 
 
 def cached_batches(loader, device: torch.device, max_mb: float = 1024) -> list | Any:
@@ -365,13 +370,14 @@ def time_methods(points: Sequence[PointTruth], fast: FastMethod, model: nn.Modul
     programming included), as main.py runs them.
     """
     rows = []
+    # Which points one calibration pass serves (the simulator's activations: one ADC resolution only).
+    share_key = calibration_factory().pass_key if calibration_factory is not None else AdcCalibration.key_of
     for point in points:
         calib_s = 0.0
         if calibration_factory is not None:
             # From scratch, for every ADC resolution that shares this point's calibration pass.
             fresh = calibration_factory()
-            fresh.prefetch(p.config for p in all_points
-                           if AdcCalibration.key_of(p.config) == AdcCalibration.key_of(point.config))
+            fresh.prefetch(p.config for p in all_points if share_key(p.config) == share_key(point.config))
             fast.calibration = fresh
             _synchronize(device)
             started = time.perf_counter()
@@ -399,8 +405,8 @@ def time_methods(points: Sequence[PointTruth], fast: FastMethod, model: nn.Modul
         sim_s = time.perf_counter() - started
         del converted
         release_workspaces()
-        key = AdcCalibration.key_of(point.config)
-        sharing = sum(AdcCalibration.key_of(p.config) == key for p in all_points)
+        key = share_key(point.config)
+        sharing = sum(share_key(p.config) == key for p in all_points)
         rows.append({"point": point.config.describe(), "config_key": point.key, "fast_s": fast_s,
                      "points_sharing_calibration": max(1, sharing),
                      "calibration_s": calib_s, "simulated_s": sim_s, "speedup": sim_s / fast_s,
