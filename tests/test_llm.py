@@ -279,6 +279,31 @@ def test_multi_block_preset_through_main_stat_and_validate_layer_noise(tmp_path:
     assert len(report["layer_kendall_per_point"]) == 3
 
 
+def test_a_test_order_per_chip_is_refused_for_a_language_model(tmp_path: Path, capsys) -> None:
+    """A task has its own fixed batches of text: main.py --test_order per_chip and explore.py --verify with it
+    stop with a clear error (exit 2) before any model loads, and write no results."""
+    import explore
+    import main
+
+    folder = tmp_path / "Tiny-Llama"
+    tiny_model("llama", seed=2, blocks=1).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    text = tmp_path / "notes.txt"
+    text.write_text("the crossbar adds noise to every product it computes.\n" * 8)
+    (tmp_path / "space.ini").write_text("[Algorithm_Level]\nwl_weight = 4\nwl_input = 6\n[Hardware_Level]\n"
+                                        "subArray = 16\nADCprecision = 5\n[Device_Level]\ncellBit = 1\n")
+    model = ["--model_name", str(folder), "--dataset", str(text), "--seq_len", "32", "--max_tokens", "128"]
+    records = tmp_path / "accsim.jsonl"
+    capsys.readouterr()
+    assert main.main([*model, "--HWdes", str(tmp_path / "space.ini"), "--cycle", "1", "--out", str(records),
+                      "--device", "cpu", "--test_order", "per_chip"]) == 2
+    assert "--test_order per_chip" in capsys.readouterr().err
+    assert explore.main([*model, "--HWdes", str(tmp_path / "space.ini"), "--verify", "1", "--test_order",
+                         "per_chip", "--out_dir", str(tmp_path / "explore")]) == 2
+    assert "--test_order per_chip" in capsys.readouterr().err
+    assert not records.exists() and not (tmp_path / "explore").exists()
+
+
 def test_block_sensitivity_against_hand_computed_blocks() -> None:
     from nipa.llm.report import block_of, block_sensitivity
 
