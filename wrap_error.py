@@ -26,7 +26,14 @@ import sys
 import torch
 
 from nipa.cli import add_model_args, add_runtime_args, resolve_model_args, run_main
-from nipa.estimation.inject import ADC_FORMS, ADC_MODELS, CALIBRATION_UPSTREAMS, DEVICE_MODELS, METHODS
+from nipa.estimation.inject import (
+    ADC_FORMS,
+    ADC_MODELS,
+    CALIBRATION_UPSTREAMS,
+    DEFAULT_CALIB_BATCHES,
+    DEVICE_MODELS,
+    METHODS,
+)
 from nipa.logs import open_log
 from nipa.pipelines.absolute import WrapErrorSettings, run_wrap_error
 from nipa.workloads.workload import Workload
@@ -59,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(planes); default: the method's")
     parser.add_argument("--tile_factor", choices=("tiles", "one"), default="tiles",
                         help="k_T of the formula ADC term (SPEC: the tile count T)")
-    parser.add_argument("--calib_batches", type=int, default=4,
+    parser.add_argument("--calib_batches", type=int, default=DEFAULT_CALIB_BATCHES,
                         help="training batches (of --batch_size) on which the ADC error is measured (a dynamic "
                              "range is one batch's: one batch misjudges the error up to 3x, README)")
     parser.add_argument("--calib_upstream", choices=CALIBRATION_UPSTREAMS, default=None,

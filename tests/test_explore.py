@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import explore
+from nipa.estimation.inject import DEFAULT_CALIB_BATCHES
 from nipa.estimation.metric import nipa_metric
 from nipa.estimation.stats import model_statistics
 from nipa.hardware.config import COST_KNOBS, ConfigError, HWConfig, SearchSpace
@@ -272,6 +273,9 @@ def test_script_end_to_end_with_a_tiny_verification(tmp_path, digits_ckpt_dir, c
     sliced = [r for r in records if r["method"] == "sliced"]
     assert {r["config_key"] for r in sliced} == {r["config_key"] for r in summary["rows"]}
     assert all("ADC_share" not in r["config"] for r in sliced)  # cost knobs stay out of the records
+    # the fast estimate calibrates like wrap_error.py (it took one batch: up to 3x off, docs section 1)
+    fast = [r for r in read_records(out / "digits_explore_wrap.jsonl") if r["method"] == "fast"]
+    assert fast and all(r["run"]["calib_batches"] == DEFAULT_CALIB_BATCHES == 4 for r in fast)
     printed = capsys.readouterr().out
     assert "Kendall tau NIPA" in printed
 

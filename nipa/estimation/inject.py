@@ -586,6 +586,9 @@ class _Reads:
         return result
 
 CONDITIONAL_BINS = 256
+# Calibration batches of the fast estimate (wrap_error.py, explore.py --verify): a dynamic range is one
+# batch's, and one batch misjudged conv2's ADC error by up to 3x (docs/estimate_analysis.md, section 1).
+DEFAULT_CALIB_BATCHES = 4
 
 
 CALIBRATION_UPSTREAMS = ("ideal", "simulated")

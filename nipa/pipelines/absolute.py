@@ -21,7 +21,7 @@ import torch
 
 from nipa import paths
 from nipa.errors import UserError
-from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_upstream
+from nipa.estimation.inject import DEFAULT_CALIB_BATCHES, AdcCalibration, InjectionModel, calibration_upstream
 from nipa.pipelines.wrap import (
     FastMethod,
     WrapSettings,
@@ -58,7 +58,7 @@ class WrapErrorSettings:
     adc_error: str | None = None
     adc_form: str | None = None
     tile_factor: str = "tiles"
-    calib_batches: int = 1
+    calib_batches: int = DEFAULT_CALIB_BATCHES
     calib_upstream: str | None = None  # None: the form's (calibration_upstream)
     measure: str = "top1"
     paired_chips: bool = False

@@ -34,6 +34,7 @@ import numpy as np
 
 from nipa import paths
 from nipa.errors import UserError
+from nipa.estimation.inject import DEFAULT_CALIB_BATCHES
 from nipa.estimation.metric import nipa_metric
 from nipa.estimation.stats import ModelStats
 from nipa.hardware.config import COST_KNOBS, HWConfig, SearchSpace
@@ -331,7 +332,7 @@ class VerifySettings:
     test_order: str = "per_chip"
     fast_draws: int = 3  # draws of the fast estimate per point
     fast_method: str = "calibrated"
-    calib_batches: int = 1
+    calib_batches: int = DEFAULT_CALIB_BATCHES  # as wrap_error.py
     memory_mb: float | None = None  # None: nipa.runtime.default_memory_mb of the device
     bootstrap: int = 1000
 
