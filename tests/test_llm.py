@@ -222,6 +222,19 @@ def test_multi_block_presets_map_the_named_blocks_and_nothing_else(family: str, 
     assert len(resolve_selection(model, None, [], "all")[0]) == 6
 
 
+def _tiny_llama_task(tmp_path: Path, blocks: int, space: str) -> list[str]:
+    """A tiny Llama folder, a text file and tmp_path/space.ini (4-bit weights, 6-bit inputs, 16 rows, then
+    `space`): the model options that name them."""
+    folder = tmp_path / "Tiny-Llama"
+    tiny_model("llama", seed=2, blocks=blocks).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    text = tmp_path / "notes.txt"
+    text.write_text("the crossbar adds noise to every product it computes.\n" * 8)
+    (tmp_path / "space.ini").write_text("[Algorithm_Level]\nwl_weight = 4\nwl_input = 6\n[Hardware_Level]\n"
+                                        "subArray = 16\n" + space)
+    return ["--model_name", str(folder), "--dataset", str(text), "--seq_len", "32", "--max_tokens", "128"]
+
+
 def test_multi_block_preset_through_main_stat_and_validate_layer_noise(tmp_path: Path, capsys) -> None:
     """--block 0,2 on a 3-block model: main.py records both blocks' patterns, stat.py has their layers, and
     validate.py --per_layer --layer_noise measures exactly those layers from the records' selection."""
@@ -229,15 +242,8 @@ def test_multi_block_preset_through_main_stat_and_validate_layer_noise(tmp_path:
     import validate
     from nipa.estimation.stats import load_statistics
 
-    folder = tmp_path / "Tiny-Llama"
-    tiny_model("llama", seed=2, blocks=3).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    text = tmp_path / "notes.txt"
-    text.write_text("the crossbar adds noise to every product it computes.\n" * 8)
-    (tmp_path / "space.ini").write_text("[Algorithm_Level]\nwl_weight = 4\nwl_input = 6\n[Hardware_Level]\n"
-                                        "subArray = 16\nADCprecision = 3, 5, 8\n[Device_Level]\ncellBit = 1\n"
-                                        "vari = 0.2\n")
-    model = ["--model_name", str(folder), "--dataset", str(text), "--seq_len", "32", "--max_tokens", "128"]
+    model = _tiny_llama_task(tmp_path, blocks=3, space="ADCprecision = 3, 5, 8\n[Device_Level]\ncellBit = 1\n"
+                                                        "vari = 0.2\n")
     records, stats = tmp_path / "accsim.jsonl", tmp_path / "stats.json"
     assert main.main([*model, "--HWdes", str(tmp_path / "space.ini"), "--cycle", "1", "--out", str(records),
                       "--device", "cpu", "--block", "0,2"]) == 0
@@ -285,14 +291,7 @@ def test_a_test_order_per_chip_is_refused_for_a_language_model(tmp_path: Path, c
     import explore
     import main
 
-    folder = tmp_path / "Tiny-Llama"
-    tiny_model("llama", seed=2, blocks=1).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    text = tmp_path / "notes.txt"
-    text.write_text("the crossbar adds noise to every product it computes.\n" * 8)
-    (tmp_path / "space.ini").write_text("[Algorithm_Level]\nwl_weight = 4\nwl_input = 6\n[Hardware_Level]\n"
-                                        "subArray = 16\nADCprecision = 5\n[Device_Level]\ncellBit = 1\n")
-    model = ["--model_name", str(folder), "--dataset", str(text), "--seq_len", "32", "--max_tokens", "128"]
+    model = _tiny_llama_task(tmp_path, blocks=1, space="ADCprecision = 5\n[Device_Level]\ncellBit = 1\n")
     records = tmp_path / "accsim.jsonl"
     capsys.readouterr()
     assert main.main([*model, "--HWdes", str(tmp_path / "space.ini"), "--cycle", "1", "--out", str(records),
