@@ -420,7 +420,8 @@ def test_wrap_error_calibrates_on_the_simulators_activations_when_asked(digits_c
                     "--time_points", "0") == 0
     records = [r for r in read_records(out) if r.get("method") == "fast"]
     assert records and all(r["run"]["calib_upstream"] == "simulated" for r in records)
-    assert (tmp_path / "w_calibrated-simulated_summary.json").is_file()
+    summary = json.loads((tmp_path / "w_calibrated-simulated_summary.json").read_text())
+    assert summary["injection"].endswith("calibrated on the simulated activations")  # the plot's title too
     plain = tmp_path / "plain.jsonl"
     assert run_wrap(digits_ckpt_dir, truth, plain, "--cycle", "1", "--time_points", "0") == 0
     assert all("calib_upstream" not in r["run"] for r in read_records(plain) if r.get("method") == "fast")

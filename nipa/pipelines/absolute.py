@@ -168,7 +168,9 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
                                  exclude=exclude, include=include, batch_size=batch_size, limit=limit,
                                  paired=settings.paired_chips, workload=description)
     fast = FastMethod(model, fast_settings, stats, new_calibration() if errors.adc == "measured" else None, device)
-    label = errors.label() + (", paired chips (diagnostic)" if settings.paired_chips else "")
+    own_upstream = upstream == calibration_upstream(errors)
+    label = (errors.label() + ("" if own_upstream else f", calibrated on the {upstream} activations")
+             + (", paired chips (diagnostic)" if settings.paired_chips else ""))
     log(f"{len(truth.points)} hardware points from {truth.source}; injection {label}, "
         f"{settings.cycle} draws each -> {out}")
     records = run_fast(truth, fast, data, out, log)
@@ -198,7 +200,7 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
         log(f"speedup on {timing['points']} points: {timing['speedup']:.1f}x without the ADC calibration, "
             f"{timing['speedup_amortized_over_grid']:.1f}x with each calibration shared by its points, "
             f"{timing['speedup_with_calibration']:.1f}x with a fresh calibration for every point")
-    slug = (errors.slug() + ("" if upstream == calibration_upstream(errors) else f"-{upstream}")
+    slug = (errors.slug() + ("" if own_upstream else f"-{upstream}")
             + ("-paired" if settings.paired_chips else ""))
     stem = paths.summary_stem(out, "_".join(part for part in ("" if slug == settings.default_method else slug,
                                                               "" if measure == "top1" else measure) if part))
