@@ -434,11 +434,31 @@ def test_wrap_error_times_the_planes_calibration_apart(digits_ckpt_dir, ground_t
     calls = []
     measure = AdcCalibration._measure
 
-    def counting(self, hw, bits, conditional=False, planes=False):
+    def counting(self, hw, bits, conditional=False, planes=False, repeated=False):
         calls.append(planes)
-        return measure(self, hw, bits, conditional, planes)
+        return measure(self, hw, bits, conditional, planes, repeated)
 
     monkeypatch.setattr(AdcCalibration, "_measure", counting)
     out = tmp_path / "w.jsonl"
     assert run_wrap(digits_ckpt_dir, truth, out, "--method", "planes", "--cycle", "1", "--time_points", "1") == 0
     assert calls and all(calls)
+
+
+def test_wrap_error_runs_the_repeated_form_with_its_own_calibration(digits_ckpt_dir, ground_truth, tmp_path,
+                                                                     monkeypatch):
+    """--method repeated: the timed calibration measures the repeated rows (so the draws measure nothing
+    again) and the summary is named after the method."""
+    folder, truth = ground_truth
+    calls = []
+    measure = AdcCalibration._measure
+
+    def counting(self, hw, bits, conditional=False, planes=False, repeated=False):
+        calls.append(repeated)
+        return measure(self, hw, bits, conditional, planes, repeated)
+
+    monkeypatch.setattr(AdcCalibration, "_measure", counting)
+    out = tmp_path / "w.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, out, "--method", "repeated", "--cycle", "1", "--time_points", "1") == 0
+    assert calls and all(calls)
+    summary = json.loads((tmp_path / "w_repeated_summary.json").read_text())
+    assert "adc_form=repeated" in summary["injection"]

@@ -115,6 +115,15 @@ from nipa.estimation.plane_states import (
     row_classes,
     tile_row_counts,
 )
+from nipa.estimation.repeated_rows import (
+    CANDIDATE_SHARE,
+    MAX_ROWS,
+    RowTally,
+    conv_hashes,
+    hash_weights,
+    match,
+    row_hashes,
+)
 from nipa.estimation.stats import ComboStats, ModelStats, model_statistics
 from nipa.hardware.config import HWConfig
 from nipa.hardware.device_errors import chip_generator, program_pairs
@@ -132,10 +141,11 @@ from nipa.simulator.crossbar import _explicit_padding, im2col
 
 DEVICE_MODELS = ("formula", "cells")
 ADC_MODELS = ("formula", "measured", "none")
-ADC_FORMS = ("weight", "output", "conditional", "planes")
-FORM_TAGS = {"output": "-out", "conditional": "-cond", "planes": "-planes"}  # file-name tags
+ADC_FORMS = ("weight", "output", "conditional", "planes", "repeated")
+FORM_TAGS = {"output": "-out", "conditional": "-cond", "planes": "-planes", "repeated": "-rep"}  # file-name tags
 METHODS = {"published": ("formula", "formula", "weight"), "calibrated": ("cells", "measured", "output"),
-           "conditional": ("cells", "measured", "conditional"), "planes": ("cells", "measured", "planes")}
+           "conditional": ("cells", "measured", "conditional"), "planes": ("cells", "measured", "planes"),
+           "repeated": ("cells", "measured", "repeated")}
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,8 @@ class InjectedCore(nn.Module):
     def __init__(self, weight: torch.Tensor, hw: HWConfig, name: str, weight_var: torch.Tensor,
                  cells: bool, output_power: torch.Tensor | None = None,
                  conditional: tuple[torch.Tensor, ...] | None = None,
-                 planes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 planes: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 repeated: tuple[torch.Tensor, ...] | None = None) -> None:
         super().__init__()
         self.hw = hw
         self.name = name
@@ -221,6 +232,16 @@ class InjectedCore(nn.Module):
         if output_power is not None:
             power = (output_power.double() * self.weight_scale.double() ** 2).sum(-1)
             output_std = power.sqrt().float()
+        # adc_form="repeated": the repeated rows' hashes and exact errors [M, out] (units of scale_w * level)
+        # and, as the output form's, the noise of every other row.
+        for buffer in ("repeated_weights", "repeated_hashes", "repeated_errors"):
+            self.register_buffer(buffer, None, persistent=False)
+        if repeated is not None:
+            weights, hashes, errors, rest_variance = repeated
+            output_std = rest_variance.clamp(min=0).sqrt().float().expand(self.out_features).contiguous()
+            if hashes.shape[0]:
+                self.repeated_weights, self.repeated_hashes = weights.double(), hashes.double()
+                self.repeated_errors = errors.float()
         self.register_buffer("output_std", output_std, persistent=False)
         # adc_form="conditional": per output channel, equal-width bins of u = (y - bias) / scale_in and per
         # bin the error's mean and deviation (flattened [out * bins] for one gather per forward).
@@ -320,6 +341,22 @@ class _InjectedLayer(nn.Module):
             return y.add_(error.view(*shape, out).permute(0, 3, 1, 2))
         return y.add_(error.view(y.shape))
 
+    def _repeated_error(self, y: torch.Tensor, hashes: torch.Tensor, scale_in: torch.Tensor,
+                        channel_dim: int) -> torch.Tensor:
+        """y + scale_in (the exact error of a repeated row, fresh noise of the other rows' deviation
+        elsewhere), from the input rows' hashes [..., 2] (an output position's row: [n, OH, OW, 2])."""
+        core = self.core
+        index = match(hashes, core.repeated_hashes)
+        noise = self._normals(y)  # a view of the pool, any layout: the output noise is i.i.d.
+        if channel_dim == 1:
+            noise = noise.view(*index.shape, -1)
+        noise = noise * core.output_std.to(dtype=y.dtype)
+        exact = F.embedding(index.clamp(min=0), core.repeated_errors.to(dtype=y.dtype))
+        error = torch.where((index >= 0).unsqueeze(-1), exact, noise).mul_(scale_in)
+        if channel_dim == 1:
+            return y.add_(error.permute(0, 3, 1, 2))
+        return y.add_(error)
+
     def _output_noise(self, y: torch.Tensor, scale_in: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shape = [1] * y.dim()
         shape[channel_dim] = -1
@@ -371,6 +408,9 @@ class InjectedLinear(_InjectedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, scale_in = self._quantized_input(x)
         y = F.linear(x, self.weight, self.bias)
+        if self.core.repeated_hashes is not None:
+            levels = torch.round(x / scale_in)
+            return self._repeated_error(y, row_hashes(levels, self.core.repeated_weights), scale_in, -1)
         if self.core.plane_mean is not None:
             classes = linear_plane_classes(torch.round(x / scale_in), self.wl_input - 1, self.core.fan_in,
                                            self.core.rows)
@@ -393,6 +433,10 @@ class InjectedConv2d(_InjectedLayer):
         # Per-tensor scale of the layer input itself (before zero padding), as the ground truth.
         x, scale_in = self._quantized_input(x)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.core.repeated_hashes is not None:
+            hashes = conv_hashes(torch.round(x / scale_in), self.core.repeated_weights, self.kernel_size,
+                                 self.stride, _explicit_padding(self), self.dilation)
+            return self._repeated_error(y, hashes, scale_in, 1)
         if self.core.plane_mean is not None:
             classes = conv_plane_classes(torch.round(x / scale_in), self.wl_input - 1, self.core.weight_shape,
                                          self.core.rows, self.stride, _explicit_padding(self), self.dilation)
@@ -450,6 +494,7 @@ class _Reads:
         self.z, self.k, self.out = hw.wl_input - 1, hw.num_slices, core.out_features
         self.tiles = [_distinct_rows(x_tiles[:, t]) for t in range(self.num_tiles)]
         self.x_tiles = x_tiles
+        self.fan_in = core.fan_in
         self.weight_scale = core.weight_scale.to(rows.device)  # [out, T]
         # The cells read: the ideal slices, or one programmed chip's differential reads (device_reads).
         self.slices = (core.slices if cells is None else cells).to(rows.device, torch.float32)
@@ -536,6 +581,54 @@ class _Reads:
                     errors[a][start:start + self.chunk] += error.mul_(significance).sum(dim=(0, 2)).double() * scale
         return u, errors
 
+    def row_errors(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, adc_bits: Sequence[int],
+                   cell_bits: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per ADC resolution, (error [m, out], power [m, out]) of the rows x [m, T, rows] (integer levels)
+        at this batch's ranges: sum_t scale_w[o, t] E_{t,o} and sum_t scale_w[o, t]^2 E_{t,o}^2 (the
+        units of `joint_errors`)."""
+        device = self.slices.device
+        significance = (2.0 ** torch.arange(self.z, device=device)).view(-1, 1, 1, 1) * (
+            2.0 ** (cell_bits * torch.arange(self.k, device=device))).view(1, 1, -1, 1)  # [Z, 1, K, 1]
+        result = {a: (torch.zeros(x.shape[0], self.out, dtype=torch.float64, device=device),
+                      torch.zeros(x.shape[0], self.out, dtype=torch.float64, device=device)) for a in adc_bits}
+        for t in range(self.num_tiles):
+            lo_t = lo[t].view(self.z, 1, self.k, 1)
+            span = hi[t].view(self.z, 1, self.k, 1) - lo_t
+            scale = self.weight_scale[:, t].double()
+            for start in range(0, x.shape[0], self.chunk):
+                reads = self._products(t, x[start:start + self.chunk, t]).view(self.z, -1, self.k, self.out)
+                for a in adc_bits:
+                    tile_error = _read_error(reads, lo_t, span / 2**a, 2**a).mul_(significance).sum(dim=(0, 2))
+                    error, power = result[a]
+                    error[start:start + self.chunk] += tile_error.double() * scale
+                    power[start:start + self.chunk] += tile_error.double().square() * scale.square()
+        return result
+
+    def repeated_rows(self, name: str, lo: torch.Tensor, hi: torch.Tensor, adc_bits: Sequence[int],
+                      cell_bits: int, tallies: dict[int, RowTally]) -> None:
+        """Count this batch's candidate repeated rows (`nipa.estimation.repeated_rows`) into `tallies`
+        (per ADC resolution): their exact errors at this batch's ranges, and the mean error power of a
+        sample of the other rows."""
+        levels = untile_columns(self.x_tiles, self.fan_in)
+        keys, inverse, counts = torch.unique(row_hashes(levels, hash_weights(name, self.fan_in)), dim=0,
+                                             return_inverse=True, return_counts=True)
+        order = counts.argsort(descending=True)[:2 * MAX_ROWS]
+        candidates = order[counts[order] >= CANDIDATE_SHARE * self.n]
+        first = torch.full((keys.shape[0],), self.n, dtype=torch.long, device=levels.device).scatter_reduce(
+            0, inverse, torch.arange(self.n, device=levels.device), "amin")[candidates]
+        others = ~torch.isin(inverse, candidates)
+        if bool(others.any()):
+            pick = torch.multinomial(others.double().cpu(), self.sample_rows, replacement=True,
+                                     generator=self.generator).to(levels.device)
+        else:
+            pick = torch.zeros(0, dtype=torch.long, device=levels.device)
+        exact = self.row_errors(self.x_tiles[first], lo, hi, adc_bits, cell_bits)
+        sampled = self.row_errors(self.x_tiles[pick], lo, hi, adc_bits, cell_bits)
+        for a in adc_bits:
+            others_mean = sampled[a][1].mean(0) if pick.numel() else torch.zeros(self.out, dtype=torch.float64)
+            tallies[a].add_batch(self.n, levels[first].cpu(), keys[candidates].cpu(), counts[candidates].cpu(),
+                                 exact[a][0].cpu(), exact[a][1].cpu(), others_mean.cpu())
+
     def plane_errors(self, lo: torch.Tensor, hi: torch.Tensor, adc_bits: Sequence[int], cell_bits: int,
                      tile_rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         """Per ADC resolution, the error sums of the "planes" form (nipa.estimation.plane_states), per
@@ -603,7 +696,7 @@ def calibration_upstream(errors: InjectionModel, choice: str | None = None) -> s
         if choice not in CALIBRATION_UPSTREAMS:
             raise ValueError(f"calibration upstream must be one of {CALIBRATION_UPSTREAMS}, not {choice!r}")
         return choice
-    return "simulated" if errors.adc_form == "planes" else "ideal"
+    return "simulated" if errors.adc_form in ("planes", "repeated") else "ideal"
 
 
 def conditional_error(u: torch.Tensor, error: torch.Tensor, bins: int = CONDITIONAL_BINS
@@ -644,6 +737,9 @@ class AdcError:
     # The "planes" form (nipa.estimation.plane_states), integer units before scale_w: the mean error and
     # variance per (class, bit, tile, output) [C, Z, T, out].
     planes: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The "repeated" form (nipa.estimation.repeated_rows): (hash weights [2, fan_in], hashes [M, 2], exact
+    # errors [M, out], the other rows' output error variance [out]), errors in units of scale_w * level.
+    repeated: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def weight_variance(self) -> torch.Tensor:
         """[out, T]: the integer-weight noise variance with the same output error power."""
@@ -706,17 +802,20 @@ class AdcCalibration:
     def __contains__(self, hw: HWConfig) -> bool:
         return (*self.key_of(hw, self.device_reads), hw.ADCprecision) in self._cache
 
-    def errors(self, hw: HWConfig, conditional: bool = False, planes: bool = False) -> dict[str, AdcError]:
+    def errors(self, hw: HWConfig, conditional: bool = False, planes: bool = False,
+               repeated: bool = False) -> dict[str, AdcError]:
         """Per layer name, the measured ADC error of `hw` (see `AdcError`); conditional: also the error
         as a function of the ideal output (a second sample of rows, adc_form="conditional"); planes: also
-        the per-plane-state errors (adc_form="planes")."""
+        the per-plane-state errors (adc_form="planes"); repeated: also the repeated rows' exact errors
+        (adc_form="repeated")."""
         cached = self._cache.get((*self.key_of(hw, self.device_reads), hw.ADCprecision))
         if cached is None or (conditional and any(e.conditional is None for e in cached.values())) or (
-                planes and any(e.planes is None for e in cached.values())):
+                planes and any(e.planes is None for e in cached.values())) or (
+                repeated and any(e.repeated is None for e in cached.values())):
             key = self.key_of(hw, self.device_reads)
             bits = sorted(self._wanted.get(self.pass_key(hw), set()) | {hw.ADCprecision})
             started = time.perf_counter()
-            for a, noise in self._measure(hw, bits, conditional, planes).items():
+            for a, noise in self._measure(hw, bits, conditional, planes, repeated).items():
                 self._cache[(*key, a)] = noise
             self.seconds += time.perf_counter() - started
         return self._cache[(*self.key_of(hw, self.device_reads), hw.ADCprecision)]
@@ -769,8 +868,8 @@ class AdcCalibration:
             for hook in hooks:
                 hook.remove()
 
-    def _measure(self, hw: HWConfig, bits: list[int], conditional: bool = False, planes: bool = False
-                 ) -> dict[int, dict[str, AdcError]]:
+    def _measure(self, hw: HWConfig, bits: list[int], conditional: bool = False, planes: bool = False,
+                 repeated: bool = False) -> dict[int, dict[str, AdcError]]:
         fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if hw.adc_mode == "calibrated":
             # One fixed range per slice, over every tile, input bit and batch (as calibrate_adc).
@@ -786,6 +885,8 @@ class AdcCalibration:
         input_power: dict[str, torch.Tensor] = {}
         samples: dict[str, list[tuple[torch.Tensor, dict[int, torch.Tensor]]]] = {}
         plane_sums: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        tallies: dict[str, dict[int, RowTally]] = {}
+        fan_ins: dict[str, int] = {}
 
         def measure(_i, name, layer, reads):
             if hw.adc_mode == "dynamic":  # one range over every tile (SPEC section 4, step 6)
@@ -812,6 +913,10 @@ class AdcCalibration:
                     into = plane_sums.setdefault(name, {}).setdefault(a, {})
                     for field, value in batch_sums.items():
                         into[field] = into.get(field, 0) + value.cpu()
+            if repeated:
+                fan_ins[name] = layer.core.fan_in
+                reads.repeated_rows(name, lo, hi, bits, hw.cellBit,
+                                    tallies.setdefault(name, {a: RowTally() for a in bits}))
             input_power[name] = input_power.get(name, 0) + reads.input_power
 
         self._run(hw, measure)
@@ -825,10 +930,14 @@ class AdcCalibration:
                                             torch.cat([sample[1][a] for sample in samples[name]]))
                 # Pooled over the batches: a range that changes from batch to batch moves the bins' means,
                 # and the pooled deviation holds that spread.
+                rows = None
+                if repeated:
+                    _, hashes, exact, rest = tallies[name][a].select(hw.adc_mode in ("calibrated", "full"))
+                    rows = (hash_weights(name, fan_ins[name]), hashes, exact, rest.float())
                 result[a][name] = AdcError(output_power=(power / len(self.batches)).cpu(), input_power=power_in,
                                            conditional=fit,
                                            planes=_plane_tables(plane_sums[name][a], len(self.batches))
-                                           if planes else None)
+                                           if planes else None, repeated=rows)
         return result
 
 
@@ -950,13 +1059,15 @@ def _noise_variances(model: nn.Module, hw: HWConfig, errors: InjectionModel, nam
         if calibration is None:
             raise ValueError("adc='measured' needs calibration=AdcCalibration(model, batches)")
         measured = calibration.errors(hw, conditional=errors.adc_form == "conditional",
-                                      planes=errors.adc_form == "planes")
+                                      planes=errors.adc_form == "planes", repeated=errors.adc_form == "repeated")
         if errors.adc_form == "output":
             return noise, {name: {"output_power": measured[name].output_power} for name in names}
         if errors.adc_form == "conditional":
             return noise, {name: {"conditional": measured[name].conditional} for name in names}
         if errors.adc_form == "planes":
             return noise, {name: {"planes": measured[name].planes} for name in names}
+        if errors.adc_form == "repeated":
+            return noise, {name: {"repeated": measured[name].repeated} for name in names}
         for name in names:
             noise[name] = noise[name] + measured[name].weight_variance()
     return noise, {}

@@ -149,11 +149,12 @@ class FastMethod:
         if self.calibration is None or self.settings.errors.adc != "measured":
             return 0.0
         form = self.settings.errors.adc_form
-        if point in self.calibration and form not in ("conditional", "planes"):
+        if point in self.calibration and form not in ("conditional", "planes", "repeated"):
             return 0.0
         started = time.perf_counter()
         # a no-op when already measured
-        self.calibration.errors(point, conditional=form == "conditional", planes=form == "planes")
+        self.calibration.errors(point, conditional=form == "conditional", planes=form == "planes",
+                                repeated=form == "repeated")
         return time.perf_counter() - started
 
     def draws(self, point: HWConfig, draws: Sequence[int], data) -> list[tuple[int, dict, float]]:

@@ -1,0 +1,123 @@
+"""Input rows that a layer reads again and again, and their exact ADC error (the "repeated" form).
+
+A convolution over images with a constant background (MNIST's), or over zero patches after a ReLU,
+reads the same few input rows most of the time: in SmallCNN's first layer on MNIST, 5 rows are 68% of
+all rows. A deterministic ADC rounds such a row the same way every time it is read, so its error is
+one fixed offset, not noise; noise of the same power in their place costs up to 7 points of accuracy
+where the simulator loses less than one (docs/estimate_analysis.md, section 10).
+
+Rows are found by an exact integer hash: two random integer weight vectors h = levels . R (float64;
+integer levels times integers below 2^20 summed over the fan-in stay below 2^53, so every sum is exact
+in any order), the same in the calibration (on the crossbar's rows) and in the forward (one
+float64 convolution with two output channels). A row counts as repeated when it is at least
+`MIN_SHARE` of the calibration's rows (at most `MAX_ROWS` per layer) and *stable*: with a dynamic ADC
+range, which is one batch's, a row's error changes with the batch whenever the range does (a later
+layer's ranges follow the images, the first layer's the pixel range, which every batch spans); a row
+whose error differs between the calibration batches by more than `MAX_BETWEEN_SHARE` of its power is
+left to the noise, as every other row.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+MIN_SHARE = 0.01  # of a layer's calibration rows
+MAX_ROWS = 16  # per layer
+CANDIDATE_SHARE = MIN_SHARE / 2  # of one batch's rows: tracked per batch
+# A repeated row's between-batch error power, as a share of its error power (mean^2 + between): above
+# it the row's error is the batch's range's, not the row's. SmallCNN on MNIST: 0 in conv1, ~0.5 in
+# conv2 (docs/estimate_analysis.md, section 10).
+MAX_BETWEEN_SHARE = 0.1
+_HASH_RANGE = 2**20
+
+
+def hash_weights(name: str, fan_in: int) -> torch.Tensor:
+    """[2, fan_in] float64 random integers in [0, 2^20), fixed per layer name."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"repeated:{name}".encode()))
+    return torch.randint(0, _HASH_RANGE, (2, fan_in), generator=generator).double()
+
+
+def row_hashes(levels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[n, 2] hashes of integer input rows [n, fan_in]."""
+    return levels.double() @ weights.to(levels.device).t()
+
+
+def match(hashes: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Index into `known` [M, 2] of each hash [..., 2], -1 where none matches."""
+    equal = (hashes.unsqueeze(-2) == known).all(-1)  # [..., M]
+    found = equal.any(-1)
+    index = equal.to(torch.uint8).argmax(-1)
+    return torch.where(found, index, torch.full_like(index, -1))
+
+
+@dataclass
+class RowTally:
+    """The calibration's record of one layer's candidate rows at one ADC resolution: per hash, the row
+    (integer levels), its count and per batch its count and exact error, and the error power of the
+    other rows."""
+
+    rows: dict[tuple[float, float], torch.Tensor] = field(default_factory=dict)
+    counts: dict[tuple[float, float], list[tuple[int, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    total_rows: int = 0
+    rest_sum: torch.Tensor | float = 0.0  # sum over other rows of sum_t scale_w^2 E_t^2, [out]
+    rest_count: float = 0.0
+    batches: int = 0
+
+    def add_batch(self, rows: int, candidates: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
+                  errors: torch.Tensor, powers: torch.Tensor, others_mean: torch.Tensor) -> None:
+        """One batch of `rows` rows: its candidate rows [m, fan_in] with hashes [m, 2], counts [m],
+        exact errors [m, out] (sum_t scale_w E_t) and powers [m, out] (sum_t scale_w^2 E_t^2); the mean
+        power of its other rows [out] (a sample's)."""
+        self.total_rows += rows
+        self.batches += 1
+        others = rows - int(counts.sum())
+        self.rest_sum = self.rest_sum + others_mean.double() * others
+        self.rest_count += others
+        for i, key in enumerate(map(tuple, keys.tolist())):
+            self.rows.setdefault(key, candidates[i])
+            self.counts.setdefault(key, []).append((int(counts[i]), errors[i].double(), powers[i].double()))
+
+    def select(self, fixed_range: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows [M, fan_in], hashes [M, 2], exact errors [M, out], rest variance [out]): the repeated,
+        stable rows (see the module docstring) and the error power of every other row. fixed_range: the
+        ADC's range does not depend on the batch, so a row's error is the same in every batch."""
+        ranked = sorted(self.counts, key=lambda k: -sum(c for c, _, _ in self.counts[k]))
+        chosen, errors = [], []
+        rest_sum, rest_count = self.rest_sum, self.rest_count
+        for key in ranked:
+            seen = self.counts[key]
+            count = sum(c for c, _, _ in seen)
+            weights = torch.tensor([c for c, _, _ in seen], dtype=torch.float64).view(-1, 1)
+            per_batch = torch.stack([e for _, e, _ in seen])
+            mean = (weights * per_batch).sum(0) / count
+            between = (weights * (per_batch - mean).square()).sum(0) / count
+            power = mean.square().mean() + between.mean()
+            stable = fixed_range or (len(seen) >= 2 and float(between.mean()) <= MAX_BETWEEN_SHARE * float(power))
+            if len(chosen) < MAX_ROWS and count >= MIN_SHARE * self.total_rows and stable:
+                chosen.append(key)
+                errors.append(mean)
+            else:  # left to the noise: its occurrences join the other rows' power
+                rest_sum = rest_sum + sum(c * p for c, _, p in seen)
+                rest_count += count
+        rest = rest_sum / max(rest_count, 1.0)  # [out] (zero when every row is a repeated one)
+        if not chosen:
+            return (torch.zeros(0, 0), torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, 0),
+                    torch.as_tensor(rest, dtype=torch.float64))
+        rows = torch.stack([self.rows[k] for k in chosen])
+        hashes = torch.tensor(chosen, dtype=torch.float64)
+        return rows, hashes, torch.stack(errors).float(), torch.as_tensor(rest, dtype=torch.float64)
+
+
+def conv_hashes(levels: torch.Tensor, weights: torch.Tensor, kernel_size: tuple[int, int],
+                stride, padding: tuple[int, int, int, int], dilation) -> torch.Tensor:
+    """[n, OH, OW, 2] hashes of a convolution's input patches (zero padded as the crossbar's rows), from
+    its integer input levels [n, C, H, W]."""
+    x = levels.double()
+    if any(padding):
+        x = F.pad(x, padding)
+    kernel = weights.to(x.device).view(2, x.shape[1], *kernel_size)
+    return F.conv2d(x, kernel, None, stride, 0, dilation).permute(0, 2, 3, 1)

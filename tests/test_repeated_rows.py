@@ -1,0 +1,132 @@
+"""The "repeated" form of the measured ADC error (nipa.estimation.repeated_rows): exact hashes of a
+convolution's patches, the exact error of rows a layer reads again and again, and the stability test
+that leaves a row whose error follows the batch's range to the noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_upstream, inject
+from nipa.estimation.repeated_rows import MIN_SHARE, RowTally, conv_hashes, hash_weights, match, row_hashes
+from nipa.hardware.config import HWConfig
+from nipa.simulator.crossbar import convert, im2col
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [((1, 1), (1, 1, 1, 1), (1, 1)),
+                                                       ((2, 2), (0, 0, 0, 0), (1, 1)),
+                                                       ((1, 2), (2, 1, 0, 2), (2, 1))])
+def test_conv_hashes_are_those_of_the_crossbar_rows(stride, padding, dilation):
+    """One float64 convolution hashes every patch exactly as the im2col row the crossbar reads (zero
+    padding inside the patch, stride, dilation); integer sums below 2^53 leave no rounding."""
+    torch.manual_seed(0)
+    levels = torch.randint(-127, 128, (2, 3, 9, 8)).float()
+    weights = hash_weights("conv", 3 * 3 * 2)
+    got = conv_hashes(levels, weights, (3, 2), stride, padding, dilation)  # [n, OH, OW, 2]
+    rows = im2col(F.pad(levels, padding), (3, 2), stride, dilation).reshape(-1, 18)
+    assert torch.equal(got.reshape(-1, 2), row_hashes(rows, weights))
+    assert torch.equal(hash_weights("conv", 18), weights)  # fixed per layer name
+
+
+def test_match_finds_known_hashes_and_nothing_else():
+    known = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    hashes = torch.tensor([[[3.0, 4.0], [1.0, 2.0]], [[1.0, 4.0], [5.0, 6.0]]])
+    assert match(hashes, known).tolist() == [[1, 0], [-1, -1]]  # both halves of the hash must agree
+
+
+def _background_layer_and_images(seed: int = 0):
+    """A 3x3 convolution over images with a constant background (two thirds of the patches are the
+    same background patch) and random strokes."""
+    torch.manual_seed(seed)
+    layer = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+    images = torch.full((16, 1, 12, 12), -0.4)
+    strokes = torch.rand(16, 1, 12, 12) < 0.05
+    images[strokes] = torch.rand(int(strokes.sum())) * 2.5
+    return layer, images
+
+
+def test_repeated_rows_get_the_simulators_exact_error():
+    """Calibrated on the batch itself (twice: one batch cannot show that a dynamic range's error is the
+    row's), every background patch gets the simulator's own output (the same error, no noise), the other
+    patches noise; the output form draws noise on the background too."""
+    layer, x = _background_layer_and_images()
+    hw = HWConfig(wl_weight=4, wl_input=4, subArray=64, ADCprecision=4, cellBit=3)
+    simulated = convert(layer, hw)(x)
+    assert inject(layer, hw, method="repeated", calibration=AdcCalibration(layer, [x])).core.repeated_hashes is None
+    calibration = AdcCalibration(layer, [x, x])
+    model = inject(layer, hw, method="repeated", calibration=calibration)
+    assert model.core.repeated_hashes is not None and model.core.repeated_hashes.shape[0] >= 1
+    background = (F.conv2d((x == -0.4).float(), torch.ones(1, 1, 3, 3), padding=1) == 9).squeeze(1)  # [n, H, W]
+    assert background.float().mean() > 0.3
+    ideal = inject(layer, hw, errors=InjectionModel(device="cells", adc="none"))(x)
+    assert not torch.allclose(simulated, ideal, atol=1e-3)  # the ADC errs on the background
+    repeated = model(x)
+    on = background.unsqueeze(1).expand_as(simulated)
+    assert torch.allclose(repeated[on], simulated[on], atol=1e-5)
+    assert not torch.allclose(repeated[~on], simulated[~on], atol=1e-3)  # noise elsewhere
+    output = inject(layer, hw, method="calibrated", calibration=calibration)(x)
+    assert not torch.allclose(output[on], simulated[on], atol=1e-3)
+
+
+def test_rows_whose_error_follows_the_batch_range_are_left_to_the_noise():
+    """Two calibration batches whose dynamic ranges differ (the second holds a larger stroke): the
+    background's error changes with the range, so it is no repeated row; with a fixed range (full) the
+    same row's error is the same in both batches and it is one."""
+    layer, x = _background_layer_and_images(1)
+    other = x.clone()
+    other[:, :, 5:7, 5:7] = 9.0
+    hw = HWConfig(wl_weight=4, wl_input=4, subArray=64, ADCprecision=3, cellBit=3)
+    dynamic = inject(layer, hw, method="repeated", calibration=AdcCalibration(layer, [x, other]))
+    assert dynamic.core.repeated_hashes is None
+    same = inject(layer, hw, method="repeated", calibration=AdcCalibration(layer, [x, x]))
+    assert same.core.repeated_hashes is not None
+    fixed = HWConfig(wl_weight=4, wl_input=4, subArray=64, ADCprecision=3, cellBit=3, adc_mode="full")
+    full = inject(layer, fixed, method="repeated", calibration=AdcCalibration(layer, [x, other]))
+    assert full.core.repeated_hashes is not None
+
+
+def test_tally_keeps_frequent_stable_rows_and_pools_the_rest():
+    """A row below MIN_SHARE or with a batch-dependent error joins the other rows' power, weighted by
+    its count; a frequent stable row keeps its count-weighted mean error."""
+    tally = RowTally()
+    row = torch.zeros(1, 4)
+    for error in (1.0, 1.02):
+        tally.add_batch(1000, torch.cat([row, row + 1, row + 2]), torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]),
+                        torch.tensor([500, 400, 2]),  # frequent-stable, frequent-unstable, rare
+                        torch.tensor([[error, error], [1.0 if error == 1.0 else -1.0, 0.0], [5.0, 5.0]]),
+                        torch.tensor([[error**2] * 2, [1.0, 1.0], [25.0, 25.0]]), torch.full((2,), 0.5))
+    rows, hashes, errors, rest = tally.select(fixed_range=False)
+    assert hashes.tolist() == [[1.0, 1.0]] and 2 < MIN_SHARE * 2000 < 400
+    assert torch.allclose(errors, torch.full((1, 2), 1.01))
+    # rest: 2 x 98 other rows at 0.5, 2 x 400 unstable at 1, 2 x 2 rare at 25
+    assert torch.allclose(rest, torch.full((2,), (196 * 0.5 + 800 * 1.0 + 4 * 25.0) / 1000, dtype=torch.float64))
+    assert torch.equal(rows[0], row[0])
+
+
+def test_repeated_form_calibrates_on_the_simulators_activations():
+    assert calibration_upstream(InjectionModel.of("repeated")) == "simulated"
+    assert InjectionModel.of("repeated").slug() == "repeated"
+
+
+def test_repeated_form_in_a_network_repeats_with_its_seed():
+    """In a small CNN the form converts every layer (a linear layer has no repeated rows here) and the
+    same seed and draw give the same outputs."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 5)).eval()
+    _, x = _background_layer_and_images(2)
+    hw = HWConfig(wl_weight=4, wl_input=4, subArray=64, ADCprecision=4, cellBit=3, vari=0.1)
+    calibration = AdcCalibration(model, [x, x], upstream="simulated")
+    first = inject(model, hw, method="repeated", calibration=calibration, seed=3, draw=1)
+    again = inject(model, hw, method="repeated", calibration=calibration, seed=3, draw=1)
+    assert first[0].core.repeated_hashes is not None
+    assert torch.equal(first(x), again(x))
+    assert not torch.equal(first(x), inject(model, hw, method="repeated", calibration=calibration, seed=3,
+                                            draw=2)(x))
