@@ -29,16 +29,19 @@ def test_conv_hashes_are_those_of_the_crossbar_rows(stride, padding, dilation):
     padding inside the patch, stride, dilation); integer sums below 2^53 leave no rounding."""
     torch.manual_seed(0)
     levels = torch.randint(-127, 128, (2, 3, 9, 8)).float()
-    weights = hash_weights("conv", 3 * 3 * 2)
-    got = conv_hashes(levels, weights, (3, 2), stride, padding, dilation)  # [n, OH, OW, 2]
     rows = im2col(F.pad(levels, padding), (3, 2), stride, dilation).reshape(-1, 18)
-    assert torch.equal(got.reshape(-1, 2), row_hashes(rows, weights))
-    assert torch.equal(hash_weights("conv", 18), weights)  # fixed per layer name
+    for weights in (hash_weights("conv", 18), hash_weights("conv", 18, max_level=127)):
+        got = conv_hashes(levels, weights, (3, 2), stride, padding, dilation)  # [2, n, OH, OW]
+        assert torch.equal(got.reshape(2, -1).t(), row_hashes(rows, weights))
+        assert torch.equal(got.double().reshape(2, -1).t(), row_hashes(rows.double(), weights.double()))  # exact
+    assert hash_weights("conv", 18, max_level=127).dtype == torch.float32  # 18 * 127 * 2^12 < 2^24
+    assert hash_weights("conv", 4608, max_level=127).dtype == torch.float64
+    assert torch.equal(hash_weights("conv", 18), hash_weights("conv", 18))  # fixed per layer name
 
 
 def test_match_finds_known_hashes_and_nothing_else():
     known = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    hashes = torch.tensor([[[3.0, 4.0], [1.0, 2.0]], [[1.0, 4.0], [5.0, 6.0]]])
+    hashes = torch.tensor([[[3.0, 4.0], [1.0, 2.0]], [[1.0, 4.0], [5.0, 6.0]]]).permute(2, 0, 1)  # [2, 2, 2]
     assert match(hashes, known).tolist() == [[1, 0], [-1, -1]]  # both halves of the hash must agree
 
 

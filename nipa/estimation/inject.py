@@ -240,7 +240,7 @@ class InjectedCore(nn.Module):
             weights, hashes, errors, rest_variance = repeated
             output_std = rest_variance.clamp(min=0).sqrt().float().expand(self.out_features).contiguous()
             if hashes.shape[0]:
-                self.repeated_weights, self.repeated_hashes = weights.double(), hashes.double()
+                self.repeated_weights, self.repeated_hashes = weights, hashes.to(weights.dtype)
                 self.repeated_errors = errors.float()
         self.register_buffer("output_std", output_std, persistent=False)
         # adc_form="conditional": per output channel, equal-width bins of u = (y - bias) / scale_in and per
@@ -344,18 +344,22 @@ class _InjectedLayer(nn.Module):
     def _repeated_error(self, y: torch.Tensor, hashes: torch.Tensor, scale_in: torch.Tensor,
                         channel_dim: int) -> torch.Tensor:
         """y + scale_in (the exact error of a repeated row, fresh noise of the other rows' deviation
-        elsewhere), from the input rows' hashes [..., 2] (an output position's row: [n, OH, OW, 2])."""
+        elsewhere), from the input rows' hashes [2, ...] (an output position's row: [2, n, OH, OW])."""
         core = self.core
         index = match(hashes, core.repeated_hashes)
-        noise = self._normals(y)  # a view of the pool, any layout: the output noise is i.i.d.
-        if channel_dim == 1:
-            noise = noise.view(*index.shape, -1)
-        noise = noise * core.output_std.to(dtype=y.dtype)
-        exact = F.embedding(index.clamp(min=0), core.repeated_errors.to(dtype=y.dtype))
-        error = torch.where((index >= 0).unsqueeze(-1), exact, noise).mul_(scale_in)
-        if channel_dim == 1:
-            return y.add_(error.permute(0, 3, 1, 2))
-        return y.add_(error)
+        other = index < 0
+        # One gather of the exact errors (a zero row for the other rows), read in the output's layout.
+        table = F.pad(core.repeated_errors.to(dtype=y.dtype) * scale_in, (0, 0, 0, 1))  # [M + 1, out]
+        flat = torch.where(other, torch.full_like(index, table.shape[0] - 1), index).reshape(-1)
+        std = core.output_std.to(dtype=y.dtype) * scale_in
+        if channel_dim == 1:  # [out, n * OH * OW] viewed as [n, out, OH, OW]: positions stay contiguous
+            n, out = y.shape[:2]
+            exact = table.t().index_select(1, flat).view(out, n, -1).transpose(0, 1).view(y.shape)
+            noise = self._normals(y) * other.view(n, 1, *y.shape[2:]).to(y.dtype)
+            return y.addcmul_(noise, std.view(1, -1, 1, 1)).add_(exact)
+        exact = table.index_select(0, flat).view(y.shape)
+        noise = self._normals(y) * other.unsqueeze(-1).to(y.dtype)
+        return y.addcmul_(noise, std).add_(exact)
 
     def _output_noise(self, y: torch.Tensor, scale_in: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shape = [1] * y.dim()
@@ -410,7 +414,8 @@ class InjectedLinear(_InjectedLayer):
         y = F.linear(x, self.weight, self.bias)
         if self.core.repeated_hashes is not None:
             levels = torch.round(x / scale_in)
-            return self._repeated_error(y, row_hashes(levels, self.core.repeated_weights), scale_in, -1)
+            hashes = row_hashes(levels.reshape(-1, levels.shape[-1]), self.core.repeated_weights)
+            return self._repeated_error(y, hashes.t().reshape(2, *levels.shape[:-1]), scale_in, -1)
         if self.core.plane_mean is not None:
             classes = linear_plane_classes(torch.round(x / scale_in), self.wl_input - 1, self.core.fan_in,
                                            self.core.rows)
@@ -610,7 +615,8 @@ class _Reads:
         (per ADC resolution): their exact errors at this batch's ranges, and the mean error power of a
         sample of the other rows."""
         levels = untile_columns(self.x_tiles, self.fan_in)
-        keys, inverse, counts = torch.unique(row_hashes(levels, hash_weights(name, self.fan_in)), dim=0,
+        weights = hash_weights(name, self.fan_in, max_level(self.z + 1))
+        keys, inverse, counts = torch.unique(row_hashes(levels, weights), dim=0,
                                              return_inverse=True, return_counts=True)
         order = counts.argsort(descending=True)[:2 * MAX_ROWS]
         candidates = order[counts[order] >= CANDIDATE_SHARE * self.n]
@@ -933,7 +939,7 @@ class AdcCalibration:
                 rows = None
                 if repeated:
                     _, hashes, exact, rest = tallies[name][a].select(hw.adc_mode in ("calibrated", "full"))
-                    rows = (hash_weights(name, fan_ins[name]), hashes, exact, rest.float())
+                    rows = (hash_weights(name, fan_ins[name], max_level(hw.wl_input)), hashes, exact, rest.float())
                 result[a][name] = AdcError(output_power=(power / len(self.batches)).cpu(), input_power=power_in,
                                            conditional=fit,
                                            planes=_plane_tables(plane_sums[name][a], len(self.batches))

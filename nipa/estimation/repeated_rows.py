@@ -35,23 +35,32 @@ MAX_BETWEEN_SHARE = 0.1
 _HASH_RANGE = 2**20
 
 
-def hash_weights(name: str, fan_in: int) -> torch.Tensor:
-    """[2, fan_in] float64 random integers in [0, 2^20), fixed per layer name."""
+def hash_weights(name: str, fan_in: int, max_level: int | None = None) -> torch.Tensor:
+    """[2, fan_in] random integers, fixed per layer name: below 2^20 in float64, or in float32 where every
+    hash of rows of levels up to `max_level` stays below 2^24 (exact in float32 too, and a float32
+    convolution is twice as fast) with weights up to at least 2^12."""
     generator = torch.Generator().manual_seed(zlib.crc32(f"repeated:{name}".encode()))
+    if max_level is not None:
+        limit = 2**24 // max(1, fan_in * max_level)
+        if limit >= 2**12:
+            return torch.randint(0, min(limit, _HASH_RANGE), (2, fan_in), generator=generator).float()
     return torch.randint(0, _HASH_RANGE, (2, fan_in), generator=generator).double()
 
 
 def row_hashes(levels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[n, 2] hashes of integer input rows [n, fan_in]."""
-    return levels.double() @ weights.to(levels.device).t()
+    """[n, 2] hashes of integer input rows [n, fan_in] (in the weights' dtype, exact: see hash_weights)."""
+    return levels.to(weights.dtype) @ weights.to(levels.device).t()
 
 
 def match(hashes: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Index into `known` [M, 2] of each hash [..., 2], -1 where none matches."""
-    equal = (hashes.unsqueeze(-2) == known).all(-1)  # [..., M]
-    found = equal.any(-1)
-    index = equal.to(torch.uint8).argmax(-1)
-    return torch.where(found, index, torch.full_like(index, -1))
+    """Index into `known` [M, 2] (M small) of each hash [2, ...] (its two halves first), -1 where none
+    matches: the first half compared with each known row, the second checked where one matched."""
+    first, second = hashes[0], hashes[1]
+    index = torch.full(first.shape, -1, dtype=torch.long, device=first.device)
+    for i, value in enumerate(known[:, 0].tolist()):
+        index.masked_fill_(first == value, i)
+    missed = (index >= 0) & (second != known[index.clamp(min=0), 1])
+    return index.masked_fill_(missed, -1)
 
 
 @dataclass
@@ -114,10 +123,10 @@ class RowTally:
 
 def conv_hashes(levels: torch.Tensor, weights: torch.Tensor, kernel_size: tuple[int, int],
                 stride, padding: tuple[int, int, int, int], dilation) -> torch.Tensor:
-    """[n, OH, OW, 2] hashes of a convolution's input patches (zero padded as the crossbar's rows), from
+    """[2, n, OH, OW] hashes of a convolution's input patches (zero padded as the crossbar's rows), from
     its integer input levels [n, C, H, W]."""
-    x = levels.double()
+    x = levels.to(weights.dtype)
     if any(padding):
         x = F.pad(x, padding)
     kernel = weights.to(x.device).view(2, x.shape[1], *kernel_size)
-    return F.conv2d(x, kernel, None, stride, 0, dilation).permute(0, 2, 3, 1)
+    return F.conv2d(x, kernel, None, stride, 0, dilation).transpose(0, 1)
