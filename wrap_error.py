@@ -53,7 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "calibration data and injected as output noise; planes: the same, but planes "
                              "with a known read (zero, constant patches) get the ADC's exact error and the "
                              "others the mean and noise of their class, calibrated on the simulator's own "
-                             "activations (README, Error injection); conditional: the error per bin of the "
+                             "activations (README, Error injection); repeated: the input rows a layer reads "
+                             "again and again (>= 1%% of its calibration rows, an error the calibration batches "
+                             "agree on) get the ADC's exact error, the other rows output noise, calibrated on "
+                             "the simulator's activations; conditional: the error per bin of the "
                              "ideal output; published: SPEC section 7 as written (formula noise on the "
                              "weight slices)")
     parser.add_argument("--device_error", choices=DEVICE_MODELS, default=None,
@@ -62,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override the method's ADC part")
     parser.add_argument("--adc_form", choices=ADC_FORMS, default=None,
                         help="measured ADC error as fresh output noise (output), as weight noise fixed per "
-                             "draw (weight), per bin of the ideal output (conditional) or per bit-plane class "
-                             "(planes); default: the method's")
+                             "draw (weight), per bin of the ideal output (conditional), per bit-plane class "
+                             "(planes) or exactly for repeated input rows (repeated); default: the method's")
     parser.add_argument("--tile_factor", choices=("tiles", "one"), default="tiles",
                         help="k_T of the formula ADC term (SPEC: the tile count T)")
     parser.add_argument("--calib_batches", type=int, default=DEFAULT_CALIB_BATCHES,

@@ -133,3 +133,20 @@ def test_repeated_form_in_a_network_repeats_with_its_seed():
     assert torch.equal(first(x), again(x))
     assert not torch.equal(first(x), inject(model, hw, method="repeated", calibration=calibration, seed=3,
                                             draw=2)(x))
+
+
+def test_a_linear_layers_repeated_rows_get_the_simulators_exact_error():
+    """A linear layer over [batch, tokens, features] inputs where a padding row repeats: every padding
+    row gets the simulator's own output."""
+    torch.manual_seed(5)
+    layer = nn.Linear(24, 6)
+    x = torch.randn(4, 16, 24)
+    x[:, 10:] = torch.linspace(-1, 1, 24)  # the same row at every padded position
+    hw = HWConfig(wl_weight=5, wl_input=5, subArray=16, ADCprecision=4, cellBit=2)
+    simulated = convert(layer, hw)(x)
+    model = inject(layer, hw, method="repeated", calibration=AdcCalibration(layer, [x, x]))
+    assert model.core.repeated_hashes is not None
+    got = model(x)
+    assert got.shape == simulated.shape
+    assert torch.allclose(got[:, 10:], simulated[:, 10:], atol=1e-5)
+    assert not torch.allclose(got[:, :10], simulated[:, :10], atol=1e-3)

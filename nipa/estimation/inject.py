@@ -74,9 +74,18 @@ form of the measured ADC error (``adc_form=``)
                  point's ADC): a coarse ADC's offsets upstream move the ranges and zero patches of the
                  layers below.
 
+  ``"repeated"`` the input rows a layer reads again and again (a constant background, zero patches:
+                 at least 1% of its calibration rows, up to 16) get the ADC's exact error of that row, no
+                 noise, where the calibration batches agree on it (a dynamic range that moves with the
+                 batch moves the row's error: then it is noise like the rest); every other row gets fresh
+                 output noise of the other rows' power (`nipa.estimation.repeated_rows`). Calibrated on
+                 the simulator's activations, like the planes form. It holds what makes noise of the same
+                 power too harmful at 4-5-bit ADCs with 4-bit inputs (docs/estimate_analysis.md, section 10).
+
 Presets (``method=``): ``"published"`` = formula + formula (SPEC section 7 as written);
 ``"calibrated"`` = cells + measured + output form (the default of wrap_error.py); ``"conditional"`` =
-cells + measured + conditional form; ``"planes"`` = cells + measured + planes form.
+cells + measured + conditional form; ``"planes"`` = cells + measured + planes form; ``"repeated"`` =
+cells + measured + repeated form.
 
 Draws. `inject(..., seed, draw)` and `redraw(model, seed, draw)` are deterministic: layer `name` of
 draw `d` draws from `chip_generator(seed, d, crc32("inject:" + name))`, a stream independent of the
