@@ -462,3 +462,39 @@ def test_wrap_error_runs_the_repeated_form_with_its_own_calibration(digits_ckpt_
     assert calls and all(calls)
     summary = json.loads((tmp_path / "w_repeated_summary.json").read_text())
     assert "adc_form=repeated" in summary["injection"]
+
+
+def test_wrap_error_reads_the_test_set_in_the_ground_truths_orders(digits_ckpt_dir, tmp_path, monkeypatch):
+    """A ground truth made with --test_order per_chip: draw d reads the test set in chip d + 1's order (a
+    per-tensor input scale and a dynamic range are one batch's), and the records say so; a fixed-order
+    ground truth keeps the loader's order and records nothing new (its old records still resume)."""
+    import main
+    from nipa.pipelines import wrap
+
+    space = tmp_path / "space.ini"
+    space.write_text(SPACE)
+    truth = tmp_path / "digits_accsim.jsonl"
+    assert main.main(["--dataset", "digits", "--ckpt_dir", str(digits_ckpt_dir), "--HWdes", str(space),
+                      "--sample_num", "0", "--cycle", "2", "--batch_size", "100", "--limit", "200",
+                      "--device", "cpu", "--test_order", "per_chip", "--out", str(truth)]) == 0
+    orders = []
+    original = wrap.chip_order
+
+    def recording(data, seed, chip):
+        orders.append(chip)
+        return original(data, seed, chip)
+
+    monkeypatch.setattr(wrap, "chip_order", recording)
+    out = tmp_path / "w.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, out, "--time_points", "0") == 0
+    assert orders == [1, 2] * 4  # two draws at each of the four points
+    records = [r for r in read_records(out) if r.get("method") == "fast"]
+    assert records and all(r["run"]["test_order"] == "per_chip" for r in records)
+    orders.clear()
+    fixed = tmp_path / "fixed_accsim.jsonl"
+    assert main.main(["--dataset", "digits", "--ckpt_dir", str(digits_ckpt_dir), "--HWdes", str(space),
+                      "--sample_num", "0", "--cycle", "1", "--batch_size", "100", "--limit", "200",
+                      "--device", "cpu", "--out", str(fixed)]) == 0
+    assert run_wrap(digits_ckpt_dir, fixed, tmp_path / "f.jsonl", "--time_points", "0") == 0
+    assert orders == [] and all("test_order" not in r["run"] for r in read_records(tmp_path / "f.jsonl")
+                                if r.get("method") == "fast")

@@ -166,7 +166,8 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
                                  seed=settings.seed, errors=errors, calib_batches=settings.calib_batches,
                                  calib_upstream=upstream,
                                  exclude=exclude, include=include, batch_size=batch_size, limit=limit,
-                                 paired=settings.paired_chips, workload=description)
+                                 paired=settings.paired_chips, workload=description,
+                                 test_order=truth.run.get("test_order", "fixed"))
     fast = FastMethod(model, fast_settings, stats, new_calibration() if errors.adc == "measured" else None, device)
     own_upstream = upstream == calibration_upstream(errors)
     label = (errors.label() + ("" if own_upstream else f", calibrated on the {upstream} activations")

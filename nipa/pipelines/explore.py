@@ -409,7 +409,7 @@ def fast_estimates(grouped, stats: ModelStats, ctx: VerifyContext, settings: Ver
     wrap_settings = WrapSettings(model_name=ctx.model_name, dataset=ctx.dataset, cycle=settings.fast_draws,
                                  seed=ctx.seed, errors=errors, calib_batches=settings.calib_batches,
                                  exclude=ctx.exclude, include=ctx.include, batch_size=ctx.batch_size,
-                                 limit=ctx.limit)
+                                 limit=ctx.limit, test_order=truth.run.get("test_order", "fixed"))
     calibration = None
     if errors.adc == "measured":
         calibration = AdcCalibration(ctx.model, ctx.calib_inputs[:settings.calib_batches], exclude=ctx.exclude,

@@ -37,7 +37,7 @@ from nipa.results.records import (
     timestamp,
 )
 from nipa.simulator.crossbar import calibrate_adc, convert, release_workspaces
-from nipa.simulator.evaluate import evaluate
+from nipa.simulator.evaluate import chip_order, evaluate
 from nipa.workloads.zoo import dataset_id, model_id
 
 MEASURES = ("top1", "loss", "perplexity")
@@ -98,6 +98,10 @@ class WrapSettings:
     paired: bool = False  # diagnostic: draw d carries the simulator's chip d cells
     # The layer inputs the ADC calibration reads ("ideal" quantized model or "simulated"); None: the form's.
     calib_upstream: str | None = None
+    # The ground truth's test order (nipa.simulator.evaluate.TEST_ORDERS): with "per_chip" its chips read
+    # the test set in their own orders, and draw d reads it in chip d + 1's, since a per-tensor input
+    # scale and a dynamic range are one batch's (mnist5k's file order is by class: an outlier).
+    test_order: str = "fixed"
     # A user's model or data (nipa.workloads.workload.Workload.describe), stored with each record; None otherwise.
     workload: dict[str, Any] | None = None
 
@@ -112,7 +116,8 @@ class WrapSettings:
                 "paired": self.paired,
                 # Only when chosen against the form's own (older records carry none and still resume).
                 **({"calib_upstream": self.calib_upstream} if self.calib_upstream not in (
-                    None, calibration_upstream(self.errors)) else {})}
+                    None, calibration_upstream(self.errors)) else {}),
+                **({"test_order": self.test_order} if self.test_order != "fixed" else {})}
 
 
 def cached_batches(loader, device: torch.device, max_mb: float = 1024) -> list | Any:
@@ -167,7 +172,8 @@ class FastMethod:
                 model = self.injected(point, draw)
             else:
                 redraw(model, self.settings.seed, draw)
-            metrics = evaluate(model, data, self.device)
+            order = chip_order(data, self.settings.seed, draw + 1) if self.settings.test_order == "per_chip" else data
+            metrics = evaluate(model, order, self.device)
             results.append((draw, metrics, time.perf_counter() - started))
         return results
 
