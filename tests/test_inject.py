@@ -427,41 +427,26 @@ def test_wrap_error_calibrates_on_the_simulators_activations_when_asked(digits_c
     assert all("calib_upstream" not in r["run"] for r in read_records(plain) if r.get("method") == "fast")
 
 
-def test_wrap_error_times_the_planes_calibration_apart(digits_ckpt_dir, ground_truth, tmp_path, monkeypatch):
-    """The timed calibration measures what the planes form needs, so the timed draws measure nothing
-    (they did: the timing calibrated the output form's tables and the draws the planes' again)."""
+@pytest.mark.parametrize("method", ["planes", "repeated"])
+def test_wrap_error_times_the_forms_own_calibration_apart(digits_ckpt_dir, ground_truth, tmp_path, monkeypatch,
+                                                         method):
+    """The timed calibration measures what the planes or repeated form needs, so the timed draws measure
+    nothing (they did: the timing calibrated the output form's tables and the draws the planes' again);
+    the summary is named after the method."""
     folder, truth = ground_truth
     calls = []
     measure = AdcCalibration._measure
 
     def counting(self, hw, bits, conditional=False, planes=False, repeated=False):
-        calls.append(planes)
+        calls.append({"planes": planes, "repeated": repeated}[method])
         return measure(self, hw, bits, conditional, planes, repeated)
 
     monkeypatch.setattr(AdcCalibration, "_measure", counting)
     out = tmp_path / "w.jsonl"
-    assert run_wrap(digits_ckpt_dir, truth, out, "--method", "planes", "--cycle", "1", "--time_points", "1") == 0
+    assert run_wrap(digits_ckpt_dir, truth, out, "--method", method, "--cycle", "1", "--time_points", "1") == 0
     assert calls and all(calls)
-
-
-def test_wrap_error_runs_the_repeated_form_with_its_own_calibration(digits_ckpt_dir, ground_truth, tmp_path,
-                                                                     monkeypatch):
-    """--method repeated: the timed calibration measures the repeated rows (so the draws measure nothing
-    again) and the summary is named after the method."""
-    folder, truth = ground_truth
-    calls = []
-    measure = AdcCalibration._measure
-
-    def counting(self, hw, bits, conditional=False, planes=False, repeated=False):
-        calls.append(repeated)
-        return measure(self, hw, bits, conditional, planes, repeated)
-
-    monkeypatch.setattr(AdcCalibration, "_measure", counting)
-    out = tmp_path / "w.jsonl"
-    assert run_wrap(digits_ckpt_dir, truth, out, "--method", "repeated", "--cycle", "1", "--time_points", "1") == 0
-    assert calls and all(calls)
-    summary = json.loads((tmp_path / "w_repeated_summary.json").read_text())
-    assert "adc_form=repeated" in summary["injection"]
+    summary = json.loads((tmp_path / f"w_{method}_summary.json").read_text())
+    assert f"adc_form={method}" in summary["injection"]
 
 
 def test_wrap_error_reads_the_test_set_in_the_ground_truths_orders(digits_ckpt_dir, tmp_path, monkeypatch):

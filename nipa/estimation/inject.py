@@ -524,6 +524,12 @@ class _Reads:
         planes = torch.stack([((magnitude >> bit) & 1).to(sign.dtype) * sign for bit in range(self.z)])
         return (planes.view(-1, self.r) @ columns).view(self.z, -1, self.k * self.out)
 
+    def _significance(self, cell_bits: int) -> torch.Tensor:
+        """[Z, 1, K, 1]: 2^z 2^(c k), the weight of input bit z and slice k in a row's output."""
+        device = self.slices.device
+        return (2.0 ** torch.arange(self.z, device=device)).view(-1, 1, 1, 1) * (
+            2.0 ** (cell_bits * torch.arange(self.k, device=device))).view(1, 1, -1, 1)
+
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi) [T, Z, K]: the smallest and largest read of the batch (its dynamic ADC range)."""
         lo = torch.full((self.num_tiles, self.z, self.k), math.inf, device=self.slices.device)
@@ -544,8 +550,7 @@ class _Reads:
         identical reads in every bit plane, and similar ranges round them alike). The mean runs over
         `sample_rows` rows drawn with their multiplicities (all distinct rows when fewer)."""
         device = self.slices.device
-        significance = (2.0 ** torch.arange(self.z, device=device)).view(-1, 1, 1, 1) * (
-            2.0 ** (cell_bits * torch.arange(self.k, device=device))).view(1, 1, -1, 1)  # [Z, 1, K, 1]
+        significance = self._significance(cell_bits)  # [Z, 1, K, 1]
         power = {a: torch.zeros(self.out, self.num_tiles, dtype=torch.float64, device=device)
                  for a in adc_bits}
         for t in range(self.num_tiles):
@@ -574,8 +579,7 @@ class _Reads:
         tile): the ideal layer output u = sum_t scale_w[o, t] y_{t,o} and its ADC error
         sum_t scale_w[o, t] E_{t,o}, in units of the input scale (u times scale_in is the layer output)."""
         device = self.slices.device
-        significance = (2.0 ** torch.arange(self.z, device=device)).view(-1, 1, 1, 1) * (
-            2.0 ** (cell_bits * torch.arange(self.k, device=device))).view(1, 1, -1, 1)  # [Z, 1, K, 1]
+        significance = self._significance(cell_bits)  # [Z, 1, K, 1]
         if self.n > self.sample_rows:
             pick = torch.randint(0, self.n, (self.sample_rows,), generator=self.generator).to(device)
             x = self.x_tiles[pick]
@@ -601,8 +605,7 @@ class _Reads:
         at this batch's ranges: sum_t scale_w[o, t] E_{t,o} and sum_t scale_w[o, t]^2 E_{t,o}^2 (the
         units of `joint_errors`)."""
         device = self.slices.device
-        significance = (2.0 ** torch.arange(self.z, device=device)).view(-1, 1, 1, 1) * (
-            2.0 ** (cell_bits * torch.arange(self.k, device=device))).view(1, 1, -1, 1)  # [Z, 1, K, 1]
+        significance = self._significance(cell_bits)  # [Z, 1, K, 1]
         result = {a: (torch.zeros(x.shape[0], self.out, dtype=torch.float64, device=device),
                       torch.zeros(x.shape[0], self.out, dtype=torch.float64, device=device)) for a in adc_bits}
         for t in range(self.num_tiles):
