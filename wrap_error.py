@@ -31,14 +31,13 @@ from nipa.estimation.inject import (
     ADC_MODELS,
     CALIBRATION_UPSTREAMS,
     DEFAULT_CALIB_BATCHES,
+    DEFAULT_METHOD,
     DEVICE_MODELS,
     METHODS,
 )
 from nipa.logs import open_log
 from nipa.pipelines.absolute import WrapErrorSettings, run_wrap_error
 from nipa.workloads.workload import Workload
-
-DEFAULT_METHOD = "calibrated"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,14 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cycle", type=int, default=3,
                         help="injection draws per point (their mean is reported)")
     parser.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD,
-                        help="calibrated (default): device errors from the cell model, ADC error measured on "
-                             "calibration data and injected as output noise; planes: the same, but planes "
+                        help="repeated (default): device errors from the cell model; the ADC error measured "
+                             "on calibration data, exact for the input rows a layer reads again and again "
+                             "(>= 1%% of its calibration rows, an error the calibration batches agree on), "
+                             "fresh output noise of the other rows' power elsewhere, calibrated on the "
+                             "simulator's activations; calibrated: the same error as output noise on every "
+                             "row, calibrated on the ideal model's activations; planes: the same, but planes "
                              "with a known read (zero, constant patches) get the ADC's exact error and the "
                              "others the mean and noise of their class, calibrated on the simulator's own "
-                             "activations (README, Error injection); repeated: the input rows a layer reads "
-                             "again and again (>= 1%% of its calibration rows, an error the calibration batches "
-                             "agree on) get the ADC's exact error, the other rows output noise, calibrated on "
-                             "the simulator's activations; conditional: the error per bin of the "
+                             "activations (README, Error injection); conditional: the error per bin of the "
                              "ideal output; published: SPEC section 7 as written (formula noise on the "
                              "weight slices)")
     parser.add_argument("--device_error", choices=DEVICE_MODELS, default=None,

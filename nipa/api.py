@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nipa.errors import UserError
+from nipa.estimation.inject import DEFAULT_METHOD
 from nipa.estimation.stats import ModelStats
 from nipa.hardware.config import HWConfig
 
@@ -143,14 +144,14 @@ def score(stats: ModelStats, hw: Hardware | Sequence[Hardware], **options: str) 
 
 
 def estimate(model: nn.Module, data: Any, hw: Hardware | Sequence[Hardware], draws: int = 3, *,
-             method: str = "calibrated", stats: ModelStats | None = None,
+             method: str = DEFAULT_METHOD, stats: ModelStats | None = None,
              calibration: torch.Tensor | Iterable | None = None, seed: int = 0, exclude: Sequence[str] = (),
              include: Sequence[str] | None = None, device: str | torch.device = "cpu", memory_mb: float = 256,
              batch_size: int = 256) -> EstimateResult | list[EstimateResult]:
     """The fast prediction of each point (wrap_error.py): `draws` error-injection draws. method
-    "calibrated" (default) measures the ADC error on `calibration` inputs; "published" uses the formula
-    terms of `stats` (computed here when not given)."""
-    from nipa.estimation.inject import AdcCalibration, InjectionModel
+    "repeated" (default), "calibrated", "planes", "conditional" measure the ADC error on `calibration`
+    inputs (training data); "published" uses the formula terms of `stats` (computed here when not given)."""
+    from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_upstream
     from nipa.pipelines.wrap import FastMethod, WrapSettings
     from nipa.simulator.evaluate import evaluate
 
@@ -164,8 +165,8 @@ def estimate(model: nn.Module, data: Any, hw: Hardware | Sequence[Hardware], dra
     if needs_calibration and not calib:
         raise UserError(f"method {method!r} measures the ADC error on calibration inputs (training data): "
                         "calibration=x_train[:256]")
-    adc = AdcCalibration(model, calib, exclude=exclude, include=include, memory_mb=memory_mb, seed=seed) \
-        if errors.adc == "measured" else None
+    adc = AdcCalibration(model, calib, exclude=exclude, include=include, memory_mb=memory_mb, seed=seed,
+                         upstream=calibration_upstream(errors)) if errors.adc == "measured" else None
     settings = WrapSettings(model_name="api", dataset="api", cycle=draws, seed=seed, errors=errors,
                             exclude=exclude, include=include, batch_size=batch_size)
     fast = FastMethod(model, settings, stats, adc, torch.device(device))

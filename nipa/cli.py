@@ -171,7 +171,7 @@ def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def add_verify_args(parser: argparse.ArgumentParser) -> None:
     """explore.py's verification against the ground truth (nipa.pipelines.explore.VerifySettings)."""
-    from nipa.estimation.inject import METHODS
+    from nipa.estimation.inject import DEFAULT_METHOD, METHODS
 
     verify = parser.add_argument_group("verification against the ground truth")
     verify.add_argument("--verify", type=int, default=0, metavar="N",
@@ -185,7 +185,7 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
                              "so a dynamic ADC's dependence on the batch enters the standard error; fixed: the "
                              "file's order for every chip (the only choice for a language model's task)")
     verify.add_argument("--fast_draws", type=int, default=3, help="draws of the fast estimate per point")
-    verify.add_argument("--fast_method", choices=tuple(METHODS), default="calibrated",
+    verify.add_argument("--fast_method", choices=tuple(METHODS), default=DEFAULT_METHOD,
                         help="wrap_error.py's method for the fast estimate")
     verify.add_argument("--records", default=None,
                         help="ground-truth records (default results/{model}/{dataset}_explore_accsim.jsonl)")

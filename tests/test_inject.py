@@ -11,7 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from nipa.estimation.inject import AdcCalibration, InjectedConv2d, InjectedLinear, inject, injected_layers, redraw
+from nipa.estimation.inject import (
+    DEFAULT_METHOD,
+    AdcCalibration,
+    InjectedConv2d,
+    InjectedLinear,
+    inject,
+    injected_layers,
+    redraw,
+)
 from nipa.estimation.metric import layer_slice_noise
 from nipa.estimation.stats import model_statistics
 from nipa.hardware.config import VARI_TYPES, HWConfig
@@ -412,18 +420,19 @@ def test_wrap_error_planes_method(digits_ckpt_dir, ground_truth, tmp_path):
 
 
 def test_wrap_error_calibrates_on_the_simulators_activations_when_asked(digits_ckpt_dir, ground_truth, tmp_path):
-    """--calib_upstream simulated with the default method: its records say so in their settings (so they
-    never average with the ideal upstream's) and its summary is named apart."""
+    """--calib_upstream simulated with the calibrated method (its own: the ideal model's activations): its
+    records say so in their settings (so they never average with the ideal upstream's) and its summary is
+    named apart."""
     folder, truth = ground_truth
     out = tmp_path / "w.jsonl"
-    assert run_wrap(digits_ckpt_dir, truth, out, "--calib_upstream", "simulated", "--cycle", "1",
-                    "--time_points", "0") == 0
+    assert run_wrap(digits_ckpt_dir, truth, out, "--method", "calibrated", "--calib_upstream", "simulated",
+                    "--cycle", "1", "--time_points", "0") == 0
     records = [r for r in read_records(out) if r.get("method") == "fast"]
     assert records and all(r["run"]["calib_upstream"] == "simulated" for r in records)
     summary = json.loads((tmp_path / "w_calibrated-simulated_summary.json").read_text())
     assert summary["injection"].endswith("calibrated on the simulated activations")  # the plot's title too
     plain = tmp_path / "plain.jsonl"
-    assert run_wrap(digits_ckpt_dir, truth, plain, "--cycle", "1", "--time_points", "0") == 0
+    assert run_wrap(digits_ckpt_dir, truth, plain, "--method", "calibrated", "--cycle", "1", "--time_points", "0") == 0
     assert all("calib_upstream" not in r["run"] for r in read_records(plain) if r.get("method") == "fast")
 
 
@@ -432,7 +441,7 @@ def test_wrap_error_times_the_forms_own_calibration_apart(digits_ckpt_dir, groun
                                                          method):
     """The timed calibration measures what the planes or repeated form needs, so the timed draws measure
     nothing (they did: the timing calibrated the output form's tables and the draws the planes' again);
-    the summary is named after the method."""
+    the summary is named after the method unless it is the default."""
     folder, truth = ground_truth
     calls = []
     measure = AdcCalibration._measure
@@ -445,7 +454,8 @@ def test_wrap_error_times_the_forms_own_calibration_apart(digits_ckpt_dir, groun
     out = tmp_path / "w.jsonl"
     assert run_wrap(digits_ckpt_dir, truth, out, "--method", method, "--cycle", "1", "--time_points", "1") == 0
     assert calls and all(calls)
-    summary = json.loads((tmp_path / f"w_{method}_summary.json").read_text())
+    name = "w_summary.json" if method == DEFAULT_METHOD else f"w_{method}_summary.json"  # the default: no tag
+    summary = json.loads((tmp_path / name).read_text())
     assert f"adc_form={method}" in summary["injection"]
 
 

@@ -150,3 +150,24 @@ def test_a_linear_layers_repeated_rows_get_the_simulators_exact_error():
     assert got.shape == simulated.shape
     assert torch.allclose(got[:, 10:], simulated[:, 10:], atol=1e-5)
     assert not torch.allclose(got[:, :10], simulated[:, :10], atol=1e-3)
+
+
+def test_match_by_slots_equals_one_comparison_per_row():
+    """Above 6 known rows the match goes through residue slots; it finds exactly what comparing with every
+    known row finds, a first half that matches with a second that does not included."""
+    import nipa.estimation.repeated_rows as repeated_rows
+
+    torch.manual_seed(7)
+    known = torch.randint(0, 2**23, (16, 2)).float()
+    hashes = torch.randint(0, 2**23, (2, 8, 10, 10)).float()
+    use = torch.rand(8, 10, 10) < 0.7
+    pick = torch.randint(0, 16, (8, 10, 10))
+    hashes[0][use], hashes[1][use] = known[pick[use], 0], known[pick[use], 1]
+    hashes[1, 0, 0, :4] += 1
+    by_slots = match(hashes, known)
+    primes, repeated_rows._SLOT_PRIMES = repeated_rows._SLOT_PRIMES, ()
+    try:
+        assert torch.equal(by_slots, match(hashes, known))
+    finally:
+        repeated_rows._SLOT_PRIMES = primes
+    assert (by_slots >= 0).sum() > 0 and (by_slots < 0).sum() > 0

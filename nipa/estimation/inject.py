@@ -83,9 +83,9 @@ form of the measured ADC error (``adc_form=``)
                  power too harmful at 4-5-bit ADCs with 4-bit inputs (docs/estimate_analysis.md, section 10).
 
 Presets (``method=``): ``"published"`` = formula + formula (SPEC section 7 as written);
-``"calibrated"`` = cells + measured + output form (the default of wrap_error.py); ``"conditional"`` =
-cells + measured + conditional form; ``"planes"`` = cells + measured + planes form; ``"repeated"`` =
-cells + measured + repeated form.
+``"calibrated"`` = cells + measured + output form; ``"conditional"`` = cells + measured + conditional
+form; ``"planes"`` = cells + measured + planes form; ``"repeated"`` = cells + measured + repeated form
+(`DEFAULT_METHOD`, the default of wrap_error.py, explore.py --verify and `nipa.estimate`).
 
 Draws. `inject(..., seed, draw)` and `redraw(model, seed, draw)` are deterministic: layer `name` of
 draw `d` draws from `chip_generator(seed, d, crc32("inject:" + name))`, a stream independent of the
@@ -155,6 +155,8 @@ FORM_TAGS = {"output": "-out", "conditional": "-cond", "planes": "-planes", "rep
 METHODS = {"published": ("formula", "formula", "weight"), "calibrated": ("cells", "measured", "output"),
            "conditional": ("cells", "measured", "conditional"), "planes": ("cells", "measured", "planes"),
            "repeated": ("cells", "measured", "repeated")}
+# wrap_error.py's, explore.py's and nipa.estimate's method: the best measured (README, "wrap_error.py").
+DEFAULT_METHOD = "repeated"
 
 
 @dataclass(frozen=True)

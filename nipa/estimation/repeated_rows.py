@@ -52,10 +52,25 @@ def row_hashes(levels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return levels.to(weights.dtype) @ weights.to(levels.device).t()
 
 
+_SLOT_PRIMES = (61, 127, 251, 509, 1021, 2039, 4093)
+
+
 def match(hashes: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Index into `known` [M, 2] (M small) of each hash [2, ...] (its two halves first), -1 where none
-    matches: the first half compared with each known row, the second checked where one matched."""
+    """Index into `known` [M, 2] of each hash [2, ...] (its two halves first), -1 where none matches.
+    The first half modulo a prime at which the known rows fall in distinct slots names one candidate
+    per hash (a fixed number of passes, whatever M: faster above about 6 rows), and both halves are
+    compared with it; for fewer rows, or where no such prime exists, one comparison per known row."""
     first, second = hashes[0], hashes[1]
+    residues = torch.remainder(known[:, 0], 1.0)  # integer-valued hashes: all 0
+    for prime in _SLOT_PRIMES if known.shape[0] > 6 else ():
+        slots = torch.remainder(known[:, 0], prime).long()
+        if prime >= 4 * known.shape[0] and bool(residues.eq(0).all()) and slots.unique().numel() == known.shape[0]:
+            table = torch.full((prime,), known.shape[0], dtype=torch.long, device=known.device)
+            table[slots] = torch.arange(known.shape[0], device=known.device)
+            padded = torch.cat([known, known.new_full((1, 2), -1.0)])  # slot without a row: no hash is -1
+            candidate = table[torch.remainder(first, prime).long()]
+            found = (padded[candidate, 0] == first) & (padded[candidate, 1] == second)
+            return torch.where(found, candidate, torch.full_like(candidate, -1))
     index = torch.full(first.shape, -1, dtype=torch.long, device=first.device)
     for i, value in enumerate(known[:, 0].tolist()):
         index.masked_fill_(first == value, i)

@@ -21,7 +21,13 @@ import torch
 
 from nipa import paths
 from nipa.errors import UserError
-from nipa.estimation.inject import DEFAULT_CALIB_BATCHES, AdcCalibration, InjectionModel, calibration_upstream
+from nipa.estimation.inject import (
+    DEFAULT_CALIB_BATCHES,
+    DEFAULT_METHOD,
+    AdcCalibration,
+    InjectionModel,
+    calibration_upstream,
+)
 from nipa.pipelines.wrap import (
     FastMethod,
     WrapSettings,
@@ -52,8 +58,8 @@ class WrapErrorSettings:
     model_name: str = "smallcnn"
     dataset: str = "mnist5k"
     cycle: int = 3  # injection draws per point
-    method: str = "calibrated"
-    default_method: str = "calibrated"  # the method whose files carry no method name
+    method: str = DEFAULT_METHOD
+    default_method: str = DEFAULT_METHOD  # the method whose files carry no method name
     device_error: str | None = None
     adc_error: str | None = None
     adc_form: str | None = None

@@ -34,7 +34,7 @@ import numpy as np
 
 from nipa import paths
 from nipa.errors import UserError
-from nipa.estimation.inject import DEFAULT_CALIB_BATCHES
+from nipa.estimation.inject import DEFAULT_CALIB_BATCHES, DEFAULT_METHOD
 from nipa.estimation.metric import nipa_metric
 from nipa.estimation.stats import ModelStats
 from nipa.hardware.config import COST_KNOBS, HWConfig, SearchSpace
@@ -331,7 +331,7 @@ class VerifySettings:
     # dynamic ADC's dependence on the batch enters the chips' spread and its standard error
     test_order: str = "per_chip"
     fast_draws: int = 3  # draws of the fast estimate per point
-    fast_method: str = "calibrated"
+    fast_method: str = DEFAULT_METHOD
     calib_batches: int = DEFAULT_CALIB_BATCHES  # as wrap_error.py
     memory_mb: float | None = None  # None: nipa.runtime.default_memory_mb of the device
     bootstrap: int = 1000
