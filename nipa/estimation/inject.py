@@ -581,7 +581,6 @@ class _Reads:
         tile): the ideal layer output u = sum_t scale_w[o, t] y_{t,o} and its ADC error
         sum_t scale_w[o, t] E_{t,o}, in units of the input scale (u times scale_in is the layer output)."""
         device = self.slices.device
-        significance = self._significance(cell_bits)  # [Z, 1, K, 1]
         if self.n > self.sample_rows:
             pick = torch.randint(0, self.n, (self.sample_rows,), generator=self.generator).to(device)
             x = self.x_tiles[pick]
@@ -589,17 +588,27 @@ class _Reads:
             x = self.x_tiles
         u = torch.zeros(x.shape[0], self.out, dtype=torch.float64, device=device)
         errors = {a: torch.zeros_like(u) for a in adc_bits}
+        for rows, scale, ideal, tile_errors in self._tile_errors(x, lo, hi, adc_bits, cell_bits):
+            u[rows] += ideal.double() * scale
+            for a, error in tile_errors.items():
+                errors[a][rows] += error.double() * scale
+        return u, errors
+
+    def _tile_errors(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, adc_bits: Sequence[int],
+                     cell_bits: int):
+        """Per tile and chunk of the rows x [m, T, rows]: (the chunk's slice, scale_w[:, t] as float64, the
+        ideal tile output sum_{z,k} 2^z 2^(ck) P [c, out], per ADC resolution its error E_{t,o} [c, out])."""
+        significance = self._significance(cell_bits)  # [Z, 1, K, 1]
         for t in range(self.num_tiles):
             lo_t = lo[t].view(self.z, 1, self.k, 1)
             span = hi[t].view(self.z, 1, self.k, 1) - lo_t
             scale = self.weight_scale[:, t].double()
             for start in range(0, x.shape[0], self.chunk):
                 reads = self._products(t, x[start:start + self.chunk, t]).view(self.z, -1, self.k, self.out)
-                u[start:start + self.chunk] += (reads * significance).sum(dim=(0, 2)).double() * scale
-                for a in adc_bits:
-                    error = _read_error(reads, lo_t, span / 2**a, 2**a)
-                    errors[a][start:start + self.chunk] += error.mul_(significance).sum(dim=(0, 2)).double() * scale
-        return u, errors
+                rows = slice(start, start + reads.shape[1])
+                yield rows, scale, (reads * significance).sum(dim=(0, 2)), {
+                    a: _read_error(reads, lo_t, span / 2**a, 2**a).mul_(significance).sum(dim=(0, 2))
+                    for a in adc_bits}
 
     def row_errors(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, adc_bits: Sequence[int],
                    cell_bits: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -607,20 +616,13 @@ class _Reads:
         at this batch's ranges: sum_t scale_w[o, t] E_{t,o} and sum_t scale_w[o, t]^2 E_{t,o}^2 (the
         units of `joint_errors`)."""
         device = self.slices.device
-        significance = self._significance(cell_bits)  # [Z, 1, K, 1]
         result = {a: (torch.zeros(x.shape[0], self.out, dtype=torch.float64, device=device),
                       torch.zeros(x.shape[0], self.out, dtype=torch.float64, device=device)) for a in adc_bits}
-        for t in range(self.num_tiles):
-            lo_t = lo[t].view(self.z, 1, self.k, 1)
-            span = hi[t].view(self.z, 1, self.k, 1) - lo_t
-            scale = self.weight_scale[:, t].double()
-            for start in range(0, x.shape[0], self.chunk):
-                reads = self._products(t, x[start:start + self.chunk, t]).view(self.z, -1, self.k, self.out)
-                for a in adc_bits:
-                    tile_error = _read_error(reads, lo_t, span / 2**a, 2**a).mul_(significance).sum(dim=(0, 2))
-                    error, power = result[a]
-                    error[start:start + self.chunk] += tile_error.double() * scale
-                    power[start:start + self.chunk] += tile_error.double().square() * scale.square()
+        for rows, scale, _, tile_errors in self._tile_errors(x, lo, hi, adc_bits, cell_bits):
+            for a, tile_error in tile_errors.items():
+                error, power = result[a]
+                error[rows] += tile_error.double() * scale
+                power[rows] += tile_error.double().square() * scale.square()
         return result
 
     def repeated_rows(self, name: str, lo: torch.Tensor, hi: torch.Tensor, adc_bits: Sequence[int],
