@@ -171,3 +171,99 @@ def test_match_by_slots_equals_one_comparison_per_row():
     finally:
         repeated_rows._SLOT_PRIMES = primes
     assert (by_slots >= 0).sum() > 0 and (by_slots < 0).sum() > 0
+
+
+def _reference_conv_error(y, x, scale_in, weights, known, errors, std, noise, kernel_size, stride, padding,
+                          dilation):
+    """The PyTorch path's operations (inject._InjectedLayer._repeated_error) on the same tensors."""
+    index = match(conv_hashes(torch.round(x / scale_in), weights, kernel_size, stride, padding, dilation),
+                  known.to(weights.dtype))  # [n, OH, OW]
+    other = (index < 0).unsqueeze(1)
+    table = F.pad(errors, (0, 0, 0, 1))
+    exact = table[torch.where(index < 0, table.shape[0] - 1, index)].permute(0, 3, 1, 2)
+    return y.clone().addcmul_(noise * other.float(), std.view(1, -1, 1, 1)).add_(exact)
+
+
+@pytest.mark.parametrize("channels, kernel_size, stride, padding, dilation, max_level, rows", [
+    (1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 127, 5),
+    (3, (3, 2), (2, 1), (0, 1, 2, 0), (1, 2), 7, 16),
+    (2, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 255, 1),
+    (4, (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), None, 31),  # float64 hash weights
+])
+def test_the_kernel_equals_the_pytorch_path_bit_for_bit(channels, kernel_size, stride, padding, dilation,
+                                                        max_level, rows):
+    """The C kernel's hash, match and error (nipa/estimation/repeated_rows.c) give the PyTorch operations'
+    values exactly: zero padding, stride, dilation, both hash dtypes, up to the table's 31 rows, a known
+    row whose second half does not match included."""
+    from nipa.estimation.repeated_rows import conv_error, kernel_available
+
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    torch.manual_seed(8)
+    levels = torch.randint(-3, 4, (6, channels, 11, 10)).float()
+    levels[:, :, :, :5] = 1.0  # a constant region: patches that repeat
+    scale_in = torch.tensor(0.037)
+    x = levels * scale_in
+    weights = hash_weights("kernel", channels * kernel_size[0] * kernel_size[1], max_level)
+    hashes = conv_hashes(levels, weights, kernel_size, stride, padding, dilation)  # [2, n, OH, OW]
+    flat = hashes.reshape(2, -1).t().unique(dim=0)
+    known = flat[torch.randperm(flat.shape[0])[:rows]].clone()
+    if rows > 1:  # a known row whose first half is that of a patch and whose second half is no patch's
+        known[-1] = torch.stack([hashes[0, 0, 0, 0], hashes[1, 0, 0, 0] + 1])
+        assert not bool(((flat[:, 0] == known[-1, 0]) & (flat[:, 1] == known[-1, 1])).any())
+    out_channels = 5
+    y = torch.randn(6, out_channels, *hashes.shape[2:])
+    errors = torch.randn(known.shape[0], out_channels) * 0.1
+    std = torch.rand(out_channels) * 0.05
+    noise = torch.randn_like(y)
+    args = (x, scale_in, weights, known, errors, std, noise, kernel_size, stride, padding, dilation)
+    expected = _reference_conv_error(y, *args)
+    assert bool((match(hashes, known.to(weights.dtype)) >= 0).any())
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):  # one task per share of the images: the same values on any thread count
+            torch.set_num_threads(count)
+            assert torch.equal(conv_error(y.clone(), *args), expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_network_gives_the_same_outputs_with_and_without_the_kernel(monkeypatch):
+    """The whole forward of an injected convolution (stride 2, 'same' padding elsewhere) with the kernel
+    and with NIPA_REPEATED_KERNEL=0 (the PyTorch operations): the same outputs, the same noise stream."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, padding="same"), nn.Flatten()).eval()
+    _, x = _background_layer_and_images(3)
+    hw = HWConfig(wl_weight=4, wl_input=4, subArray=64, ADCprecision=4, cellBit=3, vari=0.1)
+    calibration = AdcCalibration(model, [x, x], upstream="simulated")
+    import nipa.estimation.inject as inject_module
+
+    calls = []
+    kernel = inject_module.repeated_conv_error
+    monkeypatch.setattr(inject_module, "repeated_conv_error", lambda *a: calls.append(1) or kernel(*a))
+    injected = inject(model, hw, method="repeated", calibration=calibration, seed=1, draw=1)
+    assert injected[0].core.repeated_hashes is not None
+    with_kernel = [injected(x), injected(x)]
+    assert calls  # the kernel ran
+    monkeypatch.setenv("NIPA_REPEATED_KERNEL", "0")
+    injected = inject(model, hw, method="repeated", calibration=calibration, seed=1, draw=1)
+    assert all(torch.equal(a, injected(x)) for a in with_kernel)
+
+
+def test_a_failed_kernel_build_falls_back_with_a_warning(monkeypatch):
+    import nipa.estimation.repeated_rows as repeated_rows
+
+    monkeypatch.setattr(repeated_rows, "_library", None)
+    monkeypatch.setattr(repeated_rows, "_failure", None)
+
+    def broken() -> None:
+        raise RuntimeError("cc failed on repeated_rows.c: test")
+
+    monkeypatch.setattr(repeated_rows, "_build", broken)
+    with pytest.warns(UserWarning, match="kernel is unavailable"):
+        assert not repeated_rows.kernel_available()
+    layer, x = _background_layer_and_images()
+    hw = HWConfig(wl_weight=4, wl_input=4, subArray=64, ADCprecision=4, cellBit=3)
+    model = inject(layer, hw, method="repeated", calibration=AdcCalibration(layer, [x, x]))
+    assert model(x).shape == (16, 8, 12, 12)  # the PyTorch operations

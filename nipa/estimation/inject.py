@@ -133,6 +133,8 @@ from nipa.estimation.repeated_rows import (
     match,
     row_hashes,
 )
+from nipa.estimation.repeated_rows import conv_error as repeated_conv_error
+from nipa.estimation.repeated_rows import kernel_takes as repeated_kernel_takes
 from nipa.estimation.stats import ComboStats, ModelStats, model_statistics
 from nipa.hardware.config import HWConfig
 from nipa.hardware.device_errors import chip_generator, program_pairs
@@ -449,9 +451,18 @@ class InjectedConv2d(_InjectedLayer):
         # Per-tensor scale of the layer input itself (before zero padding), as the ground truth.
         x, scale_in = self._quantized_input(x)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        if self.core.repeated_hashes is not None:
-            hashes = conv_hashes(torch.round(x / scale_in), self.core.repeated_weights, self.kernel_size,
-                                 self.stride, _explicit_padding(self), self.dilation)
+        core = self.core
+        if core.repeated_hashes is not None:
+            padding = _explicit_padding(self)
+            errors = core.repeated_errors.to(dtype=y.dtype) * scale_in
+            std = core.output_std.to(dtype=y.dtype) * scale_in
+            # One pass of C where it runs (the same values as the PyTorch operations below).
+            if repeated_kernel_takes(core.repeated_hashes.shape[0], y, x, errors, std):
+                return repeated_conv_error(y, x, scale_in, core.repeated_weights, core.repeated_hashes, errors,
+                                           std, self._normals(y), self.kernel_size, self.stride, padding,
+                                           self.dilation)
+            hashes = conv_hashes(torch.round(x / scale_in), core.repeated_weights, self.kernel_size,
+                                 self.stride, padding, self.dilation)
             return self._repeated_error(y, hashes, scale_in, 1)
         if self.core.plane_mean is not None:
             classes = conv_plane_classes(torch.round(x / scale_in), self.wl_input - 1, self.core.weight_shape,

@@ -15,15 +15,25 @@ range, which is one batch's, a row's error changes with the batch whenever the r
 layer's ranges follow the images, the first layer's the pixel range, which every batch spans); a row
 whose error differs between the calibration batches by more than `MAX_BETWEEN_SHARE` of its power is
 left to the noise, as every other row.
+
+On a CPU a convolution's hash, match and error take one pass of a C kernel (`repeated_rows.c`, built by
+`nipa.native`; the same values as the PyTorch operations, which run where it is not available or
+NIPA_REPEATED_KERNEL=0).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import warnings
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from nipa import native
 
 MIN_SHARE = 0.01  # of a layer's calibration rows
 MAX_ROWS = 16  # per layer
@@ -145,3 +155,81 @@ def conv_hashes(levels: torch.Tensor, weights: torch.Tensor, kernel_size: tuple[
         x = F.pad(x, padding)
     kernel = weights.to(x.device).view(2, x.shape[1], *kernel_size)
     return F.conv2d(x, kernel, None, stride, 0, dilation).transpose(0, 1)
+
+
+_SOURCE = Path(__file__).with_name("repeated_rows.c")
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    library = native.build(_SOURCE, extra_flags)
+    pointer, long = ctypes.c_void_p, ctypes.c_long
+    library.repeated_conv_error.restype = ctypes.c_int
+    library.repeated_conv_error.argtypes = ([pointer, ctypes.c_float] + [long] * 13 + [pointer, pointer, long]
+                                            + [pointer] * 4 + [long] * 3 + [pointer] * 3)
+    return library
+
+
+def kernel_available() -> bool:
+    """True when the C kernel is enabled and compiled (compiling it on the first call)."""
+    global _library, _failure
+    if os.environ.get("NIPA_REPEATED_KERNEL", "1") != "1":
+        return False
+    if _library is None and _failure is None:
+        try:
+            _library = _build()
+        except (OSError, RuntimeError) as exc:
+            _failure = str(exc)
+            warnings.warn(f"the repeated form's C kernel is unavailable ({_failure}); its convolutions run as "
+                          "PyTorch operations (slower)", stacklevel=2)
+    return _library is not None
+
+
+_KERNEL_ROWS = 31  # known rows the kernel's table holds (MAX_ROWS is fewer)
+
+
+def kernel_takes(rows: int, *tensors: torch.Tensor) -> bool:
+    """Whether `conv_error` runs on these tensors and `rows` known rows: contiguous float32 on the CPU,
+    the kernel available."""
+    return (0 < rows <= _KERNEL_ROWS and kernel_available()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors))
+
+
+def conv_error(y: torch.Tensor, x: torch.Tensor, scale_in: torch.Tensor, weights: torch.Tensor,
+               known: torch.Tensor, errors: torch.Tensor, std: torch.Tensor, noise: torch.Tensor,
+               kernel_size: tuple[int, int], stride, padding: tuple[int, int, int, int], dilation) -> torch.Tensor:
+    """y [n, out, OH, OW] + the repeated form's error, in place, by the C kernel (see repeated_rows.c and
+    `kernel_takes`): from the quantized input x [n, C, H, W] (levels * scale_in), the hash weights
+    [2, fan_in], the known hashes [M, 2], the scaled exact errors [M, out], the scaled deviation [out] and
+    standard normals shaped as y. The same values as `conv_hashes`, `match` and the PyTorch path."""
+    if not kernel_takes(known.shape[0], y, x, errors, std, noise):
+        raise ValueError("the repeated form's kernel takes contiguous float32 CPU tensors")
+    n, channels, height, width = x.shape
+    out_channels, out_h, out_w = y.shape[1:]
+    if weights.shape != (2, channels * kernel_size[0] * kernel_size[1]) or errors.shape != (known.shape[0],
+                                                                                          out_channels):
+        raise ValueError(f"repeated rows: hash weights {tuple(weights.shape)} or errors {tuple(errors.shape)} "
+                         f"do not fit a {kernel_size} kernel over {channels} channels into {out_channels}")
+    hash_weights = weights.to(torch.int64).contiguous()
+    known = known.to(torch.int64).contiguous()
+    scale = float(scale_in)
+    workers = min(native.workers(), n)
+    bounds = [n * k // workers for k in range(workers + 1)]
+    function = _library.repeated_conv_error
+
+    def run(k: int) -> int:
+        levels = torch.empty(channels * height * width, dtype=torch.int32)
+        index = torch.empty(out_h * out_w, dtype=torch.int32)
+        hashes = torch.empty(2 * out_w, dtype=torch.int64)
+        return function(x.data_ptr(), scale, channels, height, width, *kernel_size, *stride, padding[2],
+                        padding[0], *dilation, out_h, out_w, hash_weights.data_ptr(), known.data_ptr(),
+                        known.shape[0], errors.data_ptr(), std.data_ptr(), noise.data_ptr(), y.data_ptr(),
+                        out_channels, bounds[k], bounds[k + 1], levels.data_ptr(), index.data_ptr(),
+                        hashes.data_ptr())
+
+    with torch.profiler.record_function("nipa::repeated_conv_error"):
+        codes = [run(0)] if workers == 1 else list(native.thread_pool(workers).map(run, range(workers)))
+    if any(codes):
+        raise RuntimeError(f"the repeated form's kernel refused its arguments (codes {set(codes)})")
+    return y

@@ -6,100 +6,43 @@ adds one table row per group of four rows with a set bit: for 128-row tiles at m
 per partial sum instead of 128 multiply-adds, and fewer where the planes are sparse. It holds any cells
 (device errors included) in float32; with integer cells every sum is exact.
 
-The kernel is compiled at first use with the system C compiler (`$CC`, else `cc`/`gcc`; -O3
--march=native) into a cache (`$NIPA_CACHE_DIR`, else ~/.cache/nipa), keyed by the source, the flags and
-the CPU. Where no compiler works the simulator falls back to its batched products with a warning;
-NIPA_LOOKUP=0 turns the kernel off. It runs on Python threads (ctypes releases the GIL), one task per
-(tile, block of rows), each task's outputs summed by one thread in a fixed order: the result does not
-depend on the thread count.
+The kernel is compiled at first use (`nipa.native`: the system C compiler, -O3 -march=native, cached in
+`$NIPA_CACHE_DIR`, else ~/.cache/nipa). Where no compiler works the simulator falls back to its batched
+products with a warning; NIPA_LOOKUP=0 turns the kernel off. It runs on Python threads (ctypes releases
+the GIL), one task per (tile, block of rows), each task's outputs summed by one thread in a fixed order:
+the result does not depend on the thread count.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from nipa import native
+
 _SOURCE = Path(__file__).with_name("plane_lookup.c")
-# No FMA contraction: every product and sum rounds as torch's do.
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-Wno-psabi", "-shared", "-fPIC", "-std=gnu11"]
 _GROUP, _PATTERNS = 4, 16
 _VECTORS = (16, 8, 4, 2)  # column blocks of 16 x vectors floats the kernel is built for
 _MIN_READS = 64  # below this many (row, bit) reads per tile the table costs more than it saves
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
-_pool: ThreadPoolExecutor | None = None
 _scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _forget_threads() -> None:
-    """In a forked child the pool's threads do not exist: start a new pool there (a child that kept
-    the parent's would wait for them forever)."""
-    global _pool
-    _pool = None
-    _scratch.clear()
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_threads)
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU model and flags (first processor in /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
-    return "\n".join(dict.fromkeys(lines))  # one of each, in order
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("NIPA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nipa")
-    return Path(root) / "kernels"
+    os.register_at_fork(after_in_child=_scratch.clear)  # the parent's threads' scratch
 
 
 def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compile (or find in the cache) and load the kernel; `extra_flags` builds a variant (tests)."""
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    flags = [*_FLAGS, *extra_flags]
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
-                                     _cpu_signature().encode(), sys.platform.encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"plane_lookup-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Compile to a private name, then rename: shards that start together never load a half-written file.
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built)],
-                                    capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed on {_SOURCE}: {result.stderr.strip()[:500]}")
-            os.replace(built, target)
-    library = ctypes.CDLL(str(target))
+    library = native.build(_SOURCE, extra_flags)
     function = library.plane_lookup
     function.restype = ctypes.c_int
     pointer, long, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
@@ -152,17 +95,6 @@ def worth_it(reads_per_tile: int) -> bool:
     return reads_per_tile >= _MIN_READS
 
 
-def _workers() -> int:
-    return max(1, torch.get_num_threads())
-
-
-def _get_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool._max_workers != workers:
-        _pool = ThreadPoolExecutor(workers, thread_name_prefix="nipa-lookup")
-    return _pool
-
-
 def _thread_scratch(floats: int, ints: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This thread's table (64-byte aligned for the vector loads) and read lists."""
     ident = threading.get_ident()
@@ -205,7 +137,7 @@ def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.
     per_row = len(bits) * (2 * groups + 2)
     row_block = max(16, min(4096, _l2_bytes() // 4 // (4 * per_row)))
     list_ints = row_block * per_row
-    workers = _workers()
+    workers = native.workers()
     # Tasks of whole tiles when there are 4 per worker (a balanced share), else tiles split into blocks of
     # rows (each block rebuilds its tile's tables: a few rows' worth of additions).
     pieces = max(1, min(-(-4 * workers // len(tiles)), num_rows // 256 or 1))
@@ -235,7 +167,7 @@ def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.
         if workers == 1 or len(tasks) == 1:
             codes = [run(index) for index in range(len(tasks))]
         else:
-            codes = list(_get_pool(workers).map(run, range(len(tasks))))
+            codes = list(native.thread_pool(workers).map(run, range(len(tasks))))
     if any(codes):
         raise RuntimeError(f"the lookup kernel refused its arguments (codes {set(codes)})")
     if ranges is None:
@@ -333,7 +265,7 @@ def shift_add(reads: torch.Tensor, constant: torch.Tensor, scale: torch.Tensor, 
     if (tuple(constant.shape) != (tiles, bits) or tuple(scale.shape) != (tiles, out_features)
             or out.shape[0] != rows or out_features > padded):
         raise ValueError(f"shift_add: shapes {[tuple(t.shape) for t in tensors]} do not match")
-    workers = min(_workers(), max(1, rows // 64))
+    workers = min(native.workers(), max(1, rows // 64))
     bounds = [rows * k // workers for k in range(workers + 1)]
     function = _library.shift_add
 
@@ -345,4 +277,4 @@ def shift_add(reads: torch.Tensor, constant: torch.Tensor, scale: torch.Tensor, 
         if workers == 1:
             run(0)
         else:
-            list(_get_pool(workers).map(run, range(workers)))
+            list(native.thread_pool(workers).map(run, range(workers)))
