@@ -7,7 +7,8 @@ Pareto fronts, and optionally a verification against the slicing ground truth.
 
 Writes results/{model}/{dataset}_explore.csv (every point: parameters, NIPA, area, energy, latency,
 budget and front flags) and {dataset}_explore.png (NIPA against each cost with the fronts). --verify N
-simulates N points (the fronts first, then a sample stratified over the NIPA range) into
+simulates N points (the fronts first, then a sample stratified over the NIPA range; --verify_sample random:
+a uniform sample of the whole space) into
 {dataset}_explore_accsim.jsonl (resumable), runs wrap_error's fast estimate on them, and writes
 {dataset}_explore_summary.json (Kendall tau, mean absolute error, regret) and {dataset}_explore_verify.png.
 """
@@ -77,7 +78,8 @@ def settings_from_args(args: argparse.Namespace) -> ExploreSettings:
         if test_order != "fixed" and is_llm_name(args.model_name):
             raise UserError(f"--test_order {test_order}: a language model's task has its own fixed batches of text; "
                             "only an image test set is reordered per chip")
-        verify = VerifySettings(points=args.verify, cycle=args.cycle, target_se=args.target_se, test_order=test_order,
+        verify = VerifySettings(points=args.verify, sample=args.verify_sample, cycle=args.cycle,
+                                target_se=args.target_se, test_order=test_order,
                                 max_cycle=args.max_cycle, fast_draws=args.fast_draws, fast_method=args.fast_method,
                                 memory_mb=args.memory_mb)
     per_layer = None

@@ -172,10 +172,15 @@ def resolve_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 def add_verify_args(parser: argparse.ArgumentParser) -> None:
     """explore.py's verification against the ground truth (nipa.pipelines.explore.VerifySettings)."""
     from nipa.estimation.inject import DEFAULT_METHOD, METHODS
+    from nipa.pipelines.explore import VERIFY_SAMPLES
 
     verify = parser.add_argument_group("verification against the ground truth")
     verify.add_argument("--verify", type=int, default=0, metavar="N",
                         help="simulate N points (fronts first, then stratified over NIPA); 0: no verification")
+    verify.add_argument("--verify_sample", choices=VERIFY_SAMPLES, default="fronts",
+                        help="which points --verify simulates: fronts (the fronts first, then stratified over NIPA: "
+                             "checks the fronts) or random (a seeded uniform sample of the space's simulation "
+                             "points: checks the fast estimate over the whole space)")
     verify.add_argument("--cycle", type=int, default=3, help="minimum chips per verified point")
     verify.add_argument("--target_se", type=float, default=0.25,
                         help="add chips until the standard error of a point's mean is below this (accuracy points)")

@@ -201,6 +201,22 @@ def test_verification_points_fronts_first_then_strata(small_ranking):
     assert len(few) == 2 and set(few) <= front_ids
 
 
+def test_a_random_verification_sample_covers_the_whole_space(small_ranking):
+    """--verify_sample random: distinct configs drawn uniformly (seeded), not the fronts first; an
+    unknown sample is refused."""
+    _, _, table = small_ranking
+    table = dict(table)
+    add_fronts(table, {})
+    ids = np.unique(table["config_id"])
+    chosen = select_verification_points(table, 12, seed=3, sample="random")
+    assert len(chosen) == len(set(chosen)) == 12 and set(chosen) <= set(ids.tolist())
+    assert select_verification_points(table, 12, seed=3, sample="random") == chosen  # seeded
+    assert select_verification_points(table, 12, seed=4, sample="random") != chosen
+    assert sorted(select_verification_points(table, ids.size + 5, seed=0, sample="random")) == ids.tolist()
+    with pytest.raises(ValueError, match="verification sample"):
+        select_verification_points(table, 3, sample="everything")
+
+
 def test_chips_wanted_adds_chips_until_the_standard_error_is_small():
     assert chips_wanted([], True, 3, 20, 0.25) == 3
     assert chips_wanted([90.0], True, 1, 20, 0.25) == 2  # one chip: its spread is unknown

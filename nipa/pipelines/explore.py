@@ -12,11 +12,11 @@ the slicing ground truth.
    through nipa.hardware.cost.hardware_cost, vectorized over rows.
 3. `pareto_front`: NIPA up, cost down, per cost; rows over a budget are off every front.
 4. `verify`: N distinct simulation points (the fronts first, then a sample stratified over the space's
-   log2 NIPA range) simulated by the ground-truth sweep (nipa.pipelines.sweep, its records file, resumable), chips
-   added to a point until the standard error of its mean is below a target; the fast estimate
-   (nipa.pipelines.wrap's method) on the same points; Kendall tau of NIPA and of the estimate against the
-   simulated accuracy, the estimate's mean absolute error and the regret of choosing by NIPA under cost
-   budgets.
+   log2 NIPA range; or a uniform sample of the space) simulated by the ground-truth sweep
+   (nipa.pipelines.sweep, its records file, resumable), chips added to a point until the standard error
+   of its mean is below a target; the fast estimate (nipa.pipelines.wrap's method) on the same points;
+   Kendall tau of NIPA and of the estimate against the simulated accuracy, the estimate's mean absolute
+   error and the regret of choosing by NIPA under cost budgets.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ COSTS = ("area_mm2", "energy_nj", "latency_us")
 COST_LABELS = {"area_mm2": "area (mm$^2$)", "energy_nj": "energy per inference (nJ)",
                "latency_us": "latency per inference (us)"}
 BUDGET_OPTIONS = {"area_mm2": "max_area", "energy_nj": "max_energy", "latency_us": "max_latency"}
+VERIFY_SAMPLES = ("fronts", "random")  # explore.py --verify_sample
 # Columns of the CSV that describe a row's hardware point, in this order.
 POINT_COLUMNS = ("wl_weight", "wl_input", "subArray", "ADCprecision", "cellBit", "onoffratio", "vari_type",
                  "vari", "ind_vari", "laplace_b", "SAF_prop", "adc_mode", *COST_KNOBS)
@@ -258,13 +259,21 @@ def describe_row(table: dict[str, np.ndarray], row: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def select_verification_points(table: dict[str, np.ndarray], n: int, seed: int = 0) -> list[int]:
-    """`n` distinct config ids: the configs on any front first (spread evenly over their NIPA range when
-    more than n), then one config per equal-width stratum of the space's log2 NIPA range (seeded draw
-    within a stratum; empty strata are made up from the unchosen configs at random)."""
+def select_verification_points(table: dict[str, np.ndarray], n: int, seed: int = 0,
+                               sample: str = "fronts") -> list[int]:
+    """`n` distinct config ids. sample="fronts": the configs on any front first (spread evenly over their
+    NIPA range when more than n), then one config per equal-width stratum of the space's log2 NIPA range
+    (seeded draw within a stratum; empty strata are made up from the unchosen configs at random). The
+    fronts are cheap, variation-free points: to judge the fast estimate over the whole space,
+    sample="random" draws n configs uniformly (seeded, in the order drawn)."""
+    if sample not in VERIFY_SAMPLES:
+        raise ValueError(f"verification sample {sample!r}: expected one of {VERIFY_SAMPLES}")
     if n <= 0:
         return []
     config_ids = table["config_id"]
+    if sample == "random":
+        ids = np.unique(config_ids)
+        return [int(i) for i in np.random.default_rng(seed).choice(ids, min(n, ids.size), replace=False)]
     log2_nipa = np.zeros(int(config_ids.max()) + 1)
     log2_nipa[config_ids] = table["log2_nipa"]
     on_front = np.zeros(table["nipa"].shape, dtype=bool)
@@ -324,6 +333,7 @@ def chips_wanted(values: Sequence[float], chips_differ: bool, min_chips: int, ma
 @dataclass
 class VerifySettings:
     points: int
+    sample: str = "fronts"  # which points: see select_verification_points
     cycle: int = 3  # minimum chips per point
     target_se: float = 0.25  # accuracy points
     max_cycle: int = 20
@@ -481,7 +491,7 @@ def verify(table: dict[str, np.ndarray], grid: ExploreGrid, stats: ModelStats, c
     if settings.memory_mb is None:  # sized for the device (a GPU's free memory)
         settings = replace(settings, memory_mb=default_memory_mb(ctx.device))
     started = time.perf_counter()
-    chosen = select_verification_points(table, settings.points, seed=ctx.seed)
+    chosen = select_verification_points(table, settings.points, seed=ctx.seed, sample=settings.sample)
     configs = [grid.configs[i] for i in chosen]
     log(f"verifying {len(configs)} points ({settings.cycle} to {settings.max_cycle} chips, target standard error "
         f"{settings.target_se} accuracy points) -> {ctx.records_path}")
@@ -570,7 +580,7 @@ def plot_verification(rows: list[dict[str, Any]], summary: dict[str, Any], path:
     err = np.array([r["standard_error"] or 0.0 for r in rows])
     x = np.array([r["log2_nipa"] for r in rows])
     front = np.array([r["on_front"] for r in rows], dtype=bool)
-    for mask, label, color in ((front, "on a front", "C3"), (~front, "stratified sample", "C0")):
+    for mask, label, color in ((front, "on a front", "C3"), (~front, "off the fronts", "C0")):
         if mask.any():
             left.errorbar(x[mask], sim[mask], yerr=err[mask], fmt="o", ms=4, color=color, label=label, capsize=2)
     left.set_xlabel("log2 NIPA")
