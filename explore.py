@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_layer_args(parser)
     add_runtime_args(parser)
     args = resolve_per_layer_search_args(parser, resolve_model_args(parser, parser.parse_args(argv)))
-    for name in ("max_area", "max_energy", "max_latency", "target_se"):
+    for name in ("max_area", "max_energy", "max_latency", "target_se", "fast_target_se"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name} {value}: must be positive")
@@ -81,6 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> ExploreSettings:
         verify = VerifySettings(points=args.verify, sample=args.verify_sample, cycle=args.cycle,
                                 target_se=args.target_se, test_order=test_order,
                                 max_cycle=args.max_cycle, fast_draws=args.fast_draws, fast_method=args.fast_method,
+                                fast_target_se=args.fast_target_se,
                                 memory_mb=args.memory_mb)
     per_layer = None
     if args.per_layer:

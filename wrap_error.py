@@ -46,7 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(parser)
     parser.set_defaults(batch_size=None)  # default: the ground truth's
     parser.add_argument("--cycle", type=int, default=3,
-                        help="injection draws per point (their mean is reported)")
+                        help="injection draws per point (their mean is reported; at least, with --target_se)")
+    parser.add_argument("--target_se", type=float, default=None,
+                        help="add draws to a point until the standard error of their mean is at most this "
+                             "(accuracy points; as explore.py's chips): where chips differ by several points, "
+                             "a few draws scatter as much")
+    parser.add_argument("--max_cycle", type=int, default=None,
+                        help="with --target_se, at most this many draws per point (default 10 x --cycle)")
     parser.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD,
                         help="repeated (default): device errors from the cell model; the ADC error measured "
                              "on calibration data, exact for the input rows a layer reads again and again "
@@ -104,6 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = resolve_model_args(parser, parser.parse_args(argv))
     if args.cycle < 1:
         parser.error(f"--cycle {args.cycle}: need at least one draw")
+    if args.target_se is not None and not args.target_se > 0:
+        parser.error(f"--target_se {args.target_se}: must be positive")
+    if args.max_cycle is not None and (args.target_se is None or args.max_cycle < args.cycle):
+        parser.error(f"--max_cycle {args.max_cycle}: needs --target_se and at least --cycle {args.cycle}")
     if args.calib_batches < 1:
         parser.error(f"--calib_batches {args.calib_batches}: need at least one batch")
     if args.memory_mb is not None and not args.memory_mb > 0:

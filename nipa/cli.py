@@ -189,7 +189,11 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
                         help="per_chip (default for image data): every chip reads the test set in its own order, "
                              "so a dynamic ADC's dependence on the batch enters the standard error; fixed: the "
                              "file's order for every chip (the only choice for a language model's task)")
-    verify.add_argument("--fast_draws", type=int, default=3, help="draws of the fast estimate per point")
+    verify.add_argument("--fast_draws", type=int, default=3,
+                        help="draws of the fast estimate per point (at least, with --fast_target_se)")
+    verify.add_argument("--fast_target_se", type=float, default=None,
+                        help="add draws of the fast estimate until the standard error of their mean is at most "
+                             "this (at most --max_cycle), as the chips")
     verify.add_argument("--fast_method", choices=tuple(METHODS), default=DEFAULT_METHOD,
                         help="wrap_error.py's method for the fast estimate")
     verify.add_argument("--records", default=None,

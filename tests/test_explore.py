@@ -23,12 +23,12 @@ from nipa.hardware.cost import CostCoefficients, LayerShape
 from nipa.pipelines.explore import (
     COSTS,
     add_fronts,
-    chips_wanted,
     explore_grid,
     pareto_front,
     rank_points,
     select_verification_points,
 )
+from nipa.results.correlation import chips_wanted
 from nipa.results.records import read_records
 from nipa.workloads.zoo import build_model
 

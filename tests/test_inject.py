@@ -493,3 +493,35 @@ def test_wrap_error_reads_the_test_set_in_the_ground_truths_orders(digits_ckpt_d
     assert run_wrap(digits_ckpt_dir, fixed, tmp_path / "f.jsonl", "--time_points", "0") == 0
     assert orders == [] and all("test_order" not in r["run"] for r in read_records(tmp_path / "f.jsonl")
                                 if r.get("method") == "fast")
+
+
+def test_wrap_error_adds_draws_until_the_estimates_standard_error_is_small(digits_ckpt_dir, ground_truth, tmp_path):
+    """--target_se: draws are added to a point until the standard error of their mean is at most the
+    target or --max_cycle is reached (at least --cycle); the prediction is the mean of all its draws; a
+    rerun resumes without a new draw; --max_cycle without --target_se is refused."""
+    import statistics
+
+    import wrap_error
+
+    _, truth = ground_truth
+    out = tmp_path / "adaptive.jsonl"
+    arguments = ["--dataset", "digits", "--ckpt_dir", str(digits_ckpt_dir), "--ground_truth", str(truth),
+                 "--out", str(out), "--cycle", "2", "--time_points", "0", "--device", "cpu",
+                 "--target_se", "0.01", "--max_cycle", "5"]
+    assert wrap_error.main(arguments) == 0
+    draws: dict[str, dict[int, float]] = {}
+    for r in read_records(out):
+        draws.setdefault(r["config_key"], {})[r["draw"]] = r["top1"]
+    assert len(draws) == 4
+    for values in draws.values():
+        assert sorted(values) == list(range(len(values))) and 2 <= len(values) <= 5
+        spread = statistics.stdev(values.values()) / len(values) ** 0.5
+        assert len(values) == 5 or spread <= 0.01
+    assert any(len(values) > 2 for values in draws.values())  # variation 0.2: draws differ
+    summary = json.loads((tmp_path / "adaptive_summary.json").read_text())
+    assert summary["target_se"] == 0.01 and summary["max_cycle"] == 5
+    for row in summary["rows"]:
+        assert row["predicted"] == pytest.approx(statistics.mean(draws[row["config_key"]].values()))
+    before = len(read_records(out))
+    assert wrap_error.main(arguments) == 0 and len(read_records(out)) == before  # resumed, nothing new
+    assert wrap_error.main(arguments[:-4] + ["--max_cycle", "5"]) == 2  # argparse's error

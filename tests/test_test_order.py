@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import main
 from nipa.hardware.config import HWConfig
-from nipa.pipelines.explore import chips_wanted
 from nipa.pipelines.sweep import identical_chips
+from nipa.results.correlation import chips_wanted
 from nipa.results.records import read_records
 from nipa.simulator.evaluate import chip_order
 

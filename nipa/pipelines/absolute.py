@@ -57,7 +57,9 @@ class WrapErrorSettings:
 
     model_name: str = "smallcnn"
     dataset: str = "mnist5k"
-    cycle: int = 3  # injection draws per point
+    cycle: int = 3  # injection draws per point (at least, with target_se)
+    target_se: float | None = None  # add draws until the standard error of their mean is at most this
+    max_cycle: int | None = None  # at most this many draws per point with target_se (default 10 x cycle)
     method: str = DEFAULT_METHOD
     default_method: str = DEFAULT_METHOD  # the method whose files carry no method name
     device_error: str | None = None
@@ -169,6 +171,8 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
                               seed=settings.seed, upstream=upstream)
 
     fast_settings = WrapSettings(model_name=settings.model_name, dataset=settings.dataset, cycle=settings.cycle,
+                                 target_se=settings.target_se,
+                                 max_cycle=settings.max_cycle or 10 * settings.cycle,
                                  seed=settings.seed, errors=errors, calib_batches=settings.calib_batches,
                                  calib_upstream=upstream,
                                  exclude=exclude, include=include, batch_size=batch_size, limit=limit,
@@ -178,16 +182,17 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
     own_upstream = upstream == calibration_upstream(errors)
     label = (errors.label() + ("" if own_upstream else f", calibrated on the {upstream} activations")
              + (", paired chips (diagnostic)" if settings.paired_chips else ""))
-    log(f"{len(truth.points)} hardware points from {truth.source}; injection {label}, "
-        f"{settings.cycle} draws each -> {out}")
+    each = (f"{settings.cycle} draws each" if settings.target_se is None else
+            f"{settings.cycle} to {fast_settings.most_draws} draws each (standard error <= {settings.target_se})")
+    log(f"{len(truth.points)} hardware points from {truth.source}; injection {label}, {each} -> {out}")
     records = run_fast(truth, fast, data, out, log)
 
-    comparison = compare(truth, records, settings.cycle)
+    comparison = compare(truth, records, fast_settings.most_draws)
     log(format_table(comparison))
     # The test loss beside top-1 (CNNs, multiple-choice tasks): a continuous second measure.
     loss_beside = None
     if measure == "top1" and all(len(p.values.get("loss", [])) == len(p.top1) for p in truth.points):
-        loss_beside = compare(truth, records, settings.cycle, "loss")["summary"]
+        loss_beside = compare(truth, records, fast_settings.most_draws, "loss")["summary"]
         if loss_beside.get("points"):
             tau = loss_beside.get("kendall_tau")
             log(f"test loss beside top-1: mean |error| {loss_beside['mean_abs_error']:.4f} nats, max "
@@ -213,7 +218,8 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
                                                               "" if measure == "top1" else measure) if part))
     summary = {"model": model_id(settings.model_name), "dataset": dataset_id(settings.model_name, settings.dataset),
                "injection": label,
-               "method": settings.method, "cycle": settings.cycle, "ground_truth": truth.source, "records": str(out),
+               "method": settings.method, "cycle": settings.cycle, "target_se": settings.target_se,
+               "max_cycle": fast_settings.most_draws, "ground_truth": truth.source, "records": str(out),
                "batch_size": batch_size, "limit": limit, **comparison["summary"], "timing": timing,
                "recorded_simulated_s_per_point": float(np.nanmean([np.nansum(p.wall_s)
                                                                    for p in truth.points])),

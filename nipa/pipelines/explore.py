@@ -40,6 +40,7 @@ from nipa.estimation.stats import ModelStats
 from nipa.hardware.config import COST_KNOBS, HWConfig, SearchSpace
 from nipa.hardware.cost import CostCoefficients, LayerShape, hardware_cost, layer_shapes
 from nipa.pipelines.sweep import identical_chips
+from nipa.results.correlation import chips_wanted, standard_error
 
 COSTS = ("area_mm2", "energy_nj", "latency_us")
 COST_LABELS = {"area_mm2": "area (mm$^2$)", "energy_nj": "energy per inference (nJ)",
@@ -302,34 +303,6 @@ def select_verification_points(table: dict[str, np.ndarray], n: int, seed: int =
     return chosen
 
 
-def standard_error(values: Sequence[float]) -> float:
-    """Standard error of the mean of chip accuracies (sample std / sqrt n): inf below 2 chips (the
-    spread is unknown), 0 when the chips agree."""
-    if len(values) < 2:
-        return math.inf
-    return float(np.std(values, ddof=1) / math.sqrt(len(values)))
-
-
-def chips_wanted(values: Sequence[float], chips_differ: bool, min_chips: int, max_chips: int,
-                 target_se: float) -> int:
-    """How many chips a point needs: at least `min_chips`; while the standard error exceeds
-    `target_se`, the count that would reach it at the observed spread, (std / target)^2, at least one
-    more and at most `max_chips`. A point whose chips cannot differ (no device error, and a fixed test
-    order or a batch-independent ADC: nipa.pipelines.sweep.identical_chips) needs `min_chips`."""
-    have = len(values)
-    if have < min_chips or not chips_differ:
-        return min_chips
-    if have >= max_chips:
-        return have
-    if have < 2:  # one chip says nothing about the spread: a second one does
-        return have + 1
-    se = standard_error(values)
-    if se <= target_se:
-        return have
-    spread = float(np.std(values, ddof=1))
-    return int(min(max_chips, max(have + 1, math.ceil((spread / target_se) ** 2))))
-
-
 @dataclass
 class VerifySettings:
     points: int
@@ -340,7 +313,10 @@ class VerifySettings:
     # "per_chip": every chip reads the test set in its own order (nipa.simulator.evaluate.chip_order), so a
     # dynamic ADC's dependence on the batch enters the chips' spread and its standard error
     test_order: str = "per_chip"
-    fast_draws: int = 3  # draws of the fast estimate per point
+    fast_draws: int = 3  # draws of the fast estimate per point (at least, with fast_target_se)
+    # Draws added until the standard error of the estimate's mean is at most this (at most max_cycle), as
+    # the chips; None: fast_draws.
+    fast_target_se: float | None = None
     fast_method: str = DEFAULT_METHOD
     calib_batches: int = DEFAULT_CALIB_BATCHES  # as wrap_error.py
     memory_mb: float | None = None  # None: nipa.runtime.default_memory_mb of the device
@@ -417,7 +393,9 @@ def fast_estimates(grouped, stats: ModelStats, ctx: VerifyContext, settings: Ver
     truth = GroundTruth.of(grouped, "top1", str(ctx.records_path))  # nipa.results.ground_truth's view
     errors = InjectionModel.of(settings.fast_method)
     wrap_settings = WrapSettings(model_name=ctx.model_name, dataset=ctx.dataset, cycle=settings.fast_draws,
-                                 seed=ctx.seed, errors=errors, calib_batches=settings.calib_batches,
+                                 target_se=settings.fast_target_se,
+                                 max_cycle=max(settings.max_cycle, settings.fast_draws), seed=ctx.seed,
+                                 errors=errors, calib_batches=settings.calib_batches,
                                  exclude=ctx.exclude, include=ctx.include, batch_size=ctx.batch_size,
                                  limit=ctx.limit, test_order=truth.run.get("test_order", "fixed"))
     calibration = None
@@ -427,7 +405,7 @@ def fast_estimates(grouped, stats: ModelStats, ctx: VerifyContext, settings: Ver
                                      upstream=calibration_upstream(errors))
     fast = FastMethod(ctx.model, wrap_settings, stats, calibration, ctx.device)
     records = run_fast(truth, fast, cached_batches(ctx.test_data, ctx.device), ctx.fast_records_path, log)
-    return compare(truth, records, settings.fast_draws)
+    return compare(truth, records, wrap_settings.most_draws)
 
 
 def regret_table(table: dict[str, np.ndarray], simulated: dict[int, float], predicted: dict[int, float],
@@ -544,6 +522,7 @@ def verify(table: dict[str, np.ndarray], grid: ExploreGrid, stats: ModelStats, c
         "kendall_fast_ci": [fast_agreement.kendall.to_dict()["ci_low"], fast_agreement.kendall.to_dict()["ci_high"]],
         "kendall_noise_ceiling": ceiling.get("kendall"),
         "fast_method": settings.fast_method, "fast_draws": settings.fast_draws,
+        "fast_target_se": settings.fast_target_se,
         "fast_mean_abs_error": comparison["summary"].get("mean_abs_error"),
         "fast_max_abs_error": comparison["summary"].get("max_abs_error"),
         "regret_nipa_max": max(nipa_regrets) if nipa_regrets else None,

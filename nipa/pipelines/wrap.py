@@ -27,6 +27,7 @@ from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_u
 from nipa.estimation.stats import ModelStats, combo_key
 from nipa.hardware.compat import Compat
 from nipa.hardware.config import HWConfig
+from nipa.results.correlation import chips_wanted
 from nipa.results.ground_truth import GroundTruth, MissingGroundTruth, PointTruth, read_ground_truth  # noqa: F401
 from nipa.results.records import (
     FAST_KEY,
@@ -87,7 +88,11 @@ class WrapSettings:
 
     model_name: str
     dataset: str
-    cycle: int = 3
+    cycle: int = 3  # draws per point (at least, with target_se)
+    # Draws added to a point until the standard error of their mean is at most target_se (as explore.py's
+    # chips), at most max_cycle: where chips differ by several points, 3 draws scatter as much. None: cycle.
+    target_se: float | None = None
+    max_cycle: int | None = None
     seed: int = 0
     errors: InjectionModel = field(default_factory=InjectionModel)
     calib_batches: int = 1
@@ -104,6 +109,17 @@ class WrapSettings:
     test_order: str = "fixed"
     # A user's model or data (nipa.workloads.workload.Workload.describe), stored with each record; None otherwise.
     workload: dict[str, Any] | None = None
+
+    @property
+    def most_draws(self) -> int:
+        """The most draws a point's prediction averages."""
+        return max(self.cycle, self.max_cycle or 0) if self.target_se is not None else self.cycle
+
+    def draws_wanted(self, values: Sequence[float]) -> int:
+        """How many draws a point with these draws' values needs (`cycle` without a target)."""
+        if self.target_se is None:
+            return self.cycle
+        return chips_wanted(values, True, self.cycle, self.most_draws, self.target_se)
 
     def signature(self) -> dict[str, Any]:
         """What two fast records must share to be averaged together (besides point and draw)."""
@@ -180,46 +196,58 @@ class FastMethod:
 
 def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
              log: Callable[[str], None] = print) -> list[dict]:
-    """Evaluate every recorded point `cycle` times; records already in `out_path` (same settings)
+    """Evaluate every recorded point `cycle` times (with `target_se`, more draws until the standard
+    error of their mean is below it, at most `max_cycle`); records already in `out_path` (same settings)
     are kept, so an interrupted run resumes. Returns every fast record of these settings."""
     settings = fast.settings
     signature = settings.signature()
     existing = [r for r in read_records(out_path) if r.get("run") == signature]
     done = done_keys(existing, FAST_KEY, method="fast")
     writer = RecordWriter(out_path)
-    todo = [(p, d) for p in truth.points for d in range(settings.cycle) if (p.key, d) not in done]
     if fast.calibration is not None:
         # One pass per (wl_weight, subArray, cellBit, wl_input, ADC mode) serves all its ADC resolutions.
         fast.calibration.prefetch(p.config for p in truth.points)
-    skipped = len(truth.points) * settings.cycle - len(todo)
+    skipped = sum((p.key, d) in done for p in truth.points for d in range(settings.most_draws))
     if skipped:
         log(f"{skipped} draws already recorded in {out_path}, resuming")
     records = list(existing)
-    by_point: dict[str, list[int]] = {}
-    for point, draw in todo:
-        by_point.setdefault(point.key, []).append(draw)
-    points = {p.key: p for p in truth.points}
-    for key, draws in by_point.items():
-        point = points[key]
-        calib_s = fast.calibrate(point.config)
-        results = fast.draws(point.config, draws, data)
-        for i, (draw, metrics, seconds) in enumerate(results):
-            record = {"model": model_id(settings.model_name),
-                      "dataset": dataset_id(settings.model_name, settings.dataset), "method": "fast",
-                      "injection": settings.errors.label() + (",paired" if settings.paired else ""),
-                      "config": point.config.to_dict(), "config_key": key, "draw": draw,
-                      "seed": settings.seed, **metrics, "wall_s": round(seconds, 4),
-                      # A calibration pass (shared by the points of one key) is charged to the first
-                      # draw that needed it.
-                      "calibration_s": round(calib_s if i == 0 else 0.0, 4), "run": signature,
-                      "ground_truth": truth.source, "device": str(fast.device), "time": timestamp(),
-                      **({"workload": settings.workload} if settings.workload else {}), **environment()}
-            writer.append(record)
-            records.append(record)
-        name, unit = truth.measure, "%" if truth.measure == "top1" else ""
-        accs = ", ".join(f"{m[name]:.2f}" for _, m, _ in results)
-        mean = np.mean([m[name] for _, m, _ in results])
-        log(f"{point.config.describe()}  fast {mean:6.2f}{unit} (draws {accs})  simulated {point.mean:6.2f}{unit}")
+    values: dict[str, dict[int, float]] = {}  # per point, its draws' values of the measure
+    for r in existing:
+        if r.get(truth.measure) is not None:
+            values.setdefault(r["config_key"], {})[int(r["draw"])] = float(r[truth.measure])
+    for point in truth.points:
+        have = values.setdefault(point.key, {})
+        calib_s, results = None, []
+        while True:
+            wanted = settings.draws_wanted([have[d] for d in sorted(have) if d < settings.most_draws])
+            draws = [d for d in range(wanted) if (point.key, d) not in done]
+            if not draws:
+                break
+            if calib_s is None:
+                calib_s = fast.calibrate(point.config)
+            for draw, metrics, seconds in fast.draws(point.config, draws, data):
+                record = {"model": model_id(settings.model_name),
+                          "dataset": dataset_id(settings.model_name, settings.dataset), "method": "fast",
+                          "injection": settings.errors.label() + (",paired" if settings.paired else ""),
+                          "config": point.config.to_dict(), "config_key": point.key, "draw": draw,
+                          "seed": settings.seed, **metrics, "wall_s": round(seconds, 4),
+                          # A calibration pass (shared by the points of one key) is charged to the first
+                          # draw that needed it.
+                          "calibration_s": round(calib_s if not results else 0.0, 4), "run": signature,
+                          "ground_truth": truth.source, "device": str(fast.device), "time": timestamp(),
+                          **({"workload": settings.workload} if settings.workload else {}), **environment()}
+                writer.append(record)
+                records.append(record)
+                results.append(metrics)
+                done.add((point.key, draw))
+                if metrics.get(truth.measure) is not None:
+                    have[draw] = float(metrics[truth.measure])
+        if results:
+            name, unit = truth.measure, "%" if truth.measure == "top1" else ""
+            shown = ", ".join(f"{m[name]:.2f}" for m in results[:10]) + (", ..." if len(results) > 10 else "")
+            used = [have[d] for d in sorted(have) if d < settings.most_draws]
+            log(f"{point.config.describe()}  fast {np.mean(used):6.2f}{unit} ({len(used)} draws: {shown})  "
+                f"simulated {point.mean:6.2f}{unit}")
     return records
 
 

@@ -42,6 +42,34 @@ from nipa.results.ground_truth import (  # noqa: F401
 COEFFICIENTS = ("kendall", "spearman", "pearson")
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of chip accuracies (sample std / sqrt n): inf below 2 chips (the
+    spread is unknown), 0 when the chips agree."""
+    if len(values) < 2:
+        return math.inf
+    return float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def chips_wanted(values: Sequence[float], chips_differ: bool, min_chips: int, max_chips: int,
+                 target_se: float) -> int:
+    """How many chips a point needs: at least `min_chips`; while the standard error exceeds
+    `target_se`, the count that would reach it at the observed spread, (std / target)^2, at least one
+    more and at most `max_chips`. A point whose chips cannot differ (no device error, and a fixed test
+    order or a batch-independent ADC: nipa.pipelines.sweep.identical_chips) needs `min_chips`."""
+    have = len(values)
+    if have < min_chips or not chips_differ:
+        return min_chips
+    if have >= max_chips:
+        return have
+    if have < 2:  # one chip says nothing about the spread: a second one does
+        return have + 1
+    se = standard_error(values)
+    if se <= target_se:
+        return have
+    spread = float(np.std(values, ddof=1))
+    return int(min(max_chips, max(have + 1, math.ceil((spread / target_se) ** 2))))
+
+
 def sign_note(measure: str) -> str | None:
     """The sentence that says how a lower-is-better measure's correlations are signed (None for accuracy)."""
     if measure_sign(measure) > 0:
