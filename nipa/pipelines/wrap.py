@@ -197,8 +197,9 @@ class FastMethod:
 def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
              log: Callable[[str], None] = print) -> list[dict]:
     """Evaluate every recorded point `cycle` times (with `target_se`, more draws until the standard
-    error of their mean is below it, at most `max_cycle`); records already in `out_path` (same settings)
-    are kept, so an interrupted run resumes. Returns every fast record of these settings."""
+    error of their mean is below it, at most `max_cycle`, in rounds that at most double them, each round's
+    records written when it ends); records already in `out_path` (same settings) are kept, so an
+    interrupted run resumes. Returns every fast record of these settings."""
     settings = fast.settings
     signature = settings.signature()
     existing = [r for r in read_records(out_path) if r.get("run") == signature]
@@ -220,6 +221,8 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
         calib_s, results = None, []
         while True:
             wanted = settings.draws_wanted([have[d] for d in sorted(have) if d < settings.most_draws])
+            if settings.target_se is not None:  # in rounds that at most double the draws: a few draws'
+                wanted = min(wanted, max(settings.cycle, 2 * len(have)))  # spread is a rough guess
             draws = [d for d in range(wanted) if (point.key, d) not in done]
             if not draws:
                 break
