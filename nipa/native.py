@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,6 +83,29 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
                 raise RuntimeError(f"{cc} failed on {source}: {result.stderr.strip()[:500]}")
             os.replace(built, target)
     return ctypes.CDLL(str(target))
+
+
+class Kernel:
+    """One C kernel, built at its first use: `library` once built, `failure` why it could not be (then
+    warned once, and its callers take their PyTorch path). The environment variable `switch`=0 turns it
+    off."""
+
+    def __init__(self, build: Callable[[], ctypes.CDLL], switch: str, unavailable: str) -> None:
+        self.build, self.switch, self.unavailable = build, switch, unavailable  # unavailable: "... {reason} ..."
+        self.library: ctypes.CDLL | None = None
+        self.failure: str | None = None
+
+    def available(self) -> bool:
+        """True when the kernel is enabled and built (building it on the first call)."""
+        if os.environ.get(self.switch, "1") != "1":
+            return False
+        if self.library is None and self.failure is None:
+            try:
+                self.library = self.build()
+            except (OSError, RuntimeError) as exc:
+                self.failure = str(exc)
+                warnings.warn(self.unavailable.format(reason=self.failure), stacklevel=3)
+        return self.library is not None
 
 
 def workers() -> int:

@@ -190,8 +190,8 @@ def test_in_place_changes_of_the_cells_are_seen() -> None:
 
 
 def test_a_failed_build_falls_back_with_a_warning(monkeypatch) -> None:
-    monkeypatch.setattr(plane_lookup, "_library", None)
-    monkeypatch.setattr(plane_lookup, "_failure", None)
+    monkeypatch.setattr(plane_lookup._kernel, "library", None)
+    monkeypatch.setattr(plane_lookup._kernel, "failure", None)
 
     def broken() -> None:
         raise RuntimeError("cc failed on plane_lookup.c: test")
@@ -236,7 +236,7 @@ def test_the_portable_build_equals_the_native_one(tmp_path, monkeypatch) -> None
         return [sums, lo, hi, reads]
 
     native = everything()
-    monkeypatch.setattr(plane_lookup, "_library", portable)
+    monkeypatch.setattr(plane_lookup._kernel, "library", portable)
     for a, b in zip(everything(), native, strict=True):
         assert torch.equal(a, b)
 

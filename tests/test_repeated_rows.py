@@ -254,8 +254,8 @@ def test_a_network_gives_the_same_outputs_with_and_without_the_kernel(monkeypatc
 def test_a_failed_kernel_build_falls_back_with_a_warning(monkeypatch):
     import nipa.estimation.repeated_rows as repeated_rows
 
-    monkeypatch.setattr(repeated_rows, "_library", None)
-    monkeypatch.setattr(repeated_rows, "_failure", None)
+    monkeypatch.setattr(repeated_rows._kernel, "library", None)
+    monkeypatch.setattr(repeated_rows._kernel, "failure", None)
 
     def broken() -> None:
         raise RuntimeError("cc failed on repeated_rows.c: test")

@@ -24,8 +24,6 @@ NIPA_REPEATED_KERNEL=0).
 from __future__ import annotations
 
 import ctypes
-import os
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +156,6 @@ def conv_hashes(levels: torch.Tensor, weights: torch.Tensor, kernel_size: tuple[
 
 
 _SOURCE = Path(__file__).with_name("repeated_rows.c")
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
 
 
 def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
@@ -171,19 +167,14 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     return library
 
 
+_kernel = native.Kernel(lambda: _build(), "NIPA_REPEATED_KERNEL",
+                        "the repeated form's C kernel is unavailable ({reason}); its convolutions run as "
+                        "PyTorch operations (slower)")
+
+
 def kernel_available() -> bool:
     """True when the C kernel is enabled and compiled (compiling it on the first call)."""
-    global _library, _failure
-    if os.environ.get("NIPA_REPEATED_KERNEL", "1") != "1":
-        return False
-    if _library is None and _failure is None:
-        try:
-            _library = _build()
-        except (OSError, RuntimeError) as exc:
-            _failure = str(exc)
-            warnings.warn(f"the repeated form's C kernel is unavailable ({_failure}); its convolutions run as "
-                          "PyTorch operations (slower)", stacklevel=2)
-    return _library is not None
+    return _kernel.available()
 
 
 _KERNEL_ROWS = 31  # known rows the kernel's table holds (MAX_ROWS is fewer)
@@ -216,7 +207,7 @@ def conv_error(y: torch.Tensor, x: torch.Tensor, scale_in: torch.Tensor, weights
     scale = float(scale_in)
     workers = min(native.workers(), n)
     bounds = [n * k // workers for k in range(workers + 1)]
-    function = _library.repeated_conv_error
+    function = _kernel.library.repeated_conv_error
 
     def run(k: int) -> int:
         levels = torch.empty(channels * height * width, dtype=torch.int32)

@@ -19,7 +19,6 @@ import ctypes
 import math
 import os
 import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,8 +30,6 @@ _GROUP, _PATTERNS = 4, 16
 _VECTORS = (16, 8, 4, 2)  # column blocks of 16 x vectors floats the kernel is built for
 _MIN_READS = 64  # below this many (row, bit) reads per tile the table costs more than it saves
 
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
 _scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -54,19 +51,14 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     return library
 
 
+_kernel = native.Kernel(lambda: _build(), "NIPA_LOOKUP",
+                        "the crossbar simulator's lookup kernel is unavailable ({reason}); products run as "
+                        "batched matrix products (slower)")
+
+
 def available() -> bool:
     """True when the kernel is enabled and compiled (compiling it on the first call)."""
-    global _library, _failure
-    if os.environ.get("NIPA_LOOKUP", "1") != "1":
-        return False
-    if _library is None and _failure is None:
-        try:
-            _library = _build()
-        except (OSError, RuntimeError) as exc:
-            _failure = str(exc)
-            warnings.warn(f"the crossbar simulator's lookup kernel is unavailable ({_failure}); "
-                          "products run as batched matrix products (slower)", stacklevel=2)
-    return _library is not None
+    return _kernel.available()
 
 
 def _l2_bytes() -> int:
@@ -147,7 +139,7 @@ def _run(mode: int, magnitude: torch.Tensor, sign: torch.Tensor, columns: torch.
     if mode == _RANGE:
         ranges = torch.empty(len(tasks), len(bits), slices, 2)
         ranges[..., 0], ranges[..., 1] = math.inf, -math.inf
-    function = _library.plane_lookup
+    function = _kernel.library.plane_lookup
     row_stride = num_tiles * subarray
     bit_stride = num_rows * (width if mode == _SUMS else width // max(1, slices))
 
@@ -267,7 +259,7 @@ def shift_add(reads: torch.Tensor, constant: torch.Tensor, scale: torch.Tensor, 
         raise ValueError(f"shift_add: shapes {[tuple(t.shape) for t in tensors]} do not match")
     workers = min(native.workers(), max(1, rows // 64))
     bounds = [rows * k // workers for k in range(workers + 1)]
-    function = _library.shift_add
+    function = _kernel.library.shift_add
 
     def run(k: int) -> None:
         function(reads.data_ptr(), constant.data_ptr(), scale.data_ptr(), out.data_ptr(), tiles, bits, rows,
