@@ -284,6 +284,9 @@ def test_script_end_to_end_with_a_tiny_verification(tmp_path, digits_ckpt_dir, c
     assert summary["regret"] and all(r["regret_nipa"] >= 0 for r in summary["regret"] if "regret_nipa" in r)
     for row in summary["rows"]:
         assert row["chips"] >= 1 and 0 <= row["simulated"] <= 100 and row["predicted"] is not None
+        assert row["relative_adc_error"] >= 0 and row["fast_trusted"] == (row["relative_adc_error"] <= 0.1)
+    trust = summary["fast_trust"]
+    assert trust["trusted"]["points"] + trust["untrusted"]["points"] == 3 and trust["unchecked_points"] == 0
     assert (out / "digits_explore_verify.png").is_file()
     records = read_records(out / "digits_explore_accsim.jsonl")
     sliced = [r for r in records if r["method"] == "sliced"]
@@ -293,7 +296,7 @@ def test_script_end_to_end_with_a_tiny_verification(tmp_path, digits_ckpt_dir, c
     fast = [r for r in read_records(out / "digits_explore_wrap.jsonl") if r["method"] == "fast"]
     assert fast and all(r["run"]["calib_batches"] == DEFAULT_CALIB_BATCHES == 4 for r in fast)
     printed = capsys.readouterr().out
-    assert "Kendall tau NIPA" in printed
+    assert "Kendall tau NIPA" in printed and "fast estimate per trust" in printed
 
     # a second run resumes: nothing simulated again
     assert explore.main(argv) == 0

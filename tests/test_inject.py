@@ -348,8 +348,12 @@ def test_wrap_error_end_to_end(digits_ckpt_dir, ground_truth, capsys):
     folder, truth = ground_truth
     out = folder / "digits_wrap.jsonl"
     assert run_wrap(digits_ckpt_dir, truth, out, "--log_file", str(folder / "wrap.log")) == 0
-    records = read_records(out)
-    assert len(records) == 4 * 2 and {r["method"] for r in records} == {"fast"}
+    everything = read_records(out)
+    records = [r for r in everything if r["method"] == "fast"]
+    checks = [r for r in everything if r["method"] == "adc_check"]
+    assert len(records) == 4 * 2 and len(everything) == 4 * 2 + 4  # and one trust check per point
+    assert {r["config_key"] for r in checks} == {r["config_key"] for r in records}
+    assert all(set(r["relative_adc_error"]) == {"conv1", "conv2", "conv3", "fc1", "fc2"} for r in checks)
     for key in ("config", "config_key", "draw", "top1", "wall_s", "run", "injection", "samples"):
         assert key in records[0], key
     assert records[0]["samples"] == 200  # the ground truth's test data (its --limit)
@@ -365,9 +369,10 @@ def test_wrap_error_end_to_end(digits_ckpt_dir, ground_truth, capsys):
     for row in summary["rows"]:
         assert row["predicted"] == pytest.approx(sum(row["draws"]) / 2)  # the mean, not the nearest draw
         assert len(row["chips"]) == 2
+    assert summary["trust"]["trusted"]["points"] + summary["trust"]["untrusted"]["points"] == 4
     # Resumes: a second run adds no record.
     assert run_wrap(digits_ckpt_dir, truth, out, "--time_points", "0") == 0
-    assert len(read_records(out)) == 8
+    assert len(read_records(out)) == 12
     assert "already recorded" in capsys.readouterr().out
 
 
@@ -413,7 +418,7 @@ def test_wrap_error_planes_method(digits_ckpt_dir, ground_truth, tmp_path):
     folder, truth = ground_truth
     out = tmp_path / "w.jsonl"
     assert run_wrap(digits_ckpt_dir, truth, out, "--method", "planes", "--cycle", "1", "--time_points", "0") == 0
-    records = read_records(out)
+    records = [r for r in read_records(out) if r["method"] == "fast"]
     assert len(records) == 4 and records[0]["injection"] == "device=cells,adc=measured,adc_form=planes"
     summary = json.loads((tmp_path / "w_planes_summary.json").read_text())
     assert summary["points"] == 4 and 0 <= summary["mean_abs_error"] < 100
@@ -511,7 +516,8 @@ def test_wrap_error_adds_draws_until_the_estimates_standard_error_is_small(digit
     assert wrap_error.main(arguments) == 0
     draws: dict[str, dict[int, float]] = {}
     for r in read_records(out):
-        draws.setdefault(r["config_key"], {})[r["draw"]] = r["top1"]
+        if r["method"] == "fast":
+            draws.setdefault(r["config_key"], {})[r["draw"]] = r["top1"]
     assert len(draws) == 4
     for values in draws.values():
         assert sorted(values) == list(range(len(values))) and 2 <= len(values) <= 5
@@ -525,3 +531,31 @@ def test_wrap_error_adds_draws_until_the_estimates_standard_error_is_small(digit
     before = len(read_records(out))
     assert wrap_error.main(arguments) == 0 and len(read_records(out)) == before  # resumed, nothing new
     assert wrap_error.main(arguments[:-4] + ["--max_cycle", "5"]) == 2  # argparse's error
+
+
+# ----------------------------------------------------------------------------------------------------
+# How far to trust the estimate: its ADC error relative to the signal (nipa.estimation.reliability)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_relative_adc_error_falls_with_adc_bits_and_ignores_the_device(net):
+    """The ratio is the ADC's part alone: the same with and without device variation, near 0 at a fine
+    ADC, largest at a coarse one; and `trusted` applies the threshold to the largest layer."""
+    from nipa.estimation.inject import InjectionModel
+    from nipa.estimation.reliability import TRUST_RATIO, relative_adc_error, trusted
+
+    torch.manual_seed(0)
+    batches = [torch.randn(64, 3, 10, 10) for _ in range(2)]
+    calibration = AdcCalibration(net, batches, upstream="simulated")
+    errors = InjectionModel.of("repeated")
+    ratios = {}
+    for bits in (3, 5, 8, 12):
+        hw = HWConfig(wl_weight=4, wl_input=4, subArray=32, ADCprecision=bits, cellBit=1)
+        ratios[bits] = relative_adc_error(net, hw, errors, calibration, batches[:1])
+        assert set(ratios[bits]) == {layer.core.name for layer in injected_layers(inject(net, hw))}
+    worst = {bits: max(r.values()) for bits, r in ratios.items()}
+    assert worst[3] > worst[5] > worst[8] > worst[12] and worst[12] < 0.01 and worst[3] > TRUST_RATIO
+    noisy = HWConfig(wl_weight=4, wl_input=4, subArray=32, ADCprecision=5, cellBit=1, vari=0.3, SAF_prop=0.01)
+    assert relative_adc_error(net, noisy, errors, calibration, batches[:1]) == pytest.approx(ratios[5])
+    assert trusted(ratios[12]) is True and trusted(ratios[3]) is False and trusted(None) is None
+    assert trusted({"a": 0.05, "b": 0.2}, limit=0.25) is True and trusted({"a": 0.05, "b": 0.2}) is False

@@ -477,6 +477,7 @@ def verify(table: dict[str, np.ndarray], grid: ExploreGrid, stats: ModelStats, c
     by_key = {p.key: p for p in grouped.points}
     comparison = fast_estimates(grouped, stats, ctx, settings, log)
     predicted_by_key = {r["config_key"]: r["predicted"] for r in comparison["rows"]}
+    trust_by_key = {r["config_key"]: (r.get("relative_adc_error"), r.get("trusted")) for r in comparison["rows"]}
 
     log2_of_config = dict(zip(table["config_id"].tolist(), table["log2_nipa"].tolist(), strict=True))
     on_front = np.zeros(table["nipa"].shape, dtype=bool)
@@ -497,7 +498,10 @@ def verify(table: dict[str, np.ndarray], grid: ExploreGrid, stats: ModelStats, c
                      "standard_error": None if se is None or not math.isfinite(se) else se,
                      "target_reached": bool(se is not None and se <= settings.target_se)
                      or identical_chips(config, settings.test_order),
-                     "predicted": predicted.get(cid)})
+                     "predicted": predicted.get(cid),
+                     # how far to trust the estimate there (nipa.estimation.reliability)
+                     "relative_adc_error": trust_by_key.get(config.key(), (None, None))[0],
+                     "fast_trusted": trust_by_key.get(config.key(), (None, None))[1]})
     x = [r["log2_nipa"] for r in rows]
     y = [r["simulated"] for r in rows]
     nipa_agreement = agreement(x, y, bootstrap=settings.bootstrap, seed=ctx.seed)
@@ -525,6 +529,7 @@ def verify(table: dict[str, np.ndarray], grid: ExploreGrid, stats: ModelStats, c
         "fast_target_se": settings.fast_target_se,
         "fast_mean_abs_error": comparison["summary"].get("mean_abs_error"),
         "fast_max_abs_error": comparison["summary"].get("max_abs_error"),
+        "fast_trust": comparison["summary"].get("trust"),
         "regret_nipa_max": max(nipa_regrets) if nipa_regrets else None,
         "regret_nipa_mean": float(np.mean(nipa_regrets)) if nipa_regrets else None,
         "regret_fast_max": max(fast_regrets) if fast_regrets else None,
@@ -809,6 +814,14 @@ def outcome_lines(result: dict[str, Any]) -> list[str]:
             f"estimate {fmt(summary['kendall_fast'])} with mean |error| {fmt(summary['fast_mean_abs_error'])}; "
             f"regret of NIPA's choice: max {fmt(summary['regret_nipa_max'])}, mean {fmt(summary['regret_nipa_mean'])}"
             f" accuracy points -> {result['summary']}")
+        trust = summary.get("fast_trust")
+        if trust:
+            lines.append("fast estimate per trust (ADC error at most "
+                         f"{trust['ratio']:g} of the signal in every layer): trusted {trust['trusted']['points']} "
+                         f"points, mean |error| {fmt(trust['trusted']['mean_abs_error'])}, max "
+                         f"{fmt(trust['trusted']['max_abs_error'])}; untrusted {trust['untrusted']['points']} points, "
+                         f"mean |error| {fmt(trust['untrusted']['mean_abs_error'])}, max "
+                         f"{fmt(trust['untrusted']['max_abs_error'])}")
     per_layer = result.get("per_layer")
     if per_layer and per_layer["compared"]:
         lines.append(

@@ -24,6 +24,7 @@ from torch import nn
 
 from nipa.errors import UserError
 from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_upstream, inject, redraw
+from nipa.estimation.reliability import TRUST_RATIO, relative_adc_error, trusted
 from nipa.estimation.stats import ModelStats, combo_key
 from nipa.hardware.compat import Compat
 from nipa.hardware.config import HWConfig
@@ -47,6 +48,7 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 # nats and for perplexity 2% (relative), which are the same width since d ppl / ppl = d loss.
 NEAR_FLOAT = {"top1": 2.0, "loss": 0.02, "perplexity": 0.02}
 WORST_POINTS = 5
+ADC_CHECK = "adc_check"  # the record of a point's trust measure (nipa.estimation.reliability)
 
 
 def main_command(model_name: str, dataset: str) -> str:
@@ -178,6 +180,15 @@ class FastMethod:
                                 repeated=form == "repeated")
         return time.perf_counter() - started
 
+    def adc_check(self, point: HWConfig) -> dict[str, float] | None:
+        """Per layer, the estimate's ADC error relative to the layer's signal at `point`
+        (`nipa.estimation.reliability`), on one calibration batch; None without a measured ADC error."""
+        if self.calibration is None or self.settings.errors.adc != "measured":
+            return None
+        s = self.settings
+        return relative_adc_error(self.model, point, s.errors, self.calibration, self.calibration.batches[:1],
+                                  exclude=s.exclude, include=s.include, seed=s.seed, device=self.device)
+
     def draws(self, point: HWConfig, draws: Sequence[int], data) -> list[tuple[int, dict, float]]:
         """(draw, metrics, seconds) for each draw; the first draw's time includes the conversion,
         not the ADC calibration (see `calibrate`)."""
@@ -212,6 +223,7 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
     if skipped:
         log(f"{skipped} draws already recorded in {out_path}, resuming")
     records = list(existing)
+    checked = {r["config_key"] for r in existing if r.get("method") == ADC_CHECK}
     values: dict[str, dict[int, float]] = {}  # per point, its draws' values of the measure
     for r in existing:
         if r.get(truth.measure) is not None:
@@ -245,6 +257,19 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
                 done.add((point.key, draw))
                 if metrics.get(truth.measure) is not None:
                     have[draw] = float(metrics[truth.measure])
+        if point.key not in checked and fast.calibration is not None and settings.errors.adc == "measured":
+            # Once per point, also for one whose draws were recorded before the check existed.
+            if calib_s is None:
+                fast.calibrate(point.config)
+            record = {"model": model_id(settings.model_name),
+                      "dataset": dataset_id(settings.model_name, settings.dataset), "method": ADC_CHECK,
+                      "config": point.config.to_dict(), "config_key": point.key,
+                      "relative_adc_error": fast.adc_check(point.config), "run": signature,
+                      "ground_truth": truth.source, "time": timestamp(),
+                      **({"workload": settings.workload} if settings.workload else {})}
+            writer.append(record)
+            records.append(record)
+            checked.add(point.key)
         if results:
             name, unit = truth.measure, "%" if truth.measure == "top1" else ""
             shown = ", ".join(f"{m[name]:.2f}" for m in results[:10]) + (", ..." if len(results) > 10 else "")
@@ -305,6 +330,7 @@ def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | 
     for r in records:
         if r.get(measure) is not None:
             draws.setdefault(r["config_key"], {})[int(r["draw"])] = float(r[measure])
+    ratios = {r["config_key"]: r.get("relative_adc_error") for r in records if r.get("method") == ADC_CHECK}
     ideal = truth.ideal.get(measure) if truth.ideal else (truth.ideal_top1 if measure == "top1" else None)
     rows = []
     for point in truth.points:
@@ -322,6 +348,9 @@ def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | 
             row["relative_error_pct"] = 100.0 * (predicted - simulated) / simulated
         if ideal is not None:
             row["region"] = "near_float" if near_float(simulated, ideal, measure) else "rest"
+        if ratios.get(point.key):
+            row["relative_adc_error"] = max(ratios[point.key].values())
+            row["trusted"] = trusted(ratios[point.key])
         rows.append(row)
     summary: dict[str, Any] = {"points": len(rows), "ideal_top1": truth.ideal_top1}
     if measure != "top1":
@@ -367,9 +396,18 @@ def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | 
                        + f" the float model's {ideal:.4g}; rest: the other points"),
         "near_float": region_summary([r for r in rows if r["region"] == "near_float"], measure),
         "rest": region_summary([r for r in rows if r["region"] == "rest"], measure)}
+    checked = [r for r in rows if "trusted" in r]
+    summary["trust"] = None if not checked else {
+        "definition": (f"trusted: the estimate's ADC error is at most {TRUST_RATIO:g} of the signal (rms) in "
+                       "every layer (nipa.estimation.reliability); untrusted: above it in some layer"),
+        "ratio": TRUST_RATIO,
+        "trusted": region_summary([r for r in checked if r["trusted"]], measure),
+        "untrusted": region_summary([r for r in checked if not r["trusted"]], measure),
+        "unchecked_points": len(rows) - len(checked)}
     worst = sorted(rows, key=lambda r: -r["abs_error"])[:WORST_POINTS]
     summary["worst_points"] = [{name: r[name] for name in ("point", "config_key", "config", "predicted",
-                                                           "simulated", "error", "relative_error_pct", "region")
+                                                           "simulated", "error", "relative_error_pct", "region",
+                                                           "relative_adc_error", "trusted")
                                 if name in r} for r in worst]
     return {"rows": rows, "summary": summary}
 
@@ -510,12 +548,17 @@ def format_table(comparison: dict[str, Any]) -> str:
         if s.get("regions"):
             lines.append(f"per region ({s['regions']['definition']}):")
             lines += [_region_line(name, s["regions"][name]) for name in ("near_float", "rest")]
+        if s.get("trust"):
+            lines.append(f"per trust ({s['trust']['definition']}):")
+            lines += [_region_line(name, s["trust"][name]) for name in ("trusted", "untrusted")]
         if s.get("worst_points"):
             lines.append(f"the {len(s['worst_points'])} largest errors:")
             for w in s["worst_points"]:
                 relative = f" ({w['relative_error_pct']:+.2f}%)" if "relative_error_pct" in w else ""
+                trust = ("" if "trusted" not in w else
+                         f"  ADC error/signal {w['relative_adc_error']:.3f}{'' if w['trusted'] else ' (untrusted)'}")
                 lines.append(f"  {w['point']:64s} predicted {w['predicted']:8.2f} simulated {w['simulated']:8.2f} "
-                             f"error {w['error']:+7.2f}{relative}")
+                             f"error {w['error']:+7.2f}{relative}{trust}")
     return "\n".join(lines)
 
 
@@ -530,19 +573,36 @@ def plot(comparison: dict[str, Any], path: str | Path, title: str) -> Path:
     predicted = [r["predicted"] for r in rows]
     simulated = [r["simulated"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(simulated, predicted, s=18, alpha=0.8)
+    trust = comparison["summary"].get("trust")
+    if trust:  # trusted points as dots, the others as crosses (nipa.estimation.reliability)
+        for wanted, marker, color, name in ((True, "o", "C0", "trusted"), (False, "x", "C3", "untrusted")):
+            chosen = [r for r in rows if r.get("trusted") is wanted]
+            if chosen:
+                ax.scatter([r["simulated"] for r in chosen], [r["predicted"] for r in chosen], s=18, alpha=0.8,
+                           marker=marker, color=color,
+                           label=f"{name} (ADC error {'<=' if wanted else '>'} {trust['ratio']:g} of signal)")
+        unchecked = [r for r in rows if "trusted" not in r]
+        if unchecked:
+            ax.scatter([r["simulated"] for r in unchecked], [r["predicted"] for r in unchecked], s=18, alpha=0.8,
+                       color="0.5", label="not checked")
+    else:
+        ax.scatter(simulated, predicted, s=18, alpha=0.8)
     if rows:
         lo = min(min(predicted), min(simulated)) - 0.5
         hi = max(max(predicted), max(simulated)) + 0.5
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper left", fontsize=8)
     s = comparison["summary"]
     if s.get("points"):
         tau = s.get("kendall_tau")
+        trusted_line = ""
+        if trust and trust["trusted"]["points"]:
+            t = trust["trusted"]
+            trusted_line = f"\ntrusted {t['points']}: MAE {t['mean_abs_error']:.2f}, max {t['max_abs_error']:.2f}"
         ax.set_title(f"{title}\nMAE {s['mean_abs_error']:.2f}, max {s['max_abs_error']:.2f}, "
-                     f"tau {'n/a' if tau is None else f'{tau:.2f}'}, {s['points']} points", fontsize=9)
+                     f"tau {'n/a' if tau is None else f'{tau:.2f}'}, {s['points']} points{trusted_line}", fontsize=9)
     measure = s.get("measure", "top1")
     label = "top-1 (%)" if measure == "top1" else f"{measure} (lower is better)"
     ax.set_xlabel(f"simulated {label} (bit-and-crossbar slicing, mean of chips)")
