@@ -51,8 +51,20 @@ class SimulationResult(_PointAccuracies):
     """The bit-and-crossbar simulation of one point: top-1 accuracy (%) of each chip, and the float model's."""
 
 
+@dataclass
 class EstimateResult(_PointAccuracies):
-    """The fast prediction of one point: top-1 accuracy (%) of each injection draw; their mean predicts."""
+    """The fast prediction of one point: top-1 accuracy (%) of each injection draw; their mean predicts.
+    relative_adc_error: per mapped layer, the ADC error the estimate injects over the layer's signal (rms;
+    nipa.estimation.reliability), None for the published method; `trusted` says whether it is within
+    TRUST_RATIO in every layer (where it is not, simulate the point to know)."""
+
+    relative_adc_error: dict[str, float] | None = None
+
+    @property
+    def trusted(self) -> bool | None:
+        from nipa.estimation.reliability import trusted
+
+        return trusted(self.relative_adc_error)
 
 
 def as_points(hw: Hardware | Sequence[Hardware]) -> tuple[list[HWConfig], bool]:
@@ -176,5 +188,6 @@ def estimate(model: nn.Module, data: Any, hw: Hardware | Sequence[Hardware], dra
         started = time.perf_counter()
         fast.calibrate(point)
         accuracy = [metrics["top1"] for _, metrics, _ in fast.draws(point, range(draws), loader)]
-        results.append(EstimateResult(point, accuracy, ideal, time.perf_counter() - started))
+        check = fast.adc_check(point)
+        results.append(EstimateResult(point, accuracy, ideal, time.perf_counter() - started, check))
     return results[0] if single else results

@@ -51,3 +51,19 @@ def test_single_point_and_tensor_pair():
         nipa.estimate(model, (x, y), {"wl_weight": 5, "subArray": 8})
     published = nipa.estimate(model, (x, y), [{"wl_weight": 5, "subArray": 8}], draws=2, method="published")
     assert len(published) == 1 and len(published[0].accuracy) == 2
+
+
+def test_estimate_says_how_far_to_trust_each_point():
+    """A measured method returns each point's ADC error relative to the signal per layer: small at a fine
+    ADC (trusted), large at a 2-bit one (untrusted); the published method has none."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    fine, coarse = nipa.estimate(model, (x, y), [{"wl_weight": 6, "subArray": 16, "ADCprecision": 12},
+                                                 {"wl_weight": 6, "subArray": 16, "ADCprecision": 2}],
+                                 draws=1, calibration=x)
+    assert set(fine.relative_adc_error) == {"0", "2"} and set(coarse.relative_adc_error) == {"0", "2"}
+    assert fine.trusted is True and coarse.trusted is False
+    assert max(fine.relative_adc_error.values()) < max(coarse.relative_adc_error.values())
+    published = nipa.estimate(model, (x, y), {"wl_weight": 6, "subArray": 16}, draws=1, method="published")
+    assert published.relative_adc_error is None and published.trusted is None
