@@ -559,3 +559,22 @@ def test_relative_adc_error_falls_with_adc_bits_and_ignores_the_device(net):
     assert relative_adc_error(net, noisy, errors, calibration, batches[:1]) == pytest.approx(ratios[5])
     assert trusted(ratios[12]) is True and trusted(ratios[3]) is False and trusted(None) is None
     assert trusted({"a": 0.05, "b": 0.2}, limit=0.25) is True and trusted({"a": 0.05, "b": 0.2}) is False
+
+
+def test_wrap_error_adds_the_trust_check_to_records_made_before_it(digits_ckpt_dir, ground_truth, tmp_path):
+    """A records file without checks (made before they existed) gets one per point on its next run, no
+    new draw; a third run adds nothing; the summary's trust regions count every point."""
+    _, truth = ground_truth
+    out = tmp_path / "old.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, out, "--cycle", "1", "--time_points", "0") == 0
+    draws = [r for r in read_records(out) if r["method"] == "fast"]
+    out.write_text("".join(json.dumps(r) + "\n" for r in draws))  # as an older file: draws only
+    assert run_wrap(digits_ckpt_dir, truth, out, "--cycle", "1", "--time_points", "0") == 0
+    records = read_records(out)
+    assert [r for r in records if r["method"] == "fast"] == draws
+    checks = [r for r in records if r["method"] == "adc_check"]
+    assert sorted(r["config_key"] for r in checks) == sorted(r["config_key"] for r in draws)
+    assert run_wrap(digits_ckpt_dir, truth, out, "--cycle", "1", "--time_points", "0") == 0
+    assert len(read_records(out)) == len(records)
+    trust = json.loads((tmp_path / "old_summary.json").read_text())["trust"]
+    assert trust["trusted"]["points"] + trust["untrusted"]["points"] == 4 and trust["unchecked_points"] == 0
