@@ -258,9 +258,8 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
                 if metrics.get(truth.measure) is not None:
                     have[draw] = float(metrics[truth.measure])
         if point.key not in checked and fast.calibration is not None and settings.errors.adc == "measured":
-            # Once per point, also for one whose draws were recorded before the check existed.
-            if calib_s is None:
-                fast.calibrate(point.config)
+            # Once per point, also for one whose draws were recorded before the check existed (its
+            # injection calibrates the point when no draw did).
             record = {"model": model_id(settings.model_name),
                       "dataset": dataset_id(settings.model_name, settings.dataset), "method": ADC_CHECK,
                       "config": point.config.to_dict(), "config_key": point.key,
