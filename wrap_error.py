@@ -87,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what is predicted and compared: top1 (default; the test loss is reported beside "
                              "it), loss, or perplexity (an LLM's text task); a measure other than top1 names its "
                              "summary and plot (<out stem>_perplexity_summary.json)")
+    parser.add_argument("--untrusted", choices=("estimate", "simulate"), default="estimate",
+                        help="what a point the trust check does not trust gets (ADC error above 0.1 of the signal "
+                             "in some layer, README): the estimate all the same (default), or chips of the "
+                             "simulator, other chips than the ground truth's, as many as the draws (adaptive "
+                             "fidelity: the summary compares it with the estimate alone and gives its cost)")
     parser.add_argument("--paired_chips", action="store_true",
                         help="diagnostic: draw d uses the simulator's chip d cells, which separates the "
                              "method's error from the sampling of chips (not a prediction)")

@@ -56,9 +56,13 @@ class EstimateResult(_PointAccuracies):
     """The fast prediction of one point: top-1 accuracy (%) of each injection draw; their mean predicts.
     relative_adc_error: per mapped layer, the ADC error the estimate injects over the layer's signal (rms;
     nipa.estimation.reliability), None for the published method; `trusted` says whether it is within
-    TRUST_RATIO in every layer (where it is not, simulate the point to know)."""
+    TRUST_RATIO in every layer (where it is not, simulate the point to know). With untrusted="simulate",
+    such a point's `accuracy` holds simulated chips instead (`source` "simulated"; other chips than seed's)
+    and `estimate` the draws it replaces."""
 
     relative_adc_error: dict[str, float] | None = None
+    source: str = "estimate"  # or "simulated"
+    estimate: list[float] | None = None  # the draws a simulated point's chips replace
 
     @property
     def trusted(self) -> bool | None:
@@ -159,17 +163,23 @@ def estimate(model: nn.Module, data: Any, hw: Hardware | Sequence[Hardware], dra
              method: str = DEFAULT_METHOD, stats: ModelStats | None = None,
              calibration: torch.Tensor | Iterable | None = None, seed: int = 0, exclude: Sequence[str] = (),
              include: Sequence[str] | None = None, device: str | torch.device = "cpu", memory_mb: float = 256,
-             batch_size: int = 256) -> EstimateResult | list[EstimateResult]:
+             batch_size: int = 256, untrusted: str = "estimate") -> EstimateResult | list[EstimateResult]:
     """The fast prediction of each point (wrap_error.py): `draws` error-injection draws. method
     "repeated" (default), "calibrated", "planes", "conditional" measure the ADC error on `calibration`
-    inputs (training data); "published" uses the formula terms of `stats` (computed here when not given)."""
+    inputs (training data); "published" uses the formula terms of `stats` (computed here when not given).
+    untrusted="simulate": a point the trust check does not trust is simulated on `draws` chips instead
+    (adaptive fidelity; seed + nipa.pipelines.wrap.FALLBACK_SEED_OFFSET, as wrap_error.py --untrusted)."""
     from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_upstream
-    from nipa.pipelines.wrap import FastMethod, WrapSettings
+    from nipa.pipelines.wrap import FALLBACK_SEED_OFFSET, UNTRUSTED, FastMethod, WrapSettings
     from nipa.simulator.evaluate import evaluate
 
     points, single = as_points(hw)
     loader = as_loader(data, batch_size)
     errors = InjectionModel.of(method)
+    if untrusted not in UNTRUSTED:
+        raise UserError(f"untrusted={untrusted!r}: must be one of {', '.join(UNTRUSTED)}")
+    if untrusted == "simulate" and errors.adc != "measured":
+        raise UserError(f"untrusted='simulate': method {method!r} has no trust check (it needs a measured ADC error)")
     if stats is None and "formula" in (errors.device, errors.adc):
         stats = statistics(model, points, exclude=exclude, include=include)
     calib = _batches(calibration, batch_size)
@@ -189,5 +199,11 @@ def estimate(model: nn.Module, data: Any, hw: Hardware | Sequence[Hardware], dra
         fast.calibrate(point)
         accuracy = [metrics["top1"] for _, metrics, _ in fast.draws(point, range(draws), loader)]
         check = fast.adc_check(point)
-        results.append(EstimateResult(point, accuracy, ideal, time.perf_counter() - started, check))
+        result = EstimateResult(point, accuracy, ideal, time.perf_counter() - started, check)
+        if untrusted == "simulate" and result.trusted is False:
+            chips = simulate(model, loader, point, chips=draws, seed=seed + FALLBACK_SEED_OFFSET, exclude=exclude,
+                             include=include, calibration=calib, device=device, memory_mb=memory_mb)
+            result = EstimateResult(point, chips.accuracy, ideal, time.perf_counter() - started, check,
+                                    source="simulated", estimate=accuracy)
+        results.append(result)
     return results[0] if single else results

@@ -67,3 +67,23 @@ def test_estimate_says_how_far_to_trust_each_point():
     assert max(fine.relative_adc_error.values()) < max(coarse.relative_adc_error.values())
     published = nipa.estimate(model, (x, y), {"wl_weight": 6, "subArray": 16}, draws=1, method="published")
     assert published.relative_adc_error is None and published.trusted is None
+
+
+def test_estimate_simulates_the_untrusted_points_when_asked():
+    """untrusted="simulate": the untrusted point's accuracies are simulated chips (seed + the fallback offset,
+    as nipa.simulate gives them), its draws kept as `estimate`; a trusted point stays an estimate."""
+    from nipa.pipelines.wrap import FALLBACK_SEED_OFFSET
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    points = [{"wl_weight": 6, "subArray": 16, "ADCprecision": 12},
+              {"wl_weight": 6, "subArray": 16, "ADCprecision": 2, "vari": 0.2}]
+    fine, coarse = nipa.estimate(model, (x, y), points, draws=2, calibration=x, seed=3, untrusted="simulate")
+    plain = nipa.estimate(model, (x, y), points[1], draws=2, calibration=x, seed=3)
+    assert fine.source == "estimate" and fine.estimate is None
+    assert coarse.trusted is False and coarse.source == "simulated" and coarse.estimate == plain.accuracy
+    chips = nipa.simulate(model, (x, y), points[1], chips=2, seed=3 + FALLBACK_SEED_OFFSET)
+    assert coarse.accuracy == chips.accuracy
+    with pytest.raises(UserError, match="no trust check"):
+        nipa.estimate(model, (x, y), points[0], method="published", untrusted="simulate")

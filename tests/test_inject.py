@@ -578,3 +578,61 @@ def test_wrap_error_adds_the_trust_check_to_records_made_before_it(digits_ckpt_d
     assert len(read_records(out)) == len(records)
     trust = json.loads((tmp_path / "old_summary.json").read_text())["trust"]
     assert trust["trusted"]["points"] + trust["untrusted"]["points"] == 4 and trust["unchecked_points"] == 0
+
+
+def test_wrap_error_simulates_the_untrusted_points_when_asked(digits_ckpt_dir, ground_truth, tmp_path):
+    """--untrusted simulate: every untrusted point (and only those) gets chips of the simulator with the
+    ground truth's seed + FALLBACK_SEED_OFFSET, the records main.py writes with that seed; its prediction is
+    their mean, the summary compares it with the estimate alone, and a second run resumes."""
+    import main
+    from nipa.pipelines.wrap import FALLBACK_SEED_OFFSET, untrusted_keys
+
+    _, truth = ground_truth
+    out = tmp_path / "adaptive.jsonl"
+    assert run_wrap(digits_ckpt_dir, truth, out, "--untrusted", "simulate", "--time_points", "0") == 0
+    untrusted = set(untrusted_keys(read_records(out)))
+    assert untrusted, "the space's 4-bit ADC points should be untrusted"
+    fallback = read_records(tmp_path / "adaptive_untrusted_accsim.jsonl")
+    chips = [r for r in fallback if r["method"] == "sliced"]
+    assert {r["config_key"] for r in chips} == untrusted and len(chips) == 2 * len(untrusted)
+    truth_seed = read_records(truth)[0]["seed"]
+    assert {r["seed"] for r in fallback} == {truth_seed + FALLBACK_SEED_OFFSET}
+    summary = json.loads((tmp_path / "adaptive_adaptive_summary.json").read_text())
+    fidelity = summary["fidelity"]
+    assert fidelity["simulated_points"] == len(untrusted) and fidelity["chips"] == len(chips)
+    assert fidelity["estimated_points"] == 4 - len(untrusted)
+    for row in summary["rows"]:
+        if row["config_key"] in untrusted:
+            mine = [r["top1"] for r in chips if r["config_key"] == row["config_key"]]
+            assert row["source"] == "simulated" and row["predicted"] == pytest.approx(sum(mine) / len(mine))
+            assert row["estimate"] == pytest.approx(sum(row["draws"]) / len(row["draws"]))
+        else:
+            assert row["source"] == "estimate" and "estimate" not in row
+    errors = [abs(r["estimate"] - r["simulated"]) if "estimate" in r else r["abs_error"] for r in summary["rows"]]
+    assert fidelity["estimate_only"]["mean_abs_error"] == pytest.approx(sum(errors) / 4)
+    # Other chips than the ground truth's where chips differ, and the very chips main.py makes with that seed.
+    varied = [r for r in chips if r["config"]["vari"] > 0]
+    if varied:
+        truth_chips = {(r["config_key"], r["chip"]): r["top1"] for r in read_records(truth) if r["method"] == "sliced"}
+        assert any(truth_chips[(r["config_key"], r["chip"])] != r["top1"] for r in varied)
+    point = chips[0]["config"]
+    space = tmp_path / "one.ini"
+    space.write_text("[Algorithm_Level]\nwl_weight = {wl_weight}\nwl_input = {wl_input}\n[Hardware_Level]\n"
+                     "subArray = {subArray}\nADCprecision = {ADCprecision}\n[Device_Level]\nvari = {vari}\n"
+                     .format(**point))
+    again = tmp_path / "again.jsonl"
+    assert main.main(["--dataset", "digits", "--ckpt_dir", str(digits_ckpt_dir), "--HWdes", str(space),
+                      "--sample_num", "0", "--cycle", "2", "--batch_size", "100", "--limit", "200", "--device", "cpu",
+                      "--seed", str(truth_seed + FALLBACK_SEED_OFFSET), "--out", str(again)]) == 0
+    assert sorted(r["top1"] for r in read_records(again) if r["method"] == "sliced") == sorted(
+        r["top1"] for r in chips if r["config_key"] == chips[0]["config_key"])
+    assert run_wrap(digits_ckpt_dir, truth, out, "--untrusted", "simulate", "--time_points", "0") == 0
+    assert len(read_records(tmp_path / "adaptive_untrusted_accsim.jsonl")) == len(fallback)
+
+
+def test_wrap_error_untrusted_simulate_needs_a_trust_check(digits_ckpt_dir, ground_truth, tmp_path, capsys):
+    _, truth = ground_truth
+    assert run_wrap(digits_ckpt_dir, truth, tmp_path / "p.jsonl", "--method", "published", "--untrusted",
+                    "simulate") != 0
+    assert "--untrusted simulate" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,8 @@ from nipa.estimation.inject import (
     calibration_upstream,
 )
 from nipa.pipelines.wrap import (
+    FALLBACK_SEED_OFFSET,
+    UNTRUSTED,
     FastMethod,
     WrapSettings,
     amortized_speedup,
@@ -41,6 +43,7 @@ from nipa.pipelines.wrap import (
     run_fast,
     time_methods,
     timing_sample,
+    untrusted_keys,
 )
 from nipa.results.ground_truth import GroundTruth
 from nipa.results.records import check_results_path, environment, read_records, timestamp
@@ -69,6 +72,9 @@ class WrapErrorSettings:
     calib_batches: int = DEFAULT_CALIB_BATCHES
     calib_upstream: str | None = None  # None: the form's (calibration_upstream)
     measure: str = "top1"
+    # "simulate": the points the trust check does not trust get chips of the simulator instead (other chips
+    # than the ground truth's; nipa.pipelines.wrap.FALLBACK_SEED_OFFSET), as many as the draws.
+    untrusted: str = "estimate"
     paired_chips: bool = False
     time_points: int = 5
     memory_mb: float | None = None  # default: sized for the device
@@ -108,6 +114,11 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
                                settings.adc_form)
     truth_path = Path(settings.ground_truth or results_path(settings.model_name, settings.dataset, "accsim"))
     measure = settings.measure
+    if settings.untrusted not in UNTRUSTED:
+        raise UserError(f"--untrusted {settings.untrusted!r}: must be one of {', '.join(UNTRUSTED)}")
+    if settings.untrusted == "simulate" and errors.adc != "measured":
+        raise UserError(f"--untrusted simulate: the method {settings.method!r} (ADC error {errors.adc}) has no trust "
+                        "check, which needs a measured ADC error (nipa.estimation.reliability)")
     # says which main.py run makes it
     truth = load_ground_truth(truth_path, settings.model_name, settings.dataset, measure)
     workload = settings.workload or Workload.from_args(settings)  # the model and data, resolved once
@@ -186,13 +197,17 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
             f"{settings.cycle} to {fast_settings.most_draws} draws each (standard error <= {settings.target_se})")
     log(f"{len(truth.points)} hardware points from {truth.source}; injection {label}, {each} -> {out}")
     records = run_fast(truth, fast, data, out, log)
+    fallback = None
+    if settings.untrusted == "simulate":
+        fallback = simulate_untrusted(truth, untrusted_keys(records), model, loader, data, workload, device,
+                                      memory_mb, out, fast_settings, log)
 
-    comparison = compare(truth, records, fast_settings.most_draws)
+    comparison = compare(truth, records, fast_settings.most_draws, fallback=fallback)
     log(format_table(comparison))
     # The test loss beside top-1 (CNNs, multiple-choice tasks): a continuous second measure.
     loss_beside = None
     if measure == "top1" and all(len(p.values.get("loss", [])) == len(p.top1) for p in truth.points):
-        loss_beside = compare(truth, records, fast_settings.most_draws, "loss")["summary"]
+        loss_beside = compare(truth, records, fast_settings.most_draws, "loss", fallback=fallback)["summary"]
         if loss_beside.get("points"):
             tau = loss_beside.get("kendall_tau")
             log(f"test loss beside top-1: mean |error| {loss_beside['mean_abs_error']:.4f} nats, max "
@@ -215,10 +230,12 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
     slug = (errors.slug() + ("" if own_upstream else f"-{upstream}")
             + ("-paired" if settings.paired_chips else ""))
     stem = paths.summary_stem(out, "_".join(part for part in ("" if slug == settings.default_method else slug,
+                                                              "" if fallback is None else "adaptive",
                                                               "" if measure == "top1" else measure) if part))
     summary = {"model": model_id(settings.model_name), "dataset": dataset_id(settings.model_name, settings.dataset),
                "injection": label,
-               "method": settings.method, "cycle": settings.cycle, "target_se": settings.target_se,
+               "method": settings.method, "untrusted": settings.untrusted, "cycle": settings.cycle,
+               "target_se": settings.target_se,
                "max_cycle": fast_settings.most_draws, "ground_truth": truth.source, "records": str(out),
                "batch_size": batch_size, "limit": limit, **comparison["summary"], "timing": timing,
                "recorded_simulated_s_per_point": float(np.nanmean([np.nansum(p.wall_s)
@@ -232,3 +249,47 @@ def run_wrap_error(settings: WrapErrorSettings, log: Callable[[str], None] = pri
                   f"{model_id(settings.model_name)} / {dataset_id(settings.model_name, settings.dataset)}: {label}")
     log(f"summary {summary_path}, plot {figure}")
     return summary
+
+
+def fallback_path(out: Path) -> Path:
+    """Where the simulated chips of the untrusted points go: beside the estimate's records."""
+    return out.with_name(f"{out.stem}_untrusted_accsim{out.suffix}")
+
+
+def simulate_untrusted(truth: GroundTruth, keys: Sequence[str], model, loader, data, workload: Workload, device,
+                       memory_mb: float, out: Path, fast_settings: WrapSettings,
+                       log: Callable[[str], None] = print) -> GroundTruth:
+    """Adaptive fidelity: the points `keys` (the untrusted ones) simulated with the ground truth's settings
+    but the seed FALLBACK_SEED_OFFSET above its own, so other chips, as many as the estimate's draws (with a
+    target standard error, chips until it, at most its max draws). The records are what main.py would write
+    for those points with that seed; an interrupted run resumes. Returns their view as a ground truth."""
+    from nipa.hardware.compat import Compat
+    from nipa.pipelines.sweep import SweepSettings, simulate_to_target
+
+    run = truth.run
+    seed = int(run.get("seed", 0)) + FALLBACK_SEED_OFFSET
+    wanted = set(keys)
+    points = [p.config for p in truth.points if p.key in wanted]
+    path = fallback_path(out)
+    hw_files = sorted({r.get("hw_file") for r in read_records(truth.source) if r.get("hw_file")})
+    base = SweepSettings(model_name=fast_settings.model_name, dataset=fast_settings.dataset,
+                         hw_file=",".join(hw_files) or "?", sample_num=0, cycle=fast_settings.cycle, seed=seed,
+                         batch_size=run.get("batch_size", fast_settings.batch_size), limit=run.get("limit"),
+                         exclude=list(run.get("exclude", [])), include=run.get("include"),
+                         per_read=bool(run.get("per_read", False)), calib_batches=int(run.get("calib_batches", 4)),
+                         memory_mb=memory_mb, points=points, weights=run.get("weights"),
+                         compat=Compat.parse(",".join(run.get("compat") or [])), device=str(device),
+                         test_order=run.get("test_order", "fixed"),
+                         extra={"fallback_for": truth.source, "estimate_records": str(out),
+                                **({"workload": fast_settings.workload} if fast_settings.workload else {})})
+    calib_inputs = []
+    if any(p.adc_mode == "calibrated" for p in points):
+        calib_inputs = workload.calibration_inputs(loader, base.calib_batches, batch_size=base.batch_size, seed=seed)
+    log(f"adaptive fidelity: {len(points)} of {len(truth.points)} points untrusted, simulated with seed {seed} "
+        f"(other chips than the ground truth's) -> {path}")
+    if not points:
+        return GroundTruth(ideal_top1=None, points=[], run=base.signature(), source=str(path), measure=truth.measure)
+    target = fast_settings.target_se if fast_settings.target_se is not None else math.inf
+    grouped = simulate_to_target(base, model, data, calib_inputs, device, path, fast_settings.cycle,
+                                 fast_settings.most_draws, target, log)
+    return GroundTruth.of(grouped, truth.measure, str(path))

@@ -40,7 +40,7 @@ from nipa.estimation.stats import ModelStats
 from nipa.hardware.config import COST_KNOBS, HWConfig, SearchSpace
 from nipa.hardware.cost import CostCoefficients, LayerShape, hardware_cost, layer_shapes
 from nipa.pipelines.sweep import identical_chips
-from nipa.results.correlation import chips_wanted, standard_error
+from nipa.results.correlation import standard_error
 
 COSTS = ("area_mm2", "energy_nj", "latency_us")
 COST_LABELS = {"area_mm2": "area (mm$^2$)", "energy_nj": "energy per inference (nJ)",
@@ -348,40 +348,17 @@ class VerifyContext:
 def simulate_adaptively(points: Sequence[HWConfig], ctx: VerifyContext, settings: VerifySettings,
                         log: Callable[[str], None] = print):
     """Simulate `points` with the ground-truth sweep until each has `settings.cycle` chips and a standard
-    error below the target (at most max_cycle chips). Resumable: chips already in the records are kept.
-    Returns the grouped records (nipa.results.correlation.GroupedRecords) of these points."""
-    from nipa.pipelines.sweep import SweepSettings, run_sweep
-    from nipa.results.correlation import group_records
-    from nipa.results.records import RecordWriter, read_records
+    error below the target (at most max_cycle chips; nipa.pipelines.sweep.simulate_to_target). Resumable:
+    chips already in the records are kept. Returns the grouped records of these points."""
+    from nipa.pipelines.sweep import SweepSettings, simulate_to_target
 
-    writer = RecordWriter(ctx.records_path)
-    wanted = {p.key(): settings.cycle for p in points}
-    by_key = {p.key(): p for p in points}
-    for _ in range(settings.max_cycle + 1):
-        grouped = group_records(read_records(ctx.records_path)) if ctx.records_path.is_file() else None
-        have = {p.key: list(p.top1) for p in grouped.points} if grouped else {}
-        for key, point in by_key.items():
-            wanted[key] = max(wanted[key], chips_wanted(have.get(key, []),
-                                                        not identical_chips(point, settings.test_order),
-                                                        settings.cycle, settings.max_cycle, settings.target_se))
-        todo = {key: n for key, n in wanted.items() if len(have.get(key, [])) < n}
-        if not todo:
-            break
-        for chips in sorted(set(todo.values())):
-            subset = [by_key[k] for k, n in todo.items() if n == chips]
-            sweep = SweepSettings(model_name=ctx.model_name, dataset=ctx.dataset, hw_file=ctx.hw_file,
-                                  sample_num=0, cycle=chips, seed=ctx.seed, batch_size=ctx.batch_size,
-                                  limit=ctx.limit, exclude=ctx.exclude, include=ctx.include,
-                                  memory_mb=settings.memory_mb, points=subset, weights=ctx.weights,
-                                  device=str(ctx.device), test_order=settings.test_order,
-                                  extra={"explore": True, **ctx.extra})
-            log(f"ground truth: {len(subset)} point(s) up to {chips} chips")
-            run_sweep(sweep, ctx.model, ctx.test_data, ctx.calib_inputs, ctx.device, ctx.records_path, writer,
-                      log)
-    grouped = group_records(read_records(ctx.records_path))
-    keep = set(by_key)
-    grouped.points = [p for p in grouped.points if p.key in keep]
-    return grouped
+    base = SweepSettings(model_name=ctx.model_name, dataset=ctx.dataset, hw_file=ctx.hw_file, sample_num=0,
+                         cycle=settings.cycle, seed=ctx.seed, batch_size=ctx.batch_size, limit=ctx.limit,
+                         exclude=ctx.exclude, include=ctx.include, memory_mb=settings.memory_mb, points=list(points),
+                         weights=ctx.weights, device=str(ctx.device), test_order=settings.test_order,
+                         extra={"explore": True, **ctx.extra})
+    return simulate_to_target(base, ctx.model, ctx.test_data, ctx.calib_inputs, ctx.device, ctx.records_path,
+                              settings.cycle, settings.max_cycle, settings.target_se, log)
 
 
 def fast_estimates(grouped, stats: ModelStats, ctx: VerifyContext, settings: VerifySettings,

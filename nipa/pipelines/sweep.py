@@ -367,3 +367,37 @@ def run_sweep_job(job: MainSettings, log: Callable[[str], None] | None = None) -
     written = run_sweep(settings, model, test_loader, calib_inputs, device, out, writer, log)
     log(f"records in {writer.path}")
     return SweepJobResult(writer.path, written)
+
+
+# -- chips until a standard error ---------------------------------------------------------------------
+
+
+def simulate_to_target(base: SweepSettings, model: nn.Module, test_data, calib_inputs, device: torch.device,
+                       records_path: Path, min_chips: int, max_chips: int, target_se: float,
+                       log: Callable[[str], None] = print):
+    """Simulate `base.points` (run_sweep with `base`'s settings) until each has `min_chips` chips and a
+    standard error of its mean top-1 below `target_se` (at most `max_chips`), in rounds sized by the spread
+    seen so far. Resumable: chips already in `records_path` are kept. Returns the grouped records
+    (nipa.results.correlation.GroupedRecords) of these points."""
+    from nipa.results.correlation import chips_wanted, group_records
+
+    writer = RecordWriter(records_path)
+    by_key = {p.key(): p for p in base.points or ()}
+    wanted = dict.fromkeys(by_key, min_chips)
+    for _ in range(max_chips + 1):
+        grouped = group_records(read_records(records_path)) if records_path.is_file() else None
+        have = {p.key: list(p.top1) for p in grouped.points} if grouped else {}
+        for key, point in by_key.items():
+            wanted[key] = max(wanted[key], chips_wanted(have.get(key, []), not identical_chips(point, base.test_order),
+                                                        min_chips, max_chips, target_se))
+        todo = {key: n for key, n in wanted.items() if len(have.get(key, [])) < n}
+        if not todo:
+            break
+        for chips in sorted(set(todo.values())):
+            subset = [by_key[k] for k, n in todo.items() if n == chips]
+            log(f"ground truth: {len(subset)} point(s) up to {chips} chips")
+            run_sweep(dataclasses.replace(base, cycle=chips, points=subset), model, test_data, calib_inputs, device,
+                      records_path, writer, log)
+    grouped = group_records(read_records(records_path))
+    grouped.points = [p for p in grouped.points if p.key in by_key]
+    return grouped

@@ -49,6 +49,12 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 NEAR_FLOAT = {"top1": 2.0, "loss": 0.02, "perplexity": 0.02}
 WORST_POINTS = 5
 ADC_CHECK = "adc_check"  # the record of a point's trust measure (nipa.estimation.reliability)
+# What a point the trust measure does not trust gets: the estimate all the same, or chips of the simulator
+# (adaptive fidelity: the estimate where it holds, the ground truth's arithmetic where it may not).
+UNTRUSTED = ("estimate", "simulate")
+# The simulated chips of untrusted points use the ground truth's seed plus this: other chips than the
+# ground truth's, so that the comparison measures a prediction, not a copy.
+FALLBACK_SEED_OFFSET = 1_000_003
 
 
 def main_command(model_name: str, dataset: str) -> str:
@@ -318,12 +324,21 @@ def region_summary(rows: Sequence[dict[str, Any]], measure: str) -> dict[str, An
     return out
 
 
-def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | None = None) -> dict[str, Any]:
+def untrusted_keys(records: Sequence[dict]) -> list[str]:
+    """The points whose trust check (an ADC_CHECK record) says the estimate is not to be trusted there."""
+    return [r["config_key"] for r in records if r.get("method") == ADC_CHECK
+            and r.get("relative_adc_error") and not trusted(r["relative_adc_error"])]
+
+
+def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | None = None,
+            fallback: GroundTruth | None = None) -> dict[str, Any]:
     """Per point predicted (mean of the first `cycle` draws) and simulated (mean of chips) value of
     `measure` (default: the one the ground truth was loaded for: top1, loss or perplexity), and the
     summary statistics over the points that have both: overall, per region (near the float model and
     the rest) and the worst points. Predicted and simulated are the same measure, so their correlations
-    need no sign change even where lower is better."""
+    need no sign change even where lower is better. With `fallback` (chips of the untrusted points, other
+    chips than the ground truth's), an untrusted point's prediction is the mean of its fallback chips; its
+    row keeps the estimate's as `estimate`, and the summary's "fidelity" compares both."""
     measure = measure or truth.measure
     draws: dict[str, dict[int, float]] = {}
     for r in records:
@@ -331,6 +346,9 @@ def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | 
             draws.setdefault(r["config_key"], {})[int(r["draw"])] = float(r[measure])
     ratios = {r["config_key"]: r.get("relative_adc_error") for r in records if r.get("method") == ADC_CHECK}
     ideal = truth.ideal.get(measure) if truth.ideal else (truth.ideal_top1 if measure == "top1" else None)
+    simulated_by_key = {} if fallback is None else {
+        p.key: list(p.top1 if measure == fallback.measure else p.values.get(measure, [])) for p in fallback.points}
+    simulated_by_key = {key: chips for key, chips in simulated_by_key.items() if chips}
     rows = []
     for point in truth.points:
         chips = point.top1 if measure == truth.measure else point.values.get(measure, [])
@@ -350,6 +368,15 @@ def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | 
         if ratios.get(point.key):
             row["relative_adc_error"] = max(ratios[point.key].values())
             row["trusted"] = trusted(ratios[point.key])
+        row["source"] = "estimate"
+        if row.get("trusted") is False and point.key in simulated_by_key:
+            fallback_chips = simulated_by_key[point.key]
+            row.update({"source": "simulated", "estimate": predicted, "fallback_chips": fallback_chips,
+                        "predicted": float(np.mean(fallback_chips))})
+            row["error"] = row["predicted"] - simulated
+            row["abs_error"] = abs(row["error"])
+            if measure == "perplexity":
+                row["relative_error_pct"] = 100.0 * row["error"] / simulated
         rows.append(row)
     summary: dict[str, Any] = {"points": len(rows), "ideal_top1": truth.ideal_top1}
     if measure != "top1":
@@ -403,12 +430,35 @@ def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | 
         "trusted": region_summary([r for r in checked if r["trusted"]], measure),
         "untrusted": region_summary([r for r in checked if not r["trusted"]], measure),
         "unchecked_points": len(rows) - len(checked)}
+    summary["fidelity"] = None if fallback is None else fidelity_summary(rows, fallback, measure)
     worst = sorted(rows, key=lambda r: -r["abs_error"])[:WORST_POINTS]
     summary["worst_points"] = [{name: r[name] for name in ("point", "config_key", "config", "predicted",
                                                            "simulated", "error", "relative_error_pct", "region",
-                                                           "relative_adc_error", "trusted")
+                                                           "relative_adc_error", "trusted", "source", "estimate")
                                 if name in r} for r in worst]
     return {"rows": rows, "summary": summary}
+
+
+def fidelity_summary(rows: Sequence[dict[str, Any]], fallback: GroundTruth, measure: str) -> dict[str, Any]:
+    """Adaptive fidelity against the estimate alone: the error over every point both ways, the error at the
+    simulated points both ways, and what the simulated chips cost (their recorded seconds)."""
+    swapped = [r for r in rows if r["source"] == "simulated"]
+    estimate_rows = []
+    for r in rows:
+        value = r.get("estimate", r["predicted"])
+        estimate_rows.append({**r, "predicted": value, "error": value - r["simulated"],
+                              **({"relative_error_pct": 100.0 * (value - r["simulated"]) / r["simulated"]}
+                                 if measure == "perplexity" else {})})
+    swapped_keys = {r["config_key"] for r in swapped}
+    chips = [p for p in fallback.points if p.key in swapped_keys]
+    return {"untrusted": "simulate", "records": fallback.source, "seed": fallback.run.get("seed"),
+            "simulated_points": len(swapped), "estimated_points": len(rows) - len(swapped),
+            "chips": int(sum(len(p.top1) for p in chips)),
+            "simulated_s": float(sum(np.nansum(p.wall_s) for p in chips)),
+            "adaptive": region_summary(rows, measure), "estimate_only": region_summary(estimate_rows, measure),
+            "simulated_points_adaptive": region_summary(swapped, measure),
+            "simulated_points_estimate": region_summary([r for r in estimate_rows if r["config_key"] in swapped_keys],
+                                                        measure)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -530,7 +580,9 @@ def _region_line(name: str, region: dict[str, Any]) -> str:
 def format_table(comparison: dict[str, Any]) -> str:
     lines = [f"{'hardware point':64s} {'predicted':>9s} {'simulated':>9s} {'error':>7s}"]
     for r in comparison["rows"]:
-        lines.append(f"{r['point']:64s} {r['predicted']:9.2f} {r['simulated']:9.2f} {r['error']:+7.2f}")
+        swapped = (f"  simulated: {len(r['fallback_chips'])} other chips (the estimate said {r['estimate']:.2f})"
+                   if r.get("source") == "simulated" else "")
+        lines.append(f"{r['point']:64s} {r['predicted']:9.2f} {r['simulated']:9.2f} {r['error']:+7.2f}{swapped}")
     s = comparison["summary"]
     if s.get("points"):
         tau = s.get("kendall_tau")
@@ -550,14 +602,23 @@ def format_table(comparison: dict[str, Any]) -> str:
         if s.get("trust"):
             lines.append(f"per trust ({s['trust']['definition']}):")
             lines += [_region_line(name, s["trust"][name]) for name in ("trusted", "untrusted")]
+        if s.get("fidelity"):
+            f = s["fidelity"]
+            lines.append(f"adaptive fidelity: {f['simulated_points']} untrusted points simulated on {f['chips']} chips "
+                         f"(seed {f['seed']}, other chips than the ground truth's; {f['simulated_s']:.1f} s), "
+                         f"{f['estimated_points']} estimated:")
+            lines += [_region_line("adaptive", f["adaptive"]), _region_line("estimate", f["estimate_only"]),
+                      "  at the simulated points:", _region_line("adaptive", f["simulated_points_adaptive"]),
+                      _region_line("estimate", f["simulated_points_estimate"])]
         if s.get("worst_points"):
             lines.append(f"the {len(s['worst_points'])} largest errors:")
             for w in s["worst_points"]:
                 relative = f" ({w['relative_error_pct']:+.2f}%)" if "relative_error_pct" in w else ""
                 trust = ("" if "trusted" not in w else
                          f"  ADC error/signal {w['relative_adc_error']:.3f}{'' if w['trusted'] else ' (untrusted)'}")
+                source = "  (simulated)" if w.get("source") == "simulated" else ""
                 lines.append(f"  {w['point']:64s} predicted {w['predicted']:8.2f} simulated {w['simulated']:8.2f} "
-                             f"error {w['error']:+7.2f}{relative}{trust}")
+                             f"error {w['error']:+7.2f}{relative}{trust}{source}")
     return "\n".join(lines)
 
 
@@ -575,11 +636,17 @@ def plot(comparison: dict[str, Any], path: str | Path, title: str) -> Path:
     trust = comparison["summary"].get("trust")
     if trust:  # trusted points as dots, the others as crosses (nipa.estimation.reliability)
         for wanted, marker, color, name in ((True, "o", "C0", "trusted"), (False, "x", "C3", "untrusted")):
-            chosen = [r for r in rows if r.get("trusted") is wanted]
+            chosen = [r for r in rows if r.get("trusted") is wanted and r.get("source") != "simulated"]
             if chosen:
                 ax.scatter([r["simulated"] for r in chosen], [r["predicted"] for r in chosen], s=18, alpha=0.8,
                            marker=marker, color=color,
                            label=f"{name} (ADC error {'<=' if wanted else '>'} {trust['ratio']:g} of signal)")
+        swapped = [r for r in rows if r.get("source") == "simulated"]
+        if swapped:  # where the prediction is other chips of the simulator, and where the estimate was
+            ax.scatter([r["simulated"] for r in swapped], [r["predicted"] for r in swapped], s=30,
+                       facecolors="none", edgecolors="C2", label="untrusted, simulated (other chips)")
+            ax.scatter([r["simulated"] for r in swapped], [r["estimate"] for r in swapped], s=10, marker=".",
+                       color="0.6", label="  their estimate")
         unchecked = [r for r in rows if "trusted" not in r]
         if unchecked:
             ax.scatter([r["simulated"] for r in unchecked], [r["predicted"] for r in unchecked], s=18, alpha=0.8,
@@ -600,6 +667,10 @@ def plot(comparison: dict[str, Any], path: str | Path, title: str) -> Path:
         if trust and trust["trusted"]["points"]:
             t = trust["trusted"]
             trusted_line = f"\ntrusted {t['points']}: MAE {t['mean_abs_error']:.2f}, max {t['max_abs_error']:.2f}"
+        if s.get("fidelity"):
+            e = s["fidelity"]["estimate_only"]
+            trusted_line += (f"; {s['fidelity']['simulated_points']} simulated\n(estimate alone: MAE "
+                             f"{e['mean_abs_error']:.2f}, max {e['max_abs_error']:.2f})")
         ax.set_title(f"{title}\nMAE {s['mean_abs_error']:.2f}, max {s['max_abs_error']:.2f}, "
                      f"tau {'n/a' if tau is None else f'{tau:.2f}'}, {s['points']} points{trusted_line}", fontsize=9)
     measure = s.get("measure", "top1")
