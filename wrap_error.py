@@ -49,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="injection draws per point (their mean is reported; at least, with --target_se)")
     parser.add_argument("--target_se", type=float, default=None,
                         help="add draws to a point until the standard error of their mean is at most this "
-                             "(accuracy points; as explore.py's chips): where chips differ by several points, "
-                             "a few draws scatter as much")
+                             "(accuracy points; as explore.py's chips, judged at a 90%% upper confidence bound on "
+                             "the draws' spread): where chips differ by several points, a few draws scatter as much")
     parser.add_argument("--max_cycle", type=int, default=None,
                         help="with --target_se, at most this many draws per point (default 10 x --cycle)")
     parser.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD,

@@ -183,7 +183,8 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
                              "points: checks the fast estimate over the whole space)")
     verify.add_argument("--cycle", type=int, default=3, help="minimum chips per verified point")
     verify.add_argument("--target_se", type=float, default=0.25,
-                        help="add chips until the standard error of a point's mean is below this (accuracy points)")
+                        help="add chips until the standard error of a point's mean is below this (accuracy points), "
+                             "judged at a 90%% upper confidence bound on the chips' spread")
     verify.add_argument("--max_cycle", type=int, default=20, help="at most this many chips per point")
     verify.add_argument("--test_order", choices=("fixed", "per_chip"), default=None,
                         help="per_chip (default for image data): every chip reads the test set in its own order, "

@@ -6,6 +6,7 @@ script end to end on the digits fixture with a tiny --verify."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from nipa.pipelines.explore import (
     rank_points,
     select_verification_points,
 )
-from nipa.results.correlation import chips_wanted
+from nipa.results.correlation import chips_wanted, spread_bound, standard_error
 from nipa.results.records import read_records
 from nipa.workloads.zoo import build_model
 
@@ -222,11 +223,27 @@ def test_chips_wanted_adds_chips_until_the_standard_error_is_small():
     assert chips_wanted([90.0], True, 1, 20, 0.25) == 2  # one chip: its spread is unknown
     assert chips_wanted([90.0], True, 1, 1, 0.25) == 1
     assert chips_wanted([90.0, 90.0, 90.0], False, 3, 20, 0.25) == 3  # no device error: identical chips
-    assert chips_wanted([90.0, 90.1, 90.05], True, 3, 20, 0.25) == 3  # se 0.03
-    # std 1.0: (1.0 / 0.25)^2 = 16 chips
-    assert chips_wanted([89.0, 90.0, 91.0], True, 3, 20, 0.25) == 16
+    assert chips_wanted([90.0, 90.1, 90.05], True, 3, 20, 0.25) == 3  # se 0.03, at the bound 0.09
+    ten = [89.0, 91.0] * 5  # std 1.054: the bound 1.054 * sqrt(9 / chi2_0.1(9)) = 1.549, so 39 chips
+    assert spread_bound(ten) == pytest.approx(np.std(ten, ddof=1) * 1.4694, rel=1e-3)
+    assert chips_wanted(ten, True, 3, 50, 0.25) == math.ceil((spread_bound(ten) / 0.25) ** 2) == 39
     assert chips_wanted([85.0, 90.0, 95.0], True, 3, 20, 0.25) == 20  # capped at max_cycle
     assert chips_wanted([85.0, 90.0, 95.0] * 7, True, 3, 20, 0.25) == 21  # already beyond: keep
+
+
+def test_chips_wanted_does_not_stop_on_a_few_chips_that_agree_by_chance():
+    # The estimate's first 4 draws at W3 I4 S64 ADC6 (docs section 14): sample se 0.21 would stop here,
+    # but 4 values bound the spread only to 0.41 * 2.27; 160 draws spread 2.4.
+    first = [94.8, 95.5, 95.7, 95.6]
+    assert standard_error(first) < 0.25
+    assert spread_bound(first) == pytest.approx(np.std(first, ddof=1) * 2.2658, rel=1e-3)
+    assert chips_wanted(first, True, 3, 150, 0.25) == math.ceil((spread_bound(first) / 0.25) ** 2) > 4
+    # a long run of agreeing chips is believed: the bound tends to the sample spread
+    many = [95.0, 95.2] * 40
+    assert chips_wanted(many, True, 3, 150, 0.25) == 80
+    assert spread_bound(many) < 1.2 * np.std(many, ddof=1)
+    # a lower confidence is less cautious
+    assert chips_wanted(first, True, 3, 150, 0.25, confidence=0.5) < chips_wanted(first, True, 3, 150, 0.25)
 
 
 def test_full_exploration_space_ranks_quickly():

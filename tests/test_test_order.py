@@ -76,7 +76,8 @@ def test_only_a_batch_dependent_adc_makes_noise_free_chips_differ(mode, differ):
     assert identical_chips(point, "per_chip") is not differ
     noisy = HWConfig(adc_mode=mode, vari=0.1)
     assert not identical_chips(noisy, "fixed") and not identical_chips(noisy, "per_chip")
-    # explore.py --verify adds chips to a point whose chips differ until its standard error is reached
+    # explore.py --verify adds chips to a point whose chips differ until its standard error is reached (std 4
+    # over 3 chips: its bound asks for far more than max_cycle)
     wanted = chips_wanted([50.0, 54.0, 46.0], not identical_chips(point, "per_chip"), 3, 20, 0.25)
     assert wanted == (20 if differ else 3)
 
