@@ -199,11 +199,12 @@ def estimate(model: nn.Module, data: Any, hw: Hardware | Sequence[Hardware], dra
         fast.calibrate(point)
         accuracy = [metrics["top1"] for _, metrics, _ in fast.draws(point, range(draws), loader)]
         check = fast.adc_check(point)
-        result = EstimateResult(point, accuracy, ideal, time.perf_counter() - started, check)
+        ratios = None if check is None else check.ratios
+        result = EstimateResult(point, accuracy, ideal, time.perf_counter() - started, ratios)
         if untrusted == "simulate" and result.trusted is False:
             chips = simulate(model, loader, point, chips=draws, seed=seed + FALLBACK_SEED_OFFSET, exclude=exclude,
                              include=include, calibration=calib, device=device, memory_mb=memory_mb)
-            result = EstimateResult(point, chips.accuracy, ideal, time.perf_counter() - started, check,
+            result = EstimateResult(point, chips.accuracy, ideal, time.perf_counter() - started, ratios,
                                     source="simulated", estimate=accuracy)
         results.append(result)
     return results[0] if single else results

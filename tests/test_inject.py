@@ -4,6 +4,7 @@ and wrap_error.py end to end on a tiny ground truth."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 
@@ -561,6 +562,31 @@ def test_relative_adc_error_falls_with_adc_bits_and_ignores_the_device(net):
     assert trusted({"a": 0.05, "b": 0.2}, limit=0.25) is True and trusted({"a": 0.05, "b": 0.2}) is False
 
 
+def test_device_reads_part_of_the_trust_check_sees_stuck_cells_widen_the_range(net):
+    """Stuck-at faults on 3-bit cells read up to 7 levels off and widen a dynamic range: the ADC error through
+    a programmed chip is larger than on ideal reads, the device itself stays off (so a 12-bit ADC is still
+    near 0), there is no device part without device error, and TrustCheck judges the larger part."""
+    from nipa.estimation.inject import InjectionModel
+    from nipa.estimation.reliability import TrustCheck, device_read_adc_error, relative_adc_error, trusted
+
+    torch.manual_seed(0)
+    batches = [torch.randn(64, 3, 10, 10) for _ in range(2)]
+    calibration = AdcCalibration(net, batches, upstream="simulated")
+    errors = InjectionModel.of("repeated")
+    stuck = HWConfig(wl_weight=6, wl_input=6, subArray=32, ADCprecision=6, cellBit=3, SAF_prop=0.05)
+    ideal_reads = relative_adc_error(net, stuck, errors, calibration, batches[:1])
+    device_reads = device_read_adc_error(net, stuck, batches[:1])
+    assert set(device_reads) == set(ideal_reads)
+    assert max(device_reads.values()) > 1.3 * max(ideal_reads.values())
+    assert device_read_adc_error(net, stuck, batches[:1]) == device_reads  # seeded: the same chip
+    fine = dataclasses.replace(stuck, ADCprecision=12)
+    assert max(device_read_adc_error(net, fine, batches[:1]).values()) < 0.01
+    assert device_read_adc_error(net, dataclasses.replace(stuck, SAF_prop=0.0), batches[:1]) == {}
+    check = TrustCheck({"a": 0.05, "b": 0.02}, {"a": 0.01, "b": 0.3})
+    assert check.ratios == {"a": 0.05, "b": 0.3} and trusted(check.ratios) is False
+    assert TrustCheck({"a": 0.05}).ratios == {"a": 0.05}
+
+
 def test_wrap_error_adds_the_trust_check_to_records_made_before_it(digits_ckpt_dir, ground_truth, tmp_path):
     """A records file without checks (made before they existed) gets one per point on its next run, no
     new draw; a third run adds nothing; the summary's trust regions count every point."""
@@ -578,6 +604,20 @@ def test_wrap_error_adds_the_trust_check_to_records_made_before_it(digits_ckpt_d
     assert len(read_records(out)) == len(records)
     trust = json.loads((tmp_path / "old_summary.json").read_text())["trust"]
     assert trust["trusted"]["points"] + trust["untrusted"]["points"] == 4 and trust["unchecked_points"] == 0
+    # A check made before its device-read part existed is made again, once; the newest one is read.
+    older = [{k: v for k, v in r.items() if k != "adc_error_device_reads"} if r["method"] == "adc_check" else r
+             for r in records]
+    for r in older:
+        if r["method"] == "adc_check":
+            r["relative_adc_error"] = dict.fromkeys(r["relative_adc_error"], 0.0)  # would trust every point
+    out.write_text("".join(json.dumps(r) + "\n" for r in older))
+    assert run_wrap(digits_ckpt_dir, truth, out, "--cycle", "1", "--time_points", "0") == 0
+    again = read_records(out)
+    assert len(again) == len(records) + len(checks)
+    assert [r for r in again if r["method"] == "fast"] == draws
+    assert run_wrap(digits_ckpt_dir, truth, out, "--cycle", "1", "--time_points", "0") == 0
+    assert len(read_records(out)) == len(again)
+    assert json.loads((tmp_path / "old_summary.json").read_text())["trust"] == trust
 
 
 def test_wrap_error_simulates_the_untrusted_points_when_asked(digits_ckpt_dir, ground_truth, tmp_path):

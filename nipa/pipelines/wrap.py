@@ -24,7 +24,13 @@ from torch import nn
 
 from nipa.errors import UserError
 from nipa.estimation.inject import AdcCalibration, InjectionModel, calibration_upstream, inject, redraw
-from nipa.estimation.reliability import TRUST_RATIO, relative_adc_error, trusted
+from nipa.estimation.reliability import (
+    TRUST_RATIO,
+    TrustCheck,
+    device_read_adc_error,
+    relative_adc_error,
+    trusted,
+)
 from nipa.estimation.stats import ModelStats, combo_key
 from nipa.hardware.compat import Compat
 from nipa.hardware.config import HWConfig
@@ -49,6 +55,8 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 NEAR_FLOAT = {"top1": 2.0, "loss": 0.02, "perplexity": 0.02}
 WORST_POINTS = 5
 ADC_CHECK = "adc_check"  # the record of a point's trust measure (nipa.estimation.reliability)
+# Its two parts (nipa.estimation.reliability.TrustCheck); "relative_adc_error" holds their larger per layer.
+IDEAL_READS, DEVICE_READS = "adc_error_ideal_reads", "adc_error_device_reads"
 # What a point the trust measure does not trust gets: the estimate all the same, or chips of the simulator
 # (adaptive fidelity: the estimate where it holds, the ground truth's arithmetic where it may not).
 UNTRUSTED = ("estimate", "simulate")
@@ -186,14 +194,18 @@ class FastMethod:
                                 repeated=form == "repeated")
         return time.perf_counter() - started
 
-    def adc_check(self, point: HWConfig) -> dict[str, float] | None:
-        """Per layer, the estimate's ADC error relative to the layer's signal at `point`
-        (`nipa.estimation.reliability`), on one calibration batch; None without a measured ADC error."""
+    def adc_check(self, point: HWConfig) -> TrustCheck | None:
+        """Per layer, the estimate's ADC error relative to the layer's signal at `point`, on ideal reads and
+        through a programmed chip (`nipa.estimation.reliability`), on one calibration batch; None without a
+        measured ADC error."""
         if self.calibration is None or self.settings.errors.adc != "measured":
             return None
-        s = self.settings
-        return relative_adc_error(self.model, point, s.errors, self.calibration, self.calibration.batches[:1],
-                                  exclude=s.exclude, include=s.include, seed=s.seed, device=self.device)
+        s, batches = self.settings, self.calibration.batches[:1]
+        return TrustCheck(
+            relative_adc_error(self.model, point, s.errors, self.calibration, batches, exclude=s.exclude,
+                               include=s.include, seed=s.seed, device=self.device),
+            device_read_adc_error(self.model, point, batches, exclude=s.exclude, include=s.include, seed=s.seed,
+                                  memory_mb=self.calibration.memory_mb, device=self.device))
 
     def draws(self, point: HWConfig, draws: Sequence[int], data) -> list[tuple[int, dict, float]]:
         """(draw, metrics, seconds) for each draw; the first draw's time includes the conversion,
@@ -229,7 +241,8 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
     if skipped:
         log(f"{skipped} draws already recorded in {out_path}, resuming")
     records = list(existing)
-    checked = {r["config_key"] for r in existing if r.get("method") == ADC_CHECK}
+    # A check made before the device-read part existed (no DEVICE_READS field) is made again; the last wins.
+    checked = {r["config_key"] for r in existing if r.get("method") == ADC_CHECK and DEVICE_READS in r}
     values: dict[str, dict[int, float]] = {}  # per point, its draws' values of the measure
     for r in existing:
         if r.get(truth.measure) is not None:
@@ -266,10 +279,12 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
         if point.key not in checked and fast.calibration is not None and settings.errors.adc == "measured":
             # Once per point, also for one whose draws were recorded before the check existed (its
             # injection calibrates the point when no draw did).
+            check = fast.adc_check(point.config)
             record = {"model": model_id(settings.model_name),
                       "dataset": dataset_id(settings.model_name, settings.dataset), "method": ADC_CHECK,
                       "config": point.config.to_dict(), "config_key": point.key,
-                      "relative_adc_error": fast.adc_check(point.config), "run": signature,
+                      "relative_adc_error": check.ratios, IDEAL_READS: check.ideal_reads,
+                      DEVICE_READS: check.device_reads, "run": signature,
                       "ground_truth": truth.source, "time": timestamp(),
                       **({"workload": settings.workload} if settings.workload else {})}
             writer.append(record)
@@ -326,8 +341,8 @@ def region_summary(rows: Sequence[dict[str, Any]], measure: str) -> dict[str, An
 
 def untrusted_keys(records: Sequence[dict]) -> list[str]:
     """The points whose trust check (an ADC_CHECK record) says the estimate is not to be trusted there."""
-    return [r["config_key"] for r in records if r.get("method") == ADC_CHECK
-            and r.get("relative_adc_error") and not trusted(r["relative_adc_error"])]
+    latest = {r["config_key"]: r.get("relative_adc_error") for r in records if r.get("method") == ADC_CHECK}
+    return [key for key, ratios in latest.items() if ratios and not trusted(ratios)]
 
 
 def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | None = None,
@@ -425,7 +440,8 @@ def compare(truth: GroundTruth, records: list[dict], cycle: int, measure: str | 
     checked = [r for r in rows if "trusted" in r]
     summary["trust"] = None if not checked else {
         "definition": (f"trusted: the estimate's ADC error is at most {TRUST_RATIO:g} of the signal (rms) in "
-                       "every layer (nipa.estimation.reliability); untrusted: above it in some layer"),
+                       "every layer, on ideal reads and through a programmed chip (nipa.estimation.reliability); "
+                       "untrusted: above it in some layer"),
         "ratio": TRUST_RATIO,
         "trusted": region_summary([r for r in checked if r["trusted"]], measure),
         "untrusted": region_summary([r for r in checked if not r["trusted"]], measure),
