@@ -279,12 +279,14 @@ def run_fast(truth: GroundTruth, fast: FastMethod, data, out_path: str | Path,
         if point.key not in checked and fast.calibration is not None and settings.errors.adc == "measured":
             # Once per point, also for one whose draws were recorded before the check existed (its
             # injection calibrates the point when no draw did).
+            started = time.perf_counter()
             check = fast.adc_check(point.config)
+            check_s = time.perf_counter() - started  # with the point's calibration when no draw made it
             record = {"model": model_id(settings.model_name),
                       "dataset": dataset_id(settings.model_name, settings.dataset), "method": ADC_CHECK,
                       "config": point.config.to_dict(), "config_key": point.key,
                       "relative_adc_error": check.ratios, IDEAL_READS: check.ideal_reads,
-                      DEVICE_READS: check.device_reads, "run": signature,
+                      DEVICE_READS: check.device_reads, "wall_s": round(check_s, 4), "run": signature,
                       "ground_truth": truth.source, "time": timestamp(),
                       **({"workload": settings.workload} if settings.workload else {})}
             writer.append(record)
