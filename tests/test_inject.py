@@ -453,7 +453,8 @@ def test_wrap_error_times_the_forms_own_calibration_apart(digits_ckpt_dir, groun
     measure = AdcCalibration._measure
 
     def counting(self, hw, bits, conditional=False, planes=False, repeated=False):
-        calls.append({"planes": planes, "repeated": repeated}[method])
+        if not self.device_reads:  # the trust check's device-read part measures the output form on purpose
+            calls.append({"planes": planes, "repeated": repeated}[method])
         return measure(self, hw, bits, conditional, planes, repeated)
 
     monkeypatch.setattr(AdcCalibration, "_measure", counting)
