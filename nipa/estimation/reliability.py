@@ -70,8 +70,10 @@ def _layer_ratios(estimate: nn.Module, ideal: nn.Module, batches: Iterable[torch
     return {name: (error / signal) ** 0.5 if signal > 0 else 0.0 for name, (error, signal) in sums.items()}
 
 
-def _ideal(model: nn.Module, hw: HWConfig, exclude: Sequence[str], include: Sequence[str] | None,
-           device: torch.device | str) -> nn.Module:
+def ideal_layers(model: nn.Module, hw: HWConfig, *, exclude: Sequence[str] = (),
+                 include: Sequence[str] | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """The noise-free quantized model of `hw` whose layers both parts of the check compare with (build it
+    once and pass it as `ideal` to both: a language model's copy is large)."""
     return inject(model, _device_free(hw), exclude=exclude, include=include,
                   errors=InjectionModel(device="cells", adc="none")).to(device).eval()
 
@@ -80,23 +82,25 @@ def _ideal(model: nn.Module, hw: HWConfig, exclude: Sequence[str], include: Sequ
 def relative_adc_error(model: nn.Module, hw: HWConfig, errors: InjectionModel, calibration: AdcCalibration,
                        batches: Iterable[torch.Tensor], *, exclude: Sequence[str] = (),
                        include: Sequence[str] | None = None, seed: int = 0,
-                       device: torch.device | str = "cpu") -> dict[str, float]:
+                       device: torch.device | str = "cpu", ideal: nn.Module | None = None) -> dict[str, float]:
     """Per mapped layer, rms(ADC error) / rms(ideal output) of the estimate `errors` at `hw` (device error
     off) on `batches` (inputs), each layer fed by the estimate's own upstream layers. 0 for a layer whose
-    ideal output is all zero."""
+    ideal output is all zero. ideal: `ideal_layers` of `hw`, when already built."""
     estimate = inject(model, _device_free(hw), exclude=exclude, include=include, seed=seed,
                       calibration=calibration, errors=errors).to(device).eval()
-    return _layer_ratios(estimate, _ideal(model, hw, exclude, include, device), batches, device)
+    ideal = ideal if ideal is not None else ideal_layers(model, hw, exclude=exclude, include=include, device=device)
+    return _layer_ratios(estimate, ideal, batches, device)
 
 
 @torch.no_grad()
 def device_read_adc_error(model: nn.Module, hw: HWConfig, batches: Sequence[torch.Tensor], *,
                           exclude: Sequence[str] = (), include: Sequence[str] | None = None, seed: int = 0,
-                          memory_mb: float = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+                          memory_mb: float = 256, device: torch.device | str = "cpu",
+                          ideal: nn.Module | None = None) -> dict[str, float]:
     """Per mapped layer, rms(the ADC error of one programmed chip's reads) / rms(ideal output) at `hw`, on
     `batches`: the ADC error is calibrated through a chip of the calibration's own stream (its ranges widened
     by the device error) and injected as output noise, the device error itself off. {} at a point without
-    device error (its reads are the ideal ones)."""
+    device error (its reads are the ideal ones). ideal: `ideal_layers` of `hw`, when already built."""
     if not hw.has_device_error:
         return {}
     batches = list(batches)
@@ -107,7 +111,8 @@ def device_read_adc_error(model: nn.Module, hw: HWConfig, batches: Sequence[torc
     for layer in injected_layers(estimate):  # the ADC error of device reads, without the device error itself
         layer.core.cells = False
         layer.redraw(seed, 0)
-    return _layer_ratios(estimate, _ideal(model, hw, exclude, include, device), batches, device)
+    ideal = ideal if ideal is not None else ideal_layers(model, hw, exclude=exclude, include=include, device=device)
+    return _layer_ratios(estimate, ideal, batches, device)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from nipa.estimation.reliability import (
     TRUST_RATIO,
     TrustCheck,
     device_read_adc_error,
+    ideal_layers,
     relative_adc_error,
     trusted,
 )
@@ -201,11 +202,12 @@ class FastMethod:
         if self.calibration is None or self.settings.errors.adc != "measured":
             return None
         s, batches = self.settings, self.calibration.batches[:1]
+        ideal = ideal_layers(self.model, point, exclude=s.exclude, include=s.include, device=self.device)
         return TrustCheck(
             relative_adc_error(self.model, point, s.errors, self.calibration, batches, exclude=s.exclude,
-                               include=s.include, seed=s.seed, device=self.device),
+                               include=s.include, seed=s.seed, device=self.device, ideal=ideal),
             device_read_adc_error(self.model, point, batches, exclude=s.exclude, include=s.include, seed=s.seed,
-                                  memory_mb=self.calibration.memory_mb, device=self.device))
+                                  memory_mb=self.calibration.memory_mb, device=self.device, ideal=ideal))
 
     def draws(self, point: HWConfig, draws: Sequence[int], data) -> list[tuple[int, dict, float]]:
         """(draw, metrics, seconds) for each draw; the first draw's time includes the conversion,
